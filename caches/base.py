@@ -1,0 +1,190 @@
+"""The KV cache contract (LitGPT PR #2061) and the registry of caches by name.
+
+A cache holds the keys and values of one layer in fixed buffers and computes that layer's attention, so a
+score-based cache gets the attention weights it needs in the same pass. Seen from the model:
+
+    logits = model(ids[:, :512], input_pos=0)       # prefill: resets the cache
+    logits = model(ids[:, 512:700], input_pos=512)  # a further chunk: input_pos == next_token_pos
+    logits = model(next_tok, input_pos=700)         # decode, one token per sequence
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from model.attention import AttentionOptions, Visibility, attention
+
+
+@dataclass(frozen=True)
+class KVCacheParams:
+    batch_size: int  # maximum batch size; each prefill fixes the effective one
+    n_query_groups: int  # number of KV heads (GQA); storage is per KV head, never expanded
+    n_head: int
+    head_size: int
+    cache_length: int  # slots per sequence and KV head
+    device: torch.device
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "n_query_groups", "n_head", "head_size", "cache_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"KVCacheParams.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_query_groups={self.n_query_groups}")
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch_size, self.n_query_groups, self.cache_length, self.head_size)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+class KVCache(nn.Module):
+    """Base class: validates every call, tracks `next_token_pos`, and leaves storage and eviction to subclasses.
+
+    Subclasses implement `_prefill(query, key, value)` (input_pos 0; the cache has been reset) and
+    `_extend(query, key, value, input_pos)`; both return the attention output (B, n_head, T, hs).
+    """
+
+    name: ClassVar[str] = "base"
+    requires_attn_weights: ClassVar[bool] = False
+
+    def __init__(self, params: KVCacheParams) -> None:
+        super().__init__()
+        self.params = params
+        self.next_token_pos: int | None = None
+        self.batch_size: int | None = None  # effective batch size, fixed by the last prefill
+        self.attn_opts = AttentionOptions()
+        self.last_backend: str | None = None  # attention backend that ran the last call
+
+    @property
+    def cache_length(self) -> int:
+        return self.params.cache_length
+
+    @property
+    def max_prefill_length(self) -> int | None:
+        """Longest prefill accepted (None: no limit)."""
+        return None
+
+    @property
+    def max_tokens_forward(self) -> int:
+        """Most tokens one call after the prefill may bring."""
+        return self.cache_length
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
+        """query (B, n_head, T, hs); key, value (B, n_query_groups, T, hs), RoPE applied.
+
+        Returns the attention output (B, T, n_head * hs), before the output projection.
+        """
+        self._check(query, key, value, input_pos)
+        B, n_head, T, hs = query.shape
+        if input_pos == 0:
+            self.batch_size = B
+            out = self._prefill(query, key, value)
+        else:
+            out = self._extend(query, key, value, input_pos)
+        self.next_token_pos = input_pos + T
+        return out.transpose(1, 2).reshape(B, T, n_head * hs)  # (B, T, n_head * hs)
+
+    def _check(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> None:
+        p = self.params
+        if query.dim() != 4 or key.dim() != 4 or key.shape != value.shape:
+            raise ValueError(
+                f"expected query (B, n_head, T, hs) and key == value shape, got {query.shape}, "
+                f"{key.shape}, {value.shape}"
+            )
+        B, n_head, T, hs = query.shape
+        if (n_head, hs) != (p.n_head, p.head_size) or key.shape != (B, p.n_query_groups, T, hs):
+            raise ValueError(
+                f"shapes {tuple(query.shape)} / {tuple(key.shape)} do not match the cache's n_head={p.n_head}, "
+                f"n_query_groups={p.n_query_groups}, head_size={p.head_size}"
+            )
+        if B > p.batch_size:
+            raise ValueError(f"batch size {B} exceeds the cache's maximum batch_size={p.batch_size}")
+        if not isinstance(input_pos, int) or input_pos < 0:
+            raise ValueError(f"input_pos must be a non-negative int, got {input_pos!r}")
+        if input_pos == 0:
+            if self.max_prefill_length is not None and T > self.max_prefill_length:
+                raise ValueError(
+                    f"prefill of {T} tokens exceeds {self.name} cache's max_prefill_length={self.max_prefill_length}"
+                )
+            return
+        if self.next_token_pos is None:
+            raise ValueError("the cache is empty: start with a prefill at input_pos=0")
+        if input_pos != self.next_token_pos:
+            raise ValueError(
+                f"input_pos={input_pos} but the cache expects next_token_pos={self.next_token_pos} "
+                "(input_pos=0 starts a new prefill)"
+            )
+        if B != self.batch_size:
+            raise ValueError(f"batch size {B} differs from the prefill's batch size {self.batch_size}")
+        if T > self.max_tokens_forward:
+            raise ValueError(
+                f"{T} tokens in one call exceed {self.name} cache's max_tokens_forward={self.max_tokens_forward}"
+            )
+
+    def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
+        raise NotImplementedError
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, vis: Visibility) -> Tensor:
+        out, self.last_backend, _ = attention(query, key, value, vis, self.attn_opts)
+        return out
+
+    def token_positions(self) -> Tensor:
+        """(B, n_query_groups, n_cached): the token position held by each filled slot."""
+        raise NotImplementedError
+
+    def size_estimate(self) -> int:
+        """Bytes held by the cache's buffers now (every buffer it registered, payload and bookkeeping)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @classmethod
+    def size_estimate_apriori(cls, params: KVCacheParams, **kwargs) -> int:
+        """Bytes the buffers will take, from the parameters alone."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the sequences (buffers stay allocated)."""
+        self.next_token_pos = None
+        self.batch_size = None
+
+    def extra_repr(self) -> str:
+        p = self.params
+        return f"batch_size={p.batch_size}, cache_length={p.cache_length}, n_query_groups={p.n_query_groups}"
+
+
+_REGISTRY: dict[str, type[KVCache]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a cache available to `create_cache(name, ...)`."""
+
+    def wrap(cls: type[KVCache]) -> type[KVCache]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def cache_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def cache_class(name: str) -> type[KVCache]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown cache {name!r}; valid names: {', '.join(cache_names())}")
+    return _REGISTRY[name]
+
+
+def create_cache(name: str, params: KVCacheParams, **kwargs) -> KVCache:
+    return cache_class(name)(params, **kwargs)

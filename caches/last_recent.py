@@ -1,0 +1,107 @@
+"""`last_recent`: a ring buffer of the most recent tokens, plus `sink_tokens` first tokens kept for good
+(StreamingLLM's attention sinks, Xiao et al., 2023).
+
+Semantics. With L = cache_length slots, s = sink_tokens and W = L - s, the query at position q sees exactly
+
+    the sinks {k : k < s}  and  the window {k : q - W < k <= q}
+
+which is what the cache holds right after token q has been written. This holds for every call, whatever its
+length: a decode step writes its token, evicting position q - W, then attends over all filled slots (no mask).
+A prefill or chunk longer than the buffer is attended in query blocks against the old contents plus the new
+keys each block may see, under an explicit sliding-window-with-sinks mask built for that block only; only then
+are the tokens that survive (the sinks and the last W) written to their slots. Slot of position p: p if p < s,
+else s + (p - s) mod W. Filled slots always form a prefix of the buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from caches.base import KVCache, KVCacheParams, register
+from model.attention import Visibility
+
+
+@register("last_recent")
+class LastRecentCache(KVCache):
+    query_block: int = 1024  # query rows per attention call when a chunk must be masked
+
+    def __init__(self, params: KVCacheParams, sink_tokens: int = 0) -> None:
+        super().__init__(params)
+        if not 0 <= sink_tokens < params.cache_length:
+            raise ValueError(f"sink_tokens must be in [0, cache_length={params.cache_length}), got {sink_tokens}")
+        self.sink_tokens = sink_tokens
+        self.window = params.cache_length - sink_tokens
+        dev, dt = params.device, params.dtype
+        self.register_buffer("k", torch.zeros(params.kv_shape, device=dev, dtype=dt), persistent=False)
+        self.register_buffer("v", torch.zeros(params.kv_shape, device=dev, dtype=dt), persistent=False)
+        # Token position held by each slot (-1: empty); the same for every sequence and head.
+        self.register_buffer(
+            "pos", torch.full((params.cache_length,), -1, device=dev, dtype=torch.long), persistent=False
+        )
+
+    def _slot(self, position: int) -> int:
+        s = self.sink_tokens
+        return position if position < s else s + (position - s) % self.window
+
+    def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        self.pos.fill_(-1)
+        return self._chunk(query, key, value, 0)
+
+    def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
+        if key.shape[2] == 1:
+            return self._decode(query, key, value, input_pos)
+        return self._chunk(query, key, value, input_pos)
+
+    def _decode(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
+        B = key.shape[0]
+        slot = self._slot(input_pos)
+        self.k[:B, :, slot] = key[:, :, 0]
+        self.v[:B, :, slot] = value[:, :, 0]
+        self.pos[slot] = input_pos
+        n = min(input_pos + 1, self.cache_length)
+        vis = Visibility(q_start=input_pos, all_visible=True)  # the buffer now holds exactly what q may see
+        return self._attend(query, self.k[:B, :, :n], self.v[:B, :, :n], vis)
+
+    def _chunk(self, query: Tensor, key: Tensor, value: Tensor, p: int) -> Tensor:
+        B, _, T, _ = key.shape
+        L, s, W = self.cache_length, self.sink_tokens, self.window
+        if p + T <= L:
+            # Nothing is evicted: slots == positions, plain causal attention (is_causal at p == 0).
+            self.k[:B, :, p : p + T] = key
+            self.v[:B, :, p : p + T] = value
+            self.pos[p : p + T] = torch.arange(p, p + T, device=self.pos.device)
+            if p == 0:
+                return self._attend(query, key, value, Visibility(q_start=0))
+            return self._attend(query, self.k[:B, :, : p + T], self.v[:B, :, : p + T], Visibility(q_start=p))
+        out = torch.empty_like(query)  # (B, n_head, T, hs)
+        n_old = min(p, L)
+        old_k, old_v, old_pos = self.k[:B, :, :n_old], self.v[:B, :, :n_old], self.pos[:n_old]
+        new_sinks = max(0, min(s - p, T))  # new tokens that are sinks (only when the chunk starts before s)
+        for i0 in range(0, T, self.query_block):
+            i1 = min(T, i0 + self.query_block)
+            j0 = max(0, i0 - W + 1)  # first new key inside the window of query i0
+            idx = list(range(min(new_sinks, j0))) + list(range(j0, i1))  # new keys this block may see
+            sel = torch.tensor(idx, device=key.device)
+            keys = torch.cat([old_k, key.index_select(2, sel)], dim=2)  # (B, G, n_old + len(idx), hs)
+            vals = torch.cat([old_v, value.index_select(2, sel)], dim=2)  # (B, G, n_old + len(idx), hs)
+            k_pos = torch.cat([old_pos, sel + p])  # (n_old + len(idx),)
+            vis = Visibility(q_start=p + i0, k_pos=k_pos, window=W, sinks=s)
+            out[:, :, i0:i1] = self._attend(query[:, :, i0:i1], keys, vals, vis)
+        # Write the survivors: new sinks, then the last W new positions that are not sinks.
+        keep = list(range(p, p + new_sinks)) + list(range(max(s, p, p + T - W), p + T))
+        positions = torch.tensor(keep, device=key.device)
+        slots = torch.tensor([self._slot(q) for q in keep], device=key.device)
+        self.k[:B].index_copy_(2, slots, key.index_select(2, positions - p))
+        self.v[:B].index_copy_(2, slots, value.index_select(2, positions - p))
+        self.pos.index_copy_(0, slots, positions)
+        return out
+
+    def token_positions(self) -> Tensor:
+        n = min(self.next_token_pos or 0, self.cache_length)
+        return self.pos[:n].expand(self.batch_size or self.params.batch_size, self.params.n_query_groups, n)
+
+    @classmethod
+    def size_estimate_apriori(cls, params: KVCacheParams, sink_tokens: int = 0) -> int:
+        B, G, L, hs = params.kv_shape
+        return 2 * B * G * L * hs * params.itemsize + L * 8  # K, V and the int64 slot positions

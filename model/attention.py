@@ -1,0 +1,241 @@
+"""Multi-head attention over whatever keys a KV cache hands in.
+
+The rules (DESIGN.md, "Attention rules"):
+
+* No mask cache. Who may see whom is described by token positions (`Visibility`) and turned into the cheapest
+  form for this one call: `is_causal=True` for a causal prefill at position 0 (no mask at all), nothing for a
+  decode step that sees every key, otherwise a boolean (T, S) slice for this chunk only. The eager path builds
+  it per query block, (block, S) at a time.
+* GQA: K/V arrive with n_query_groups heads and are never expanded when the query is shorter than the keys:
+  SDPA gets `enable_gqa=True`; the eager path multiplies grouped queries (B, G, q_per_kv * T, hs) by the
+  group's keys.
+* The backend (flash, efficient, cudnn, math, or our eager path) can be forced per call. A backend that
+  cannot run the call raises `UnsupportedBackend` with the reason; there is no silent fallback. `auto` lets
+  PyTorch choose among the fused kernels, memory-friendly ones first, and reports what it chose.
+* Score-based caches need the softmax weights each key received, summed over the queries of its KV group:
+  the eager path returns them, computed block by block in the same pass.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "eager")
+_SDP = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+_SDP_NAME = {v: k for k, v in _SDP.items()}
+# `auto`: fused kernels first, cuDNN before mem-efficient (the latter has no enable_gqa), math last because it
+# materialises the (T, S) scores of every head (19 GB for one 8k prefill on an H200).
+_AUTO_PRIORITY = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+class UnsupportedBackend(RuntimeError):
+    """The requested attention backend has no kernel for this call (a result to record, not a bug)."""
+
+
+@dataclass
+class AttentionOptions:
+    backend: str = "auto"
+    scale: float | None = None  # None: 1 / sqrt(head_size)
+    softcap: float | None = None  # tanh softcapping of the logits (eager path only)
+    sliding_window: int | None = None  # model-level window (eager path only)
+    block_size: int = 256  # query rows per block in the eager path
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.backend!r}; valid choices: {', '.join(BACKENDS)}")
+
+
+@dataclass
+class Visibility:
+    """Which keys each query of this call may see, in token positions.
+
+    Queries hold the consecutive positions q_start .. q_start + T - 1. A query at position q sees a key at position
+    k when k <= q, and, if `window` is set, q - window < k or k < sinks. Keys at position -1 are empty slots.
+    """
+
+    q_start: int
+    k_pos: Tensor | None = None  # (S,) or (B, G, S); None: the keys hold positions 0 .. S-1 in order
+    window: int | None = None
+    sinks: int = 0
+    all_visible: bool = False  # the caller knows every key is visible to every query: no mask at all
+
+
+def visible_mask(q_pos: Tensor, k_pos: Tensor, window: int | None = None, sinks: int = 0) -> Tensor:
+    """Boolean mask (..., T, S) from query positions (T,) and key positions (..., S); True = may attend."""
+    q = q_pos.view(-1, 1)  # (T, 1)
+    k = k_pos.unsqueeze(-2)  # (..., 1, S)
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask &= (k > q - window) | (k < sinks)
+    return mask
+
+
+def _mask_rows(
+    vis: Visibility, t0: int, t1: int, n_keys: int, device: torch.device, window: int | None
+) -> Tensor | None:
+    """The mask for queries t0 .. t1-1 of the call: (t1 - t0, S) or (B, G, t1 - t0, S); None if all visible."""
+    if vis.all_visible and window is None:
+        return None
+    q_pos = torch.arange(vis.q_start + t0, vis.q_start + t1, device=device)
+    k_pos = vis.k_pos if vis.k_pos is not None else torch.arange(n_keys, device=device)
+    if vis.k_pos is None and window is None and vis.q_start + t0 >= n_keys - 1:
+        return None  # every query is at or after the last key
+    return visible_mask(q_pos, k_pos, window, vis.sinks)
+
+
+def attention(
+    query: Tensor, key: Tensor, value: Tensor, vis: Visibility, opts: AttentionOptions, need_weights: bool = False
+) -> tuple[Tensor, str, Tensor | None]:
+    """query (B, n_head, T, hs); key, value (B, n_query_groups, S, hs).
+
+    Returns (output (B, n_head, T, hs), the backend that ran, weights summed over each group's queries
+    (B, n_query_groups, S) in float32 if need_weights else None).
+    """
+    window = _effective_window(vis.window, opts.sliding_window)
+    eager_needed = need_weights or opts.softcap is not None or opts.sliding_window is not None
+    if opts.backend == "eager" or (eager_needed and opts.backend == "auto"):
+        out, weights = eager_attention(query, key, value, vis, opts, need_weights, window)
+        return out, "eager", weights
+    if eager_needed:
+        why = "attention weights" if need_weights else "logit softcapping" if opts.softcap else "a model-level window"
+        raise UnsupportedBackend(f"{opts.backend} cannot run this call: {why} need the eager path")
+    out, used = sdpa(query, key, value, vis, opts, window)
+    return out, used, None
+
+
+def _effective_window(cache_window: int | None, model_window: int | None) -> int | None:
+    windows = [w for w in (cache_window, model_window) if w is not None]
+    return min(windows) if windows else None
+
+
+def sdpa(
+    query: Tensor, key: Tensor, value: Tensor, vis: Visibility, opts: AttentionOptions, window: int | None = None
+) -> tuple[Tensor, str]:
+    """PyTorch's scaled_dot_product_attention with a forced (or `auto`) backend; returns (output, backend used)."""
+    B, n_head, T, hs = query.shape
+    n_groups, S = key.shape[1], key.shape[2]
+    gqa = n_groups != n_head
+    is_causal = vis.k_pos is None and window is None and vis.q_start == 0 and T == S
+    mask = None if is_causal else _mask_rows(vis, 0, T, S, query.device, window)
+    if mask is not None and mask.dim() == 4 and gqa:
+        # A per-(sequence, group) mask must name every query head for SDPA; this copies the mask, never K/V.
+        mask = mask.unsqueeze(2).expand(B, n_groups, n_head // n_groups, T, S).reshape(B, n_head, T, S)
+    if opts.backend == "efficient" and gqa:
+        if T < S:
+            raise UnsupportedBackend(
+                f"efficient has no enable_gqa, and K/V are not expanded when the query is shorter than the keys "
+                f"(T={T}, S={S})"
+            )
+        # A full prefill may expand (as every GQA model does without enable_gqa): (B, n_head, S, hs)
+        key = key.repeat_interleave(n_head // n_groups, dim=1)
+        value = value.repeat_interleave(n_head // n_groups, dim=1)
+        gqa = False
+    used = _choose_backend(query, key, value, mask, is_causal, gqa, opts.backend)
+    kernels = _AUTO_PRIORITY if opts.backend == "auto" else [_SDP[opts.backend]]
+    try:
+        with sdpa_kernel(kernels, set_priority=opts.backend == "auto"):
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, is_causal=is_causal, scale=opts.scale, enable_gqa=gqa
+            )
+    except RuntimeError as err:
+        if "No available kernel" in str(err) or "No viable backend" in str(err):
+            raise UnsupportedBackend(
+                f"{opts.backend} has no kernel for this call: {str(err).splitlines()[0]}"
+            ) from None
+        raise
+    return out, used
+
+
+_choice_memo: dict[tuple, str] = {}
+
+
+def _choose_backend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, gqa: bool, backend: str
+) -> str:
+    """Ask PyTorch which kernel it would run (raising UnsupportedBackend with its reasons when none can).
+
+    Memoised by the properties kernel selection depends on, so a decode step does not pay for it every call.
+    """
+    memo_key = (
+        backend,
+        q.device.type,
+        q.dtype,
+        q.shape[-1],
+        gqa,
+        is_causal,
+        q.shape[2] == 1,
+        None if mask is None else (mask.dtype, mask.dim()),
+    )
+    if memo_key in _choice_memo:
+        return _choice_memo[memo_key]
+    kernels = _AUTO_PRIORITY if backend == "auto" else [_SDP[backend]]
+    with warnings.catch_warnings(record=True) as caught, sdpa_kernel(kernels, set_priority=backend == "auto"):
+        warnings.simplefilter("always")
+        try:
+            chosen = torch._fused_sdp_choice(q, k, v, mask, 0.0, is_causal, scale=None, enable_gqa=gqa)
+        except RuntimeError as err:
+            reasons = "; ".join(str(w.message).strip() for w in caught) or str(err).splitlines()[0]
+            phase = "causal prefill" if is_causal else "masked chunk" if mask is not None else "unmasked"
+            raise UnsupportedBackend(
+                f"{backend} has no kernel for this call ({phase}, {q.device.type}, {q.dtype}, gqa={gqa}): {reasons}"
+            ) from None
+    name = _SDP_NAME.get(SDPBackend(chosen), str(chosen)) if isinstance(chosen, int) else str(chosen)
+    _choice_memo[memo_key] = name
+    return name
+
+
+def eager_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    vis: Visibility,
+    opts: AttentionOptions,
+    need_weights: bool = False,
+    window: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Grouped attention in query blocks: K/V are never expanded and at most a (block, S) slice of scores per
+    query head exists at a time. Returns (output (B, n_head, T, hs), summed weights (B, G, S) or None)."""
+    B, n_head, T, hs = query.shape
+    n_groups, S = key.shape[1], key.shape[2]
+    q_per_kv = n_head // n_groups
+    scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(hs)
+    q5 = query.view(B, n_groups, q_per_kv, T, hs)  # (B, G, q_per_kv, T, hs)
+    k_t = key.transpose(-1, -2)  # (B, G, hs, S)
+    out = torch.empty_like(q5)  # (B, G, q_per_kv, T, hs)
+    weights = torch.zeros(B, n_groups, S, dtype=torch.float32, device=query.device) if need_weights else None
+    block = max(1, opts.block_size)
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        tb = t1 - t0
+        q_blk = q5[:, :, :, t0:t1].reshape(B, n_groups, q_per_kv * tb, hs)  # (B, G, q_per_kv * tb, hs)
+        scores = torch.matmul(q_blk, k_t).mul_(scale)  # (B, G, q_per_kv * tb, S)
+        if opts.softcap is not None:
+            scores = torch.tanh(scores / opts.softcap) * opts.softcap
+        scores = scores.view(B, n_groups, q_per_kv, tb, S)  # (B, G, q_per_kv, tb, S)
+        mask = _mask_rows(vis, t0, t1, S, query.device, window)
+        if mask is not None:
+            mask = mask if mask.dim() == 2 else mask.unsqueeze(2)  # (tb, S) or (B, G, 1, tb, S)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1)  # (B, G, q_per_kv, tb, S)
+        if weights is not None:
+            weights += probs.sum(dim=(2, 3))
+        probs = probs.to(value.dtype).view(B, n_groups, q_per_kv * tb, S)  # (B, G, q_per_kv * tb, S)
+        out[:, :, :, t0:t1] = torch.matmul(probs, value).view(B, n_groups, q_per_kv, tb, hs)
+    return out.view(B, n_head, T, hs), weights

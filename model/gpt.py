@@ -1,0 +1,264 @@
+"""A Llama-family GPT whose attention layers hand their keys and values to pluggable KV caches.
+
+    model = GPT.from_name("smollm2-135m")
+    model.set_kv_caches(batch_size=2, cache="last_recent", cache_length=1024, sink_tokens=4)
+    logits = model(ids[:, :512], input_pos=0)  # prefill, (2, 512, vocab)
+    logits = model(next_tok, input_pos=512)    # decode, (2, 1, vocab)
+
+`forward(idx)` with input_pos=None is a plain causal forward without any cache (the reference the tests use).
+
+Weights are stored as (in, out) and applied as `x @ w`: decoding multiplies one row per sequence by every
+weight matrix, and on CPU that streams the weight faster than F.linear's (out, in) layout (see
+benchmarks/decode_vs_hf.py). With tied embeddings one (n_embd, vocab) matrix serves both the output head and,
+read by columns, the token embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from caches import KVCache, KVCacheParams, cache_class
+from model.attention import AttentionOptions, Visibility, attention
+from model.config import Config
+
+LayerHook = Callable[[Tensor, int, "int | None"], None]
+
+
+class Linear(nn.Module):
+    """y = x @ weight (+ bias), weight stored (in_features, out_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.weight
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RoPE(nn.Module):
+    """Rotary embeddings, "rotate half" layout (as in HF Llama). cos/sin are computed for the positions of each
+    call (no table of block_size rows): a (T, head_size) product is negligible next to one layer."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)  # (T, hs / 2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hs)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope_inv_freq(config: Config) -> Tensor:
+    """(head_size / 2,) rotation frequencies, with Llama-3 scaling when the config has it."""
+    hs = config.head_size
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
+    if config.rope_scaling is not None:
+        inv_freq = _llama3_scaled(inv_freq, **config.rope_scaling)
+    return inv_freq
+
+
+def _llama3_scaled(
+    inv_freq: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original_max_seq_len: int
+) -> Tensor:
+    """Llama 3.1 frequency scaling: long wavelengths slowed by `factor`, short ones kept, smooth in between."""
+    low_wavelen = original_max_seq_len / low_freq_factor
+    high_wavelen = original_max_seq_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, heads, T, hs); cos, sin (T, hs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        hs = config.head_size
+        self.qkv = Linear(config.n_embd, (config.n_head + 2 * config.n_query_groups) * hs, bias=config.qkv_bias)
+        self.proj = Linear(config.n_head * hs, config.n_embd)
+        self.kv_cache: KVCache | None = None
+        self.attn_opts = AttentionOptions(softcap=config.attn_softcap, sliding_window=config.sliding_window)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: int | None) -> Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        hs, nq, ng = c.head_size, c.n_head, c.n_query_groups
+        qkv = self.qkv(x)  # (B, T, (n_head + 2 * n_query_groups) * hs)
+        q, k, v = qkv.split([nq * hs, ng * hs, ng * hs], dim=-1)
+        q = q.view(B, T, nq, hs).transpose(1, 2)  # (B, n_head, T, hs)
+        k = k.view(B, T, ng, hs).transpose(1, 2)  # (B, n_query_groups, T, hs)
+        v = v.view(B, T, ng, hs).transpose(1, 2)  # (B, n_query_groups, T, hs)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if input_pos is None:
+            y, _, _ = attention(q, k, v.contiguous(), Visibility(q_start=0), self.attn_opts)
+            y = y.transpose(1, 2).reshape(B, T, nq * hs)  # (B, T, n_head * hs)
+        else:
+            if self.kv_cache is None:
+                raise ValueError("input_pos is set but no KV caches are assigned: call set_kv_caches() first")
+            y = self.kv_cache(q, k, v, input_pos)  # (B, T, n_head * hs)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: proj(silu(gate(x)) * up(x)), gate and up fused into one (n_embd, 2 * intermediate) weight."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc = Linear(config.n_embd, 2 * config.intermediate_size)
+        self.proj = Linear(config.intermediate_size, config.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: int | None) -> Tensor:
+        x = x + self.attn(self.norm_1(x), cos, sin, input_pos)
+        return x + self.mlp(self.norm_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        # lm_head: (n_embd, vocab). Tied models read the embedding from its columns; untied ones own `wte`.
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.wte = None if config.tie_embeddings else nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.rope = RoPE(config)
+        self.hook: LayerHook | None = None
+        self.init_weights()
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> GPT:
+        return cls(Config.from_name(name, **overrides))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Random weights (normal, std 0.02; residual projections scaled by depth as in GPT-2)."""
+        gens: dict[torch.device, torch.Generator] = {}
+        for name, p in self.named_parameters():
+            if p.is_meta:  # built on the meta device to be loaded: nothing to initialise
+                continue
+            if p.device not in gens:
+                gens[p.device] = torch.Generator(device=p.device)
+                gens[p.device].manual_seed(seed if seed is not None else 0)
+            gen = gens[p.device]
+            if name.endswith("norm_1.weight") or name.endswith("norm_2.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                s = std / math.sqrt(2 * self.config.n_layer) if name.endswith("proj.weight") else std
+                p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).mul_(s))
+
+    def embed(self, idx: Tensor) -> Tensor:
+        if self.wte is not None:
+            return self.wte(idx)
+        return F.embedding(idx, self.lm_head.weight.t())  # (B, T, n_embd), rows of the (vocab, n_embd) view
+
+    def forward(self, idx: Tensor, input_pos: int | None = None, skip_lm_head: bool = False) -> Tensor:
+        """idx (B, T) token ids. Returns logits (B, T, vocab), or the final normed hidden states (B, T, n_embd)
+        with skip_lm_head=True. input_pos=None: causal forward without caches; an int: through the caches."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (batch, tokens), got shape {tuple(idx.shape)}")
+        T = idx.shape[1]
+        x = self.embed(idx)  # (B, T, n_embd)
+        cos, sin = self.rope(input_pos or 0, T, x.dtype)
+        for i, block in enumerate(self.blocks):
+            if self.hook is not None:
+                self.hook(x, i, input_pos)
+            x = block(x, cos, sin, input_pos)
+        if self.hook is not None:
+            self.hook(x, len(self.blocks), input_pos)
+        x = self.norm(x)
+        return x if skip_lm_head else self.lm_head(x)
+
+    def set_start_of_layer_hook(self, hook: LayerHook | None) -> None:
+        """hook(x, block_idx, input_pos) runs before each block and once more (block_idx = n_layer) after the
+        last, before the final norm."""
+        self.hook = hook
+
+    # ---- KV caches ---------------------------------------------------------------------------------------------
+
+    def kv_cache_params(self, batch_size: int, cache_length: int) -> KVCacheParams:
+        c, ref = self.config, self.lm_head.weight
+        return KVCacheParams(
+            batch_size=batch_size,
+            n_query_groups=c.n_query_groups,
+            n_head=c.n_head,
+            head_size=c.head_size,
+            cache_length=cache_length,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+
+    def set_kv_caches(self, batch_size: int, cache: str = "dense", cache_length: int | None = None, **kwargs) -> None:
+        """One cache of type `cache` per layer, `cache_length` slots each (default: the model's block_size)."""
+        params = self.kv_cache_params(batch_size, cache_length or self.config.block_size)
+        cls = cache_class(cache)
+        self.assign_kv_caches([cls(params, **kwargs) for _ in self.blocks])
+
+    def assign_kv_caches(self, caches: list[KVCache]) -> None:
+        if len(caches) != len(self.blocks):
+            raise ValueError(f"need one cache per layer ({len(self.blocks)}), got {len(caches)}")
+        for block, cache in zip(self.blocks, caches):
+            cache.attn_opts.backend = block.attn.attn_opts.backend
+            cache.attn_opts.softcap = self.config.attn_softcap
+            cache.attn_opts.sliding_window = self.config.sliding_window
+            block.attn.kv_cache = cache
+
+    def clear_kv_caches(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    @property
+    def kv_caches(self) -> list[KVCache]:
+        return [b.attn.kv_cache for b in self.blocks if b.attn.kv_cache is not None]
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Force an attention backend (auto | flash | efficient | cudnn | math | eager) for every layer."""
+        opts = AttentionOptions(backend=backend)  # validates the name
+        for block in self.blocks:
+            block.attn.attn_opts.backend = opts.backend
+            if block.attn.kv_cache is not None:
+                block.attn.kv_cache.attn_opts.backend = opts.backend

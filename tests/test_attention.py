@@ -1,0 +1,129 @@
+import pytest
+import torch
+from reference import naive_attention, window_allowed
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model import attention as A
+from model.attention import AttentionOptions, UnsupportedBackend, Visibility, attention, visible_mask
+
+
+def _qkv(B=2, H=8, G=2, T=12, S=12, hs=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, H, T, hs, generator=g),
+        torch.randn(B, G, S, hs, generator=g),
+        torch.randn(B, G, S, hs, generator=g),
+    )
+
+
+def _lower_right(T: int, S: int) -> torch.Tensor:
+    return torch.ones(T, S, dtype=torch.bool).tril(S - T)
+
+
+CASES = {  # name: (T, S, Visibility, allowed mask for the naive reference)
+    "prefill": (12, 12, Visibility(q_start=0), _lower_right(12, 12)),
+    "chunk": (5, 17, Visibility(q_start=12), _lower_right(5, 17)),
+    "decode": (1, 17, Visibility(q_start=16), _lower_right(1, 17)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", ["auto", "flash", "math", "eager"])
+def test_backends_match_naive(case, backend):
+    T, S, vis, allowed = CASES[case]
+    q, k, v = _qkv(T=T, S=S)
+    out, used, _ = attention(q, k, v, vis, AttentionOptions(backend=backend))
+    torch.testing.assert_close(out, naive_attention(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    assert used == ("flash" if backend == "auto" else backend)  # on CPU, auto picks flash
+
+
+@pytest.mark.parametrize("backend", ["efficient", "cudnn"])
+def test_backend_without_cpu_kernel_raises(backend):
+    q, k, v = _qkv()
+    with pytest.raises(UnsupportedBackend, match=backend):
+        attention(q, k, v, Visibility(q_start=0), AttentionOptions(backend=backend))
+
+
+def test_efficient_refuses_gqa_when_query_shorter_than_keys():
+    q, k, v = _qkv(T=1, S=9)
+    with pytest.raises(UnsupportedBackend, match="no enable_gqa"):
+        attention(q, k, v, Visibility(q_start=8), AttentionOptions(backend="efficient"))
+
+
+def test_unknown_backend_lists_choices():
+    with pytest.raises(ValueError, match="auto, flash, efficient, cudnn, math, eager"):
+        AttentionOptions(backend="fast")
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 256])
+def test_eager_weights_are_summed_softmax(block_size):
+    T, S, vis, allowed = CASES["chunk"]
+    q, k, v = _qkv(T=T, S=S)
+    out, used, weights = attention(q, k, v, vis, AttentionOptions(block_size=block_size), need_weights=True)
+    assert used == "eager"
+    torch.testing.assert_close(out, naive_attention(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    # reference: full (B, H, T, S) softmax, summed over the queries and heads of each group
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(4, dim=1)) / 4.0
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    expected = probs.view(2, 2, 4, T, S).sum(dim=(2, 3))
+    torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_softcap_goes_eager_and_matches():
+    q, k, v = _qkv()
+    out, used, _ = attention(q * 5, k, v, Visibility(q_start=0), AttentionOptions(softcap=2.0))
+    assert used == "eager"
+    torch.testing.assert_close(out, naive_attention(q * 5, k, v, window_allowed(12), softcap=2.0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(UnsupportedBackend, match="softcapping"):
+        attention(q, k, v, Visibility(q_start=0), AttentionOptions(backend="flash", softcap=2.0))
+
+
+def test_model_sliding_window_goes_eager():
+    q, k, v = _qkv()
+    out, used, _ = attention(q, k, v, Visibility(q_start=0), AttentionOptions(sliding_window=4))
+    assert used == "eager"
+    torch.testing.assert_close(out, naive_attention(q, k, v, window_allowed(12, window=4)), atol=1e-5, rtol=1e-5)
+
+
+def test_visible_mask_with_sinks_and_empty_slots():
+    k_pos = torch.tensor([0, 1, 7, 8, 9, -1])
+    mask = visible_mask(torch.tensor([9, 10]), k_pos, window=3, sinks=1)
+    assert mask.tolist() == [[True, False, True, True, True, False], [True, False, False, True, True, False]]
+
+
+class _Spy(TorchDispatchMode):
+    """Records every aten op and the shapes of its tensor outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.calls.append((str(func), [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]))
+        return out
+
+
+@pytest.mark.parametrize("backend", ["auto", "flash", "eager"])
+def test_gqa_never_expands_kv_when_query_is_shorter(backend):
+    q, k, v = _qkv(B=1, H=8, G=2, T=3, S=64, hs=16)
+    with _Spy() as spy:
+        attention(q, k, v, Visibility(q_start=61), AttentionOptions(backend=backend))
+    expanded = [c for c in spy.calls if any(s[-2:] == (64, 16) and s[1] == 8 for s in c[1] if len(s) == 4)]
+    assert not expanded, expanded
+    assert spy.calls  # the spy did see the ops
+
+
+def test_causal_prefill_passes_is_causal_and_builds_no_mask(monkeypatch):
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    q, k, v = _qkv(T=128, S=128)
+    attention(q, k, v, Visibility(q_start=0), AttentionOptions())
+    assert seen == [(None, True)]

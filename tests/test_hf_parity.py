@@ -1,0 +1,79 @@
+"""Parity with HF transformers (a test reference only): same weights, same logits."""
+
+import pytest
+import torch
+
+from model.generate import generate
+from model.load import SMOLLM2_GGUF, load_hf_checkpoint, smollm2_gguf_path
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_random_tiny_llama_checkpoint(tmp_path):
+    cfg = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours, _ = load_hf_checkpoint(tmp_path)
+    idx = torch.randint(0, 512, (2, 40))
+    with torch.inference_mode():
+        expected = hf(idx).logits
+        assert (ours(idx) - expected).abs().max() <= 1e-4
+        ours.set_kv_caches(batch_size=2, cache="dense", cache_length=40)
+        chunked = torch.cat(
+            [ours(idx[:, :30], input_pos=0)] + [ours(idx[:, i : i + 1], input_pos=i) for i in range(30, 40)], dim=1
+        )
+    assert (chunked - expected).abs().max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2():
+    path = smollm2_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=SMOLLM2_GGUF)
+    return model.eval(), tok
+
+
+def test_smollm2_logits_match_hf_gguf_loader(smollm2, hf_smollm2):
+    ours, tok = smollm2
+    hf, _ = hf_smollm2
+    text = "The quick brown fox jumps over the lazy dog. " * 12
+    idx = torch.tensor([tok.encode(text)[:64]])
+    assert idx.shape == (1, 64)
+    with torch.inference_mode():
+        delta = (ours(idx) - hf(idx).logits).abs().max().item()
+    assert delta <= 1e-3, delta
+
+
+def test_tokenizer_matches_hf(smollm2, hf_smollm2):
+    _, tok = smollm2
+    _, hf_tok = hf_smollm2
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in 3 words, 1999 ünïcödé."}]
+    for text in ["Hello world 12345  x", "  leading spaces\nand\ttabs", "<|im_start|>user\nhi<|im_end|>"]:
+        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
+    assert (
+        tok.encode_chat(msgs)
+        == hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
+    ids = tok.encode("round trip: ünïcödé 42")
+    assert tok.decode(ids) == "round trip: ünïcödé 42"
+
+
+def test_smollm2_answers_paris(smollm2):
+    model, tok = smollm2
+    ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    out = generate(model, torch.tensor([ids]), max_new_tokens=24, eos_id=tok.eos_id)
+    answer = tok.decode(out[0, len(ids) :], skip_special=True)
+    assert "Paris" in answer, answer
