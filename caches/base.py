@@ -62,6 +62,7 @@ class KVCache(nn.Module):
         self.batch_size: int | None = None  # effective batch size, fixed by the last prefill
         self.attn_opts = AttentionOptions()
         self.last_backend: str | None = None  # attention backend that ran the last call
+        self.backends_seen: set[str] = set()  # every backend that ran since the owner last cleared it
 
     @property
     def cache_length(self) -> int:
@@ -137,6 +138,7 @@ class KVCache(nn.Module):
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, vis: Visibility) -> Tensor:
         out, self.last_backend, _ = attention(query, key, value, vis, self.attn_opts)
+        self.backends_seen.add(self.last_backend)
         return out
 
     def token_positions(self) -> Tensor:

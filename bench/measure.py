@@ -1,0 +1,249 @@
+"""Timers and memory trackers. Each answers a different question, and a run reports all of them:
+
+* `TensorTracker` (CPU): exact peak of live tensor bytes, counted op by op. Deterministic from run to run, so CI
+  can compare it exactly. It sees the tensors ops return (not a kernel's private scratch space).
+* `peak_rss` (CPU): the process's peak resident set (VmHWM), reset before each phase through
+  /proc/self/clear_refs. Includes the allocator's pools, the Python heap and libraries.
+* `CudaPeaks` (GPU): torch's max_memory_allocated / max_memory_reserved, reset per phase.
+* `NvmlSampler` (GPU): a thread that reads NVML every `period_s` (default 2 ms): this process's memory where NVML
+  reports it, else device used minus the level before the run. This is what nvidia-smi shows: it includes the
+  CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's reserve.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def timed(device: torch.device, out: list[float]):
+    """Append the wall seconds of the block to `out`, with the device synchronised on both sides."""
+    sync(device)
+    t0 = time.perf_counter()
+    yield
+    sync(device)
+    out.append(time.perf_counter() - t0)
+
+
+# ---- CPU -------------------------------------------------------------------------------------------------------
+
+
+class TensorTracker(TorchDispatchMode):
+    """Live bytes of tensors created inside the mode, and their peak.
+
+    Every op output whose storage is new is counted until the last tensor viewing that storage is garbage
+    collected (weakref finalizers). `baseline` adds bytes that were alive before (weights, caches, inputs) so that
+    `peak` is a whole-process figure of tensor memory.
+    """
+
+    def __init__(self, baseline: int = 0) -> None:
+        super().__init__()
+        self.baseline = baseline
+        self.live = 0
+        self.peak_dynamic = 0
+        self._storages: dict[int, list] = {}  # storage data_ptr -> [nbytes, n_live_tensors]
+
+    @property
+    def peak(self) -> int:
+        return self.baseline + self.peak_dynamic
+
+    def reset_peak(self) -> None:
+        self.peak_dynamic = self.live
+
+    def _release(self, ptr: int) -> None:
+        entry = self._storages.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._storages[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        input_ptrs = None
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr == 0:
+                continue
+            entry = self._storages.get(ptr)
+            if entry is None:
+                if input_ptrs is None:
+                    leaves = tree_leaves((args, kwargs or {}))
+                    input_ptrs = {x.untyped_storage().data_ptr() for x in leaves if isinstance(x, torch.Tensor)}
+                if ptr in input_ptrs:
+                    continue  # in place, or a view of memory that existed before the mode: nothing new
+                entry = self._storages[ptr] = [storage.nbytes(), 0]
+                self.live += entry[0]
+                self.peak_dynamic = max(self.peak_dynamic, self.live)
+            entry[1] += 1  # one more tensor keeps this storage alive
+            weakref.finalize(t, self._release, ptr)
+        return out
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """Peak resident set size in bytes since the last reset (VmHWM), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---- GPU -------------------------------------------------------------------------------------------------------
+
+
+class CudaPeaks:
+    """torch's allocator peaks for one phase: `with CudaPeaks(dev) as p: ...; p.allocated, p.reserved`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.allocated = self.reserved = None
+
+    def __enter__(self) -> CudaPeaks:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.allocated = torch.cuda.max_memory_allocated(self.device)
+            self.reserved = torch.cuda.max_memory_reserved(self.device)
+
+
+class NvmlSampler:
+    """Background thread sampling this process's GPU memory through NVML every `period_s`; tracks the peak.
+
+    `start()` records the device's used memory first, so that where NVML cannot attribute memory to processes
+    (containers without a PID namespace view) the figure is device used minus that level."""
+
+    def __init__(self, device_index: int = 0, period_s: float = 0.002) -> None:
+        import pynvml
+
+        self.nvml = pynvml
+        pynvml.nvmlInit()
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        self.period_s = period_s
+        self.pid = os.getpid()
+        self.peak = 0
+        self.samples = 0
+        self.source = "process"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.baseline_used = 0
+
+    def _process_bytes(self) -> int | None:
+        try:
+            procs = self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except self.nvml.NVMLError:
+            return None
+        for p in procs:
+            if p.pid == self.pid and p.usedGpuMemory is not None:
+                return int(p.usedGpuMemory)
+        return None
+
+    def read(self) -> int:
+        value = self._process_bytes() if self.source == "process" else None
+        if value is None:
+            self.source = "device_minus_baseline"
+            value = int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used) - self.baseline_used
+        return value
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            self.samples += 1
+            self._stop.wait(self.period_s)
+
+    def start(self, baseline_used: int | None = None) -> NvmlSampler:
+        self.baseline_used = (
+            baseline_used if baseline_used is not None else int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+        )
+        self.peak = 0
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self.read())
+        return self.peak
+
+    def driver_version(self) -> str:
+        v = self.nvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+_BANDWIDTH: dict[str, float] = {}
+
+
+def measured_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float | None:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), measured once per device and process."""
+    if device.type != "cuda":
+        return None
+    key = str(device)
+    if key not in _BANDWIDTH:
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = float("inf")
+        for _ in range(10):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        _BANDWIDTH[key] = 2 * src.numel() / best
+        del src, dst
+        torch.cuda.empty_cache()
+    return _BANDWIDTH[key]

@@ -1,0 +1,100 @@
+"""What a person at a terminal sees: one line per job and, after a multirun, a comparison table.
+Reads rows only (pandas), no torch."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - the table is also usable without hydra
+    Callback = object
+
+
+def human_bytes(n) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)) or n is pd.NA:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def ctx_label(ctx: int) -> str:
+    return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
+
+
+def summary_line(row: dict, skipped: bool = False) -> str:
+    head = f"{row['model']} {row['cache']} ctx={ctx_label(int(row['ctx']))} batch={row['batch']} sdpa={row['sdpa_requested']}"
+    if skipped:
+        return f"[skip] {head}: already in the sweep folder (config {row['config_hash']}; force=true reruns it)"
+    if row.get("status") != "ok":
+        return f"[{row.get('status')}] {head}: {row.get('error')}"
+    peak = row.get("peak_alloc_bytes")
+    src = "tensors" if row.get("peak_alloc_source") == "tensor_tracker" else "allocated"
+    return (
+        f"[ok] {head} ({row.get('sdpa_used')}): prefill {_fmt(row['prefill_s'], '.3f')} s | decode "
+        f"{_fmt(row['decode_ms_p50'], '.2f')} ms/step p50, {_fmt(row['decode_tok_s'], '.1f')} tok/s | "
+        f"peak {human_bytes(peak)} ({src}) | cache {human_bytes(row.get('cache_bytes'))}"
+    )
+
+
+TABLE_COLUMNS = ["model", "cache", "ctx", "batch", "sdpa", "status", "prefill s", "decode tok/s", "ms/step p50",
+                 "peak alloc", "peak rss/nvml", "cache bytes", "vs dense KV"]  # fmt: skip
+
+
+def comparison_table(df: pd.DataFrame) -> str:
+    """cache x ctx (and any other axis that varies): prefill s, decode tok/s, peak memory, cache bytes, status."""
+    if df.empty:
+        return "(no rows)"
+    df = df.sort_values(["model", "batch", "ctx", "cache", "sdpa_requested"], kind="stable")
+    lines = []
+    for _, r in df.iterrows():
+        peak_other = r["peak_nvml_bytes"] if r["device_kind"] == "cuda" else r["peak_rss_bytes"]
+        ratio = (
+            f"{r['cache_bytes'] / r['kv_bytes_dense']:.2f}x"
+            if pd.notna(r["cache_bytes"]) and pd.notna(r["kv_bytes_dense"]) and r["kv_bytes_dense"]
+            else "-"
+        )
+        lines.append([r["model"], r["cache"], ctx_label(int(r["ctx"])), str(r["batch"]), str(r["sdpa_used"] if pd.notna(
+            r["sdpa_used"]) else r["sdpa_requested"]), r["status"], _fmt(r["prefill_s"], ".3f"),
+            _fmt(r["decode_tok_s"], ".1f"), _fmt(r["decode_ms_p50"], ".2f"), human_bytes(r["peak_alloc_bytes"]),
+            human_bytes(peak_other), human_bytes(r["cache_bytes"]), ratio])  # fmt: skip
+    widths = [max(len(h), *(len(str(line[i])) for line in lines)) for i, h in enumerate(TABLE_COLUMNS)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 6 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*TABLE_COLUMNS), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+# Config hashes of the jobs this process ran or skipped, by sweep folder (filled by bench.run).
+TOUCHED: dict[str, set[str]] = {}
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, print the comparison table of the jobs it ran (or skipped)."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from bench.results import load
+
+        sweep_dir = str(Path(config.results_dir) / config.sweep)
+        df = load(sweep_dir)
+        hashes = TOUCHED.get(sweep_dir)
+        if hashes:
+            df = df[df["config_hash"].isin(hashes)]
+        print(f"\n{len(df)} rows in {sweep_dir}/\n{comparison_table(df)}", flush=True)

@@ -1,0 +1,117 @@
+"""Result rows: the schema, atomic one-file-per-job writes, loading a folder tree, resume by config hash.
+
+Reads and writes parquet with pandas/pyarrow only (no torch): plots and regression checks run where the model
+does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+# DESIGN.md's schema (never rename these; add columns freely). Values: the pandas dtype of the column.
+SCHEMA: dict[str, str] = {
+    # identity
+    "run_id": "string", "sweep_id": "string", "config_hash": "string", "started_at": "string",
+    "git_commit": "string", "device_name": "string", "device_kind": "string", "driver_version": "string",
+    "torch_version": "string", "cuda_version": "string",
+    # config
+    "model": "string", "n_params": "Int64", "dtype": "string", "cache": "string", "cache_budget": "Int64",
+    "cache_kwargs": "string", "ctx": "Int64", "batch": "Int64", "new_tokens": "Int64", "sdpa_requested": "string",
+    "sdpa_used": "string", "prefill_chunk": "Int64", "repeats": "Int64", "seed": "Int64",
+    # status
+    "status": "string", "error": "string",
+    # time
+    "prefill_s": "float64", "decode_ms_p50": "float64", "decode_ms_p90": "float64", "decode_tok_s": "float64",
+    "total_s": "float64",
+    # memory (bytes)
+    "weights_bytes": "Int64", "kv_bytes_dense": "Int64", "cache_bytes": "Int64", "peak_alloc_bytes": "Int64",
+    "peak_reserved_bytes": "Int64", "peak_nvml_bytes": "Int64", "peak_rss_bytes": "Int64",
+    # derived
+    "mbu": "float64",
+    # quality
+    "kl_vs_dense": "float64", "top1_agree": "float64", "passkey_acc": "float64", "ppl": "float64",
+}  # fmt: skip
+
+# Columns beyond DESIGN.md's list that the harness writes.
+EXTRA: dict[str, str] = {
+    "weights": "string",  # random | pretrained
+    "device": "string",  # cpu | cuda
+    "cache_length": "Int64",  # slots per sequence and KV head actually allocated
+    "sdpa_used_prefill": "string",
+    "sdpa_used_decode": "string",
+    "prefill_s_min": "float64",
+    "decode_ms_mean": "float64",
+    "peak_alloc_source": "string",  # torch.cuda | tensor_tracker
+    "peak_tracked_bytes": "Int64",  # CPU: exact peak of live tensor bytes (deterministic)
+    "peak_alloc_prefill_bytes": "Int64",
+    "peak_alloc_decode_bytes": "Int64",
+    "peak_nvml_source": "string",
+    "bandwidth_bytes_s": "float64",
+    "threads": "Int64",
+    "hostname": "string",
+    "pid": "Int64",
+}
+
+COLUMNS = {**SCHEMA, **EXTRA}
+
+
+def config_hash(job_config: dict) -> str:
+    """Stable hash of what defines a job's measurement (not where it is written, not whether it is forced)."""
+    text = json.dumps(job_config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def row_path(sweep_dir: str | Path, cfg_hash: str) -> Path:
+    return Path(sweep_dir) / f"{cfg_hash}.parquet"
+
+
+def has_row(sweep_dir: str | Path, cfg_hash: str) -> bool:
+    return row_path(sweep_dir, cfg_hash).exists()
+
+
+def to_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows -> DataFrame with every schema column, in schema order, typed; unknown keys kept after them."""
+    df = pd.DataFrame(rows)
+    for col, dtype in COLUMNS.items():
+        if col not in df:
+            df[col] = pd.Series([None] * len(df), dtype=dtype)
+        else:
+            df[col] = df[col].astype(dtype)
+    extra = [c for c in df.columns if c not in COLUMNS]
+    return df[list(COLUMNS) + extra]
+
+
+def write_row(sweep_dir: str | Path, row: dict) -> Path:
+    """Write one job's row atomically: a temp file in the same folder, then rename over the final name.
+    A job killed at any point leaves either no file or the whole file (a crash may leave a *.tmp, never read)."""
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    final = row_path(sweep_dir, row["config_hash"])
+    fd, tmp = tempfile.mkstemp(dir=sweep_dir, prefix=f".{row['config_hash']}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        to_frame([row]).to_parquet(tmp, index=False)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return final
+
+
+def load(path: str | Path) -> pd.DataFrame:
+    """Every row under `path` (a folder tree of *.parquet files, or one file) as one DataFrame."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        return to_frame([])
+    frames = [pd.read_parquet(f) for f in files]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return to_frame([])
+    return to_frame(pd.concat(frames, ignore_index=True).to_dict("records"))

@@ -1,0 +1,158 @@
+"""Entry point: `python -m bench.run cache=dense,last_recent ctx=8k,32k -m`. One Hydra job = one configuration.
+
+Before Hydra starts, every job of the command is composed and checked (`bench.spec.resolve`): a bad value ends
+the command with one line naming the valid choices, exit code 2, and nothing written. Then each job writes one
+row to <results_dir>/<sweep>/<config_hash>.parquet, unless that file exists already (resume; force=true reruns).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from bench.spec import BenchConfig, ConfigError, resolve
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+_bar = None
+
+
+def _sweep_bar(total: int):
+    global _bar
+    if _bar is None and total > 1:
+        from tqdm.auto import tqdm
+
+        _bar = tqdm(total=total, desc="sweep", unit="job", position=0, disable=None)
+    return _bar
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> dict:
+    from bench import report, results
+    from bench.job import run_job
+
+    spec = resolve(cfg)  # validated before Hydra started: cannot fail here unless called programmatically
+    cfg_hash = results.config_hash(spec.identity())
+    sweep_dir = str(Path(cfg.results_dir) / cfg.sweep)
+    report.TOUCHED.setdefault(sweep_dir, set()).add(cfg_hash)
+    bar = _sweep_bar(int(os.environ.get("KVBENCH_N_JOBS", "1")))
+    if results.has_row(sweep_dir, cfg_hash) and not cfg.force:
+        row = results.load(results.row_path(sweep_dir, cfg_hash)).iloc[0].to_dict()
+        print(report.summary_line(row, skipped=True), flush=True)
+    else:
+        row = run_job(spec, sweep_id=cfg.sweep, config_hash=cfg_hash, progress=True)
+        results.write_row(sweep_dir, row)
+        print(report.summary_line(row), flush=True)
+    if bar is not None:
+        bar.update(1)
+    return {"status": row["status"], "config_hash": cfg_hash}
+
+
+# ---- validation before Hydra runs anything ------------------------------------------------------------------------
+
+_HYDRA_FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--info", "-i",
+                           "--experimental-rerun", "-p", "--package", "--cfg", "-c"}  # fmt: skip
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """(overrides, multirun?, other hydra flags present?)."""
+    overrides, multirun, other = [], False, False
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg.startswith("-"):
+            other = True
+            skip = arg in _HYDRA_FLAGS_WITH_VALUE
+        else:
+            overrides.append(arg)
+    return overrides, multirun, other
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's composition errors, shortened to one line that names the valid choices."""
+    text = str(err).strip()
+    cause = str(err.__cause__ or "").strip()
+    if "Could not find" in text and "Available options" in text:  # unknown group option, e.g. cache=lru
+        group, given = text.split("Could not find '")[1].split("'")[0].split("/", 1)
+        listing = text.split("Available options")[1].split("Config search path")[0]
+        options = [line.strip() for line in listing.splitlines()[1:] if line.strip()]
+        return f"{group}={given!r} is not valid; valid choices: {', '.join(options)}"
+    if "not in 'BenchConfig'" in cause:
+        key = cause.split("'")[1]
+        return f"{key!r} is not a setting; valid settings: {', '.join(f.name for f in fields(BenchConfig))}"
+    if "could not be converted" in cause or "Invalid value" in cause:
+        return f"{text.removeprefix('Error merging override ')} is not valid: {cause.splitlines()[0]}"
+    return " ".join(text.splitlines()[0].split())
+
+
+def with_cache_knobs(argv: list[str]) -> list[str]:
+    """`cache.sink_tokens=4` -> `++cache.sink_tokens=4`: a knob may be set (or swept) for a cache group whose
+    yaml does not list it; bench.spec.resolve then keeps it for the caches that have it."""
+    return ["++" + a if re.match(r"^cache\.[A-Za-z_]\w*=", a) else a for a in argv]
+
+
+def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job the command will run, as Hydra's basic sweeper will expand them."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    if not multirun:
+        sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+        if sweeps:
+            raise ConfigError(f"{sweeps[0]!r} is a sweep: add -m (multirun) to run one job per value")
+        return [overrides]
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra_cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True).hydra
+    params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()]
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)
+    return [job for batch in batches for job in batch]
+
+
+def validate(argv: list[str]) -> int:
+    """Compose and resolve every job of the command; returns the number of jobs. Raises ConfigError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides, multirun, _ = _split_argv(argv)
+    try:
+        jobs = job_overrides(overrides, multirun)
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            for job in jobs:
+                resolve(compose(config_name="config", overrides=job))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+    return len(jobs)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    argv = with_cache_knobs(sys.argv[1:] if argv is None else argv)
+    # Hydra's argparse wants flags before the overrides: `a=1 -m b=2` would fail on b=2.
+    argv = [a for a in argv if a in ("-m", "--multirun")] + [a for a in argv if a not in ("-m", "--multirun")]
+    sys.argv = [sys.argv[0], *argv]
+    _, _, other_flags = _split_argv(argv)
+    if not other_flags:  # --help, --cfg job, ...: Hydra's own business
+        try:
+            os.environ["KVBENCH_N_JOBS"] = str(validate(argv))
+        except ConfigError as err:
+            print(f"kvbench: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,126 @@
+"""The harness end to end: the users' command in a subprocess, resume, failures as rows, bad input refused."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from bench import results
+from bench.run import CONF_DIR, validate
+from bench.spec import ConfigError, resolve
+from model.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["new_tokens=4", "repeats=1", "prefill_chunk=256"]
+
+
+def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bench.run", *args, f"results_dir={tmp_path / 'results'}"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def rows(tmp_path: Path, sweep: str = "default") -> pd.DataFrame:
+    return results.load(tmp_path / "results" / sweep)
+
+
+@pytest.mark.parametrize("cache", sorted(p.stem for p in Path(CONF_DIR, "cache").glob("*.yaml")))
+def test_every_cache_config_composes(cache):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        spec = resolve(compose(config_name="config", overrides=[f"cache={cache}"]), cuda_available=False)
+    assert spec.cache == cache and spec.model == "tiny" and spec.device == "cpu" and spec.ctx == 8192
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))
+def test_every_experiment_expands_to_valid_jobs(experiment):
+    assert validate([f"experiment={experiment}", "-m"]) >= 4
+
+
+def test_users_command_writes_one_ok_row_per_job(tmp_path):
+    proc = bench(tmp_path, "cache=dense,last_recent", "ctx=1k,2k", "-m", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = rows(tmp_path)
+    assert len(df) == 4 and (df["status"] == "ok").all(), df[["cache", "ctx", "status", "error"]]
+    assert set(zip(df["cache"], df["ctx"])) == {("dense", 1024), ("dense", 2048), ("last_recent", 1024),
+                                                ("last_recent", 2048)}  # fmt: skip
+    assert set(results.SCHEMA) <= set(df.columns)
+    for col in ["prefill_s", "decode_ms_p50", "decode_tok_s", "weights_bytes", "kv_bytes_dense", "cache_bytes",
+                "peak_alloc_bytes", "peak_rss_bytes", "total_s"]:  # fmt: skip
+        assert df[col].notna().all() and (df[col] > 0).all(), col
+    assert df["mbu"].isna().all() and (df["device_kind"] == "cpu").all()
+    assert "4 rows in" in proc.stdout and "decode tok/s" in proc.stdout  # the comparison table
+    assert proc.stdout.count("[ok] tiny") == 4
+
+    # cache bytes, read from the real buffers, against the analytic figures
+    tiny = Config.from_name("tiny")
+    per_token = tiny.kv_bytes(batch=1, tokens=1, itemsize=4)
+    for _, r in df.iterrows():
+        assert r["kv_bytes_dense"] == per_token * (r["ctx"] + 4)
+        if r["cache"] == "dense":
+            assert r["cache_bytes"] == r["kv_bytes_dense"]
+        else:  # budget 0.25 of ctx, plus 4 sink tokens, plus the int64 slot positions of each layer
+            slots = r["ctx"] // 4 + 4
+            assert r["cache_budget"] == r["ctx"] // 4 and r["cache_length"] == slots
+            assert r["cache_bytes"] == per_token * slots + tiny.n_layer * slots * 8
+
+    # resume: nothing reruns; a missing row is redone; force reruns everything
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "results" / "default").glob("*.parquet")}
+    proc = bench(tmp_path, "cache=dense,last_recent", "ctx=1k,2k", "-m", *SMALL)
+    assert proc.returncode == 0 and proc.stdout.count("[skip]") == 4, proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    gone = sorted(before)[0]
+    gone.unlink()
+    proc = bench(tmp_path, "cache=dense,last_recent", "ctx=1k,2k", "-m", *SMALL)
+    assert proc.stdout.count("[skip]") == 3 and proc.stdout.count("[ok]") == 1 and gone.exists()
+
+
+def test_deterministic_tracked_peak(tmp_path):
+    proc = bench(tmp_path, "ctx=1k", "force=true", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = rows(tmp_path)["peak_tracked_bytes"].item()
+    bench(tmp_path, "ctx=1k", "force=true", *SMALL)
+    assert rows(tmp_path)["peak_tracked_bytes"].item() == first > 0
+
+
+def test_failures_are_rows_and_the_sweep_goes_on(tmp_path):
+    proc = bench(tmp_path, "inject=oom,error,none", "sdpa=auto,efficient", "ctx=512", "-m", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = rows(tmp_path)
+    assert len(df) == 6
+    status = df.groupby("sdpa_requested")["status"].apply(sorted).to_dict()
+    assert status["auto"] == ["error", "ok", "oom"]
+    assert status["efficient"] == ["error", "oom", "unsupported"]  # no mem-efficient kernel on CPU
+    unsupported = df[df["status"] == "unsupported"]["error"].item()
+    assert "efficient" in unsupported and "kernel" in unsupported
+    assert "injected out-of-memory" in df[df["status"] == "oom"]["error"].iloc[0]
+
+
+BAD = {
+    "cache=lru": "cache='lru' is not valid; valid choices: dense, last_recent",
+    "model=gpt-9": "model='gpt-9' is not valid; valid choices: auto, tiny, smollm2-135m",
+    "ctx=abc": "ctx='abc' is not a context length",
+    "batch=0": "batch=0 is not valid; it must be an integer >= 1",
+    "cache=last_recent cache.budget=4096 ctx=1k": "larger than ctx=1024",
+    "sdpa=fast": "sdpa='fast' is not valid; valid choices: auto, flash, efficient, cudnn, math, eager",
+    "cache=dense,lru ctx=1k -m": "cache='lru' is not valid",
+    "ctx=1k,abc -m": "ctx='abc'",
+    "batch=abc": "batch=abc is not valid",
+}
+
+
+@pytest.mark.parametrize("args", list(BAD))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args):
+    proc = bench(tmp_path, *args.split())
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvbench: error: ") and BAD[args] in lines[0], proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_validate_rejects_a_sweep_without_multirun():
+    with pytest.raises(ConfigError, match="add -m"):
+        validate(["ctx=8k,32k"])

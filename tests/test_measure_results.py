@@ -1,0 +1,77 @@
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from bench import measure, results
+from bench.report import comparison_table, summary_line
+
+
+def test_tensor_tracker_counts_live_bytes_exactly():
+    x = torch.zeros(1000)  # allocated before the mode: not counted
+    with measure.TensorTracker(baseline=123) as tracker:
+        a = torch.ones(1000)  # +4000
+        b = a.view(10, 100)  # a view: no new memory
+        c = a * 2  # +4000 -> 8000 live
+        del a  # still viewed by b
+        assert tracker.live == 8000
+        x.add_(1)  # in place on old memory: nothing
+        del b, c
+        assert tracker.live == 0
+        d = torch.empty(250, dtype=torch.float64)  # +2000
+        assert tracker.live == 2000
+    assert tracker.peak_dynamic == 8000 and tracker.peak == 8123
+    tracker.reset_peak()
+    assert tracker.peak_dynamic == 2000
+    del d
+
+
+def test_peak_rss_resets_and_sees_a_big_allocation():
+    if not measure.reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here")
+    base = measure.peak_rss()
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert measure.peak_rss() - base >= 60 * 2**20
+    del big
+
+
+def test_write_is_atomic_and_load_reads_a_tree(tmp_path):
+    row = {"config_hash": "abc123", "model": "tiny", "ctx": 1024, "status": "ok", "prefill_s": 0.5, "new_col": 7}
+    path = results.write_row(tmp_path / "sweep" / "a", row)
+    results.write_row(tmp_path / "sweep" / "b", {**row, "config_hash": "def456", "ctx": 2048})
+    assert path.name == "abc123.parquet" and results.has_row(tmp_path / "sweep" / "a", "abc123")
+    assert not [p for p in tmp_path.rglob("*") if p.suffix == ".tmp"]
+    df = results.load(tmp_path / "sweep")
+    assert sorted(df["ctx"].tolist()) == [1024, 2048]
+    assert list(df.columns[: len(results.SCHEMA)]) == list(results.SCHEMA)
+    assert str(df["ctx"].dtype) == "Int64" and df["mbu"].isna().all() and "new_col" in df
+    assert results.load(tmp_path / "nothing").empty
+
+
+def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    def boom(self, path, **kw):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", boom)
+    with pytest.raises(OSError):
+        results.write_row(tmp_path, {"config_hash": "x1"})
+    assert os.listdir(tmp_path) == []
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = {"ctx": 1024, "cache": "dense", "cache_kwargs": {}}
+    assert results.config_hash(a) == results.config_hash(dict(reversed(a.items())))
+    assert results.config_hash(a) != results.config_hash({**a, "ctx": 2048})
+
+
+def test_summary_and_table_render():
+    row = {"model": "tiny", "cache": "dense", "ctx": 8192, "batch": 1, "sdpa_requested": "auto", "status": "ok",
+           "sdpa_used": "flash", "prefill_s": 0.5, "decode_ms_p50": 1.25, "decode_tok_s": 800.0,
+           "peak_alloc_bytes": 3 * 2**20, "peak_alloc_source": "tensor_tracker", "cache_bytes": 2**20,
+           "kv_bytes_dense": 2**20, "device_kind": "cpu", "peak_rss_bytes": 2**30}  # fmt: skip
+    line = summary_line(row)
+    assert line.startswith("[ok] tiny dense ctx=8k") and "1.25 ms/step" in line and "3.0 MiB" in line
+    table = comparison_table(results.to_frame([row, {**row, "cache": "last_recent", "cache_bytes": 2**18}]))
+    assert "last_recent" in table and "0.25x" in table and "1.0 GiB" in table
