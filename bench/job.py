@@ -101,7 +101,8 @@ def _prefill(model: GPT, ids: torch.Tensor, chunk: int, bar_desc: str | None) ->
     """Chunked prefill; returns the next token (B, 1). Only the last position goes through the output head."""
     bounds = prefill_chunks(model, ids.shape[1], chunk)
     hidden = None
-    for start, end in tqdm(bounds, desc=bar_desc, leave=False, disable=bar_desc is None or len(bounds) < 4):
+    show = bar_desc is not None and len(bounds) >= 4
+    for start, end in tqdm(bounds, desc=bar_desc, leave=False, disable=None if show else True):
         hidden = model(ids[:, start:end], input_pos=start, skip_lm_head=True)  # (B, end - start, n_embd)
     return _argmax(model.lm_head(hidden[:, -1]))
 
@@ -135,7 +136,7 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
         raise RuntimeError("injected failure (inject=error)")
 
     def decode(token: torch.Tensor, start: int, steps: int, times: list[float], desc: str | None) -> torch.Tensor:
-        for i in tqdm(range(steps), desc=desc, leave=False, disable=desc is None):
+        for i in tqdm(range(steps), desc=desc, leave=False, disable=None if desc else True):
             with measure.timed(device, times):
                 token = _argmax(model(token, input_pos=start + i)[:, -1])
         return token
@@ -145,7 +146,7 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
         decode(_prefill(model, ids[:, :warm], spec.prefill_chunk, None), warm, 2, [], None)
 
     nvml = None
-    if device.type == "cuda":
+    if device.type == "cuda" and spec.nvml_period_ms > 0:
         nvml = measure.NvmlSampler(device.index or 0, period_s=spec.nvml_period_ms / 1e3)
         row["driver_version"] = nvml.driver_version()
         torch.cuda.synchronize(device)

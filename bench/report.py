@@ -37,7 +37,8 @@ def ctx_label(ctx: int) -> str:
 
 
 def summary_line(row: dict, skipped: bool = False) -> str:
-    head = f"{row['model']} {row['cache']} ctx={ctx_label(int(row['ctx']))} batch={row['batch']} sdpa={row['sdpa_requested']}"
+    ctx = ctx_label(int(row["ctx"]))
+    head = f"{row['model']} {row['cache']} ctx={ctx} batch={row['batch']} sdpa={row['sdpa_requested']}"
     if skipped:
         return f"[skip] {head}: already in the sweep folder (config {row['config_hash']}; force=true reruns it)"
     if row.get("status") != "ok":
