@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bench import measure
+from bench import measure, nvml_sampler
+from bench.nvml_sampler import NvmlSampler
 from bench.spec import JobSpec
 from model.attention import UnsupportedBackend
 from model.config import Config
@@ -107,11 +108,12 @@ def _prefill(model: GPT, ids: torch.Tensor, chunk: int, bar_desc: str | None) ->
     return _argmax(model.lm_head(hidden[:, -1]))
 
 
-def _used(model: GPT) -> str:
-    seen = sorted(set().union(*(c.backends_seen for c in model.kv_caches)))
+def _used(model: GPT) -> set[str]:
+    """Attention backends that ran since the last call, over all layers."""
+    seen = set().union(*(c.backends_seen for c in model.kv_caches))
     for c in model.kv_caches:
         c.backends_seen.clear()
-    return "+".join(seen)
+    return seen
 
 
 @torch.inference_mode()
@@ -119,6 +121,10 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     row["threads"] = torch.get_num_threads()
+    nvml_baseline = None
+    if device.type == "cuda":
+        row["driver_version"] = nvml_sampler.driver_version()
+        nvml_baseline = nvml_sampler.device_used(device.index or 0)  # the level before the run
     torch.manual_seed(spec.seed)
     model = build_model(spec, device)
     cfg = model.config
@@ -145,12 +151,12 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
         warm = min(spec.ctx, spec.prefill_chunk)
         decode(_prefill(model, ids[:, :warm], spec.prefill_chunk, None), warm, 2, [], None)
 
+    for c in model.kv_caches:  # the warm-up's backends are not the measured phases'
+        c.backends_seen.clear()
     nvml = None
     if device.type == "cuda" and spec.nvml_period_ms > 0:
-        nvml = measure.NvmlSampler(device.index or 0, period_s=spec.nvml_period_ms / 1e3)
-        row["driver_version"] = nvml.driver_version()
         torch.cuda.synchronize(device)
-        nvml.start()
+        nvml = NvmlSampler(device.index or 0, spec.nvml_period_ms / 1e3, baseline_used=nvml_baseline).start()
     rss_resettable = measure.reset_peak_rss()
     prefill_s: list[float] = []
     step_s: list[float] = []
@@ -162,11 +168,11 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
             with measure.CudaPeaks(device) as p, measure.timed(device, prefill_s):
                 token = _prefill(model, ids, spec.prefill_chunk, label and f"prefill {label}")
             peaks["prefill"] = [max(peaks["prefill"][0], p.allocated or 0), max(peaks["prefill"][1], p.reserved or 0)]
-            prefill_backends.add(_used(model))
+            prefill_backends |= _used(model)
             with measure.CudaPeaks(device) as p:
                 decode(token, spec.ctx, spec.new_tokens, step_s, label and f"decode {label}")
             peaks["decode"] = [max(peaks["decode"][0], p.allocated or 0), max(peaks["decode"][1], p.reserved or 0)]
-            decode_backends.add(_used(model))
+            decode_backends |= _used(model)
     finally:
         if nvml is not None:
             row["peak_nvml_bytes"] = nvml.stop()

@@ -5,15 +5,13 @@
 * `peak_rss` (CPU): the process's peak resident set (VmHWM), reset before each phase through
   /proc/self/clear_refs. Includes the allocator's pools, the Python heap and libraries.
 * `CudaPeaks` (GPU): torch's max_memory_allocated / max_memory_reserved, reset per phase.
-* `NvmlSampler` (GPU): a thread that reads NVML every `period_s` (default 2 ms): this process's memory where NVML
-  reports it, else device used minus the level before the run. This is what nvidia-smi shows: it includes the
-  CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's reserve.
+* `bench.nvml_sampler.NvmlSampler` (GPU): a separate process reading NVML every 2 ms: this process's memory where
+  NVML reports it, else device used minus the level before the run. This is what nvidia-smi shows: it includes
+  the CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's reserve.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 import weakref
 from contextlib import contextmanager
@@ -140,72 +138,6 @@ class CudaPeaks:
             torch.cuda.synchronize(self.device)
             self.allocated = torch.cuda.max_memory_allocated(self.device)
             self.reserved = torch.cuda.max_memory_reserved(self.device)
-
-
-class NvmlSampler:
-    """Background thread sampling this process's GPU memory through NVML every `period_s`; tracks the peak.
-
-    `start()` records the device's used memory first, so that where NVML cannot attribute memory to processes
-    (containers without a PID namespace view) the figure is device used minus that level."""
-
-    def __init__(self, device_index: int = 0, period_s: float = 0.002) -> None:
-        import pynvml
-
-        self.nvml = pynvml
-        pynvml.nvmlInit()
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        self.period_s = period_s
-        self.pid = os.getpid()
-        self.peak = 0
-        self.samples = 0
-        self.source = "process"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.baseline_used = 0
-
-    def _process_bytes(self) -> int | None:
-        try:
-            procs = self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
-        except self.nvml.NVMLError:
-            return None
-        for p in procs:
-            if p.pid == self.pid and p.usedGpuMemory is not None:
-                return int(p.usedGpuMemory)
-        return None
-
-    def read(self) -> int:
-        value = self._process_bytes() if self.source == "process" else None
-        if value is None:
-            self.source = "device_minus_baseline"
-            value = int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used) - self.baseline_used
-        return value
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.read())
-            self.samples += 1
-            self._stop.wait(self.period_s)
-
-    def start(self, baseline_used: int | None = None) -> NvmlSampler:
-        self.baseline_used = (
-            baseline_used if baseline_used is not None else int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
-        )
-        self.peak = 0
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> int:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, self.read())
-        return self.peak
-
-    def driver_version(self) -> str:
-        v = self.nvml.nvmlSystemGetDriverVersion()
-        return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def device_name(device: torch.device) -> str:
