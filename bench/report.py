@@ -3,6 +3,7 @@ Reads rows only (pandas), no torch."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -36,9 +37,19 @@ def ctx_label(ctx: int) -> str:
     return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
 
 
+def cache_label(row) -> str:
+    """`h2o`, or `h2o/int8` when the cache runs on a quantized buffer."""
+    try:
+        kwargs = json.loads(row["cache_kwargs"]) if isinstance(row["cache_kwargs"], str) else {}
+    except (KeyError, ValueError):
+        kwargs = {}
+    buffer = kwargs.get("buffer", "float")
+    return row["cache"] if buffer == "float" else f"{row['cache']}/{buffer}"
+
+
 def summary_line(row: dict, skipped: bool = False) -> str:
     ctx = ctx_label(int(row["ctx"]))
-    head = f"{row['model']} {row['cache']} ctx={ctx} batch={row['batch']} sdpa={row['sdpa_requested']}"
+    head = f"{row['model']} {cache_label(row)} ctx={ctx} batch={row['batch']} sdpa={row['sdpa_requested']}"
     if skipped:
         return f"[skip] {head}: already in the sweep folder (config {row['config_hash']}; force=true reruns it)"
     if row.get("status") != "ok":
@@ -69,10 +80,12 @@ def comparison_table(df: pd.DataFrame) -> str:
             if pd.notna(r["cache_bytes"]) and pd.notna(r["kv_bytes_dense"]) and r["kv_bytes_dense"]
             else "-"
         )
-        lines.append([r["model"], r["cache"], ctx_label(int(r["ctx"])), str(r["batch"]), str(r["sdpa_used"] if pd.notna(
-            r["sdpa_used"]) else r["sdpa_requested"]), r["status"], _fmt(r["prefill_s"], ".3f"),
-            _fmt(r["decode_tok_s"], ".1f"), _fmt(r["decode_ms_p50"], ".2f"), human_bytes(r["peak_alloc_bytes"]),
-            human_bytes(peak_other), human_bytes(r["cache_bytes"]), ratio])  # fmt: skip
+        sdpa = str(r["sdpa_used"] if pd.notna(r["sdpa_used"]) else r["sdpa_requested"])
+        lines.append(
+            [r["model"], cache_label(r), ctx_label(int(r["ctx"])), str(r["batch"]), sdpa, r["status"],
+             _fmt(r["prefill_s"], ".3f"), _fmt(r["decode_tok_s"], ".1f"), _fmt(r["decode_ms_p50"], ".2f"),
+             human_bytes(r["peak_alloc_bytes"]), human_bytes(peak_other), human_bytes(r["cache_bytes"]), ratio]
+        )  # fmt: skip
     widths = [max(len(h), *(len(str(line[i])) for line in lines)) for i, h in enumerate(TABLE_COLUMNS)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 6 else f"{{:>{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*TABLE_COLUMNS), fmt.format(*("-" * w for w in widths))]

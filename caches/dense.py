@@ -1,4 +1,6 @@
-"""`dense`: every token is kept, in slot order (slot i holds position i). The baseline every cache is judged by."""
+"""`dense`: every token is kept, in slot order (slot i holds position i). The baseline every cache is judged by.
+Runs on any buffer (`buffer="int8"` stores quantized K/V; a prefill attends its own tokens at full precision,
+everything read back from the cache is dequantized)."""
 
 from __future__ import annotations
 
@@ -6,19 +8,15 @@ import torch
 from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams, register
+from caches.buffers import buffer_nbytes, make_buffer
 from model.attention import Visibility
 
 
 @register("dense")
 class DenseCache(KVCache):
-    def __init__(self, params: KVCacheParams) -> None:
+    def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:
         super().__init__(params)
-        self.register_buffer(
-            "k", torch.zeros(params.kv_shape, device=params.device, dtype=params.dtype), persistent=False
-        )
-        self.register_buffer(
-            "v", torch.zeros(params.kv_shape, device=params.device, dtype=params.dtype), persistent=False
-        )
+        self.buf = make_buffer(params, buffer, group_size)
 
     @property
     def max_prefill_length(self) -> int:
@@ -34,8 +32,7 @@ class DenseCache(KVCache):
     def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         B, _, T, _ = key.shape
         self._check_room(T)
-        self.k[:B, :, :T] = key
-        self.v[:B, :, :T] = value
+        self.buf.write_range(B, 0, key, value)
         # Causal attention among the new tokens: is_causal, no mask.
         return self._attend(query, key, value, Visibility(q_start=0))
 
@@ -43,17 +40,16 @@ class DenseCache(KVCache):
         B, _, T, _ = key.shape
         end = input_pos + T
         self._check_room(end)
-        self.k[:B, :, input_pos:end] = key
-        self.v[:B, :, input_pos:end] = value
+        self.buf.write_range(B, input_pos, key, value)
+        k, v = self.buf.read(B, end)  # (B, G, end, hs)
         # A decode step sees every key (no mask); a chunk builds its own (T, end) causal slice.
-        return self._attend(query, self.k[:B, :, :end], self.v[:B, :, :end], Visibility(q_start=input_pos))
+        return self._attend(query, k, v, Visibility(q_start=input_pos))
 
     def token_positions(self) -> Tensor:
         n = self.next_token_pos or 0
-        positions = torch.arange(n, device=self.k.device)
+        positions = torch.arange(n, device=self.params.device)
         return positions.expand(self.batch_size or self.params.batch_size, self.params.n_query_groups, n)
 
     @classmethod
-    def size_estimate_apriori(cls, params: KVCacheParams) -> int:
-        B, G, L, hs = params.kv_shape
-        return 2 * B * G * L * hs * params.itemsize
+    def size_estimate_apriori(cls, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> int:
+        return buffer_nbytes(params, buffer, group_size)

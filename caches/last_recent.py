@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams, register
+from caches.buffers import buffer_nbytes, make_buffer
 from model.attention import Visibility
 
 
@@ -26,18 +27,18 @@ from model.attention import Visibility
 class LastRecentCache(KVCache):
     query_block: int = 1024  # query rows per attention call when a chunk must be masked
 
-    def __init__(self, params: KVCacheParams, sink_tokens: int = 0) -> None:
+    def __init__(
+        self, params: KVCacheParams, sink_tokens: int = 0, buffer: str = "float", group_size: int = 32
+    ) -> None:
         super().__init__(params)
         if not 0 <= sink_tokens < params.cache_length:
             raise ValueError(f"sink_tokens must be in [0, cache_length={params.cache_length}), got {sink_tokens}")
         self.sink_tokens = sink_tokens
         self.window = params.cache_length - sink_tokens
-        dev, dt = params.device, params.dtype
-        self.register_buffer("k", torch.zeros(params.kv_shape, device=dev, dtype=dt), persistent=False)
-        self.register_buffer("v", torch.zeros(params.kv_shape, device=dev, dtype=dt), persistent=False)
+        self.buf = make_buffer(params, buffer, group_size)
         # Token position held by each slot (-1: empty); the same for every sequence and head.
         self.register_buffer(
-            "pos", torch.full((params.cache_length,), -1, device=dev, dtype=torch.long), persistent=False
+            "pos", torch.full((params.cache_length,), -1, device=params.device, dtype=torch.long), persistent=False
         )
 
     def _slot(self, position: int) -> int:
@@ -56,27 +57,26 @@ class LastRecentCache(KVCache):
     def _decode(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
         B = key.shape[0]
         slot = self._slot(input_pos)
-        self.k[:B, :, slot] = key[:, :, 0]
-        self.v[:B, :, slot] = value[:, :, 0]
+        self.buf.write_range(B, slot, key, value)
         self.pos[slot] = input_pos
-        n = min(input_pos + 1, self.cache_length)
+        k, v = self.buf.read(B, min(input_pos + 1, self.cache_length))  # (B, G, n, hs)
         vis = Visibility(q_start=input_pos, all_visible=True)  # the buffer now holds exactly what q may see
-        return self._attend(query, self.k[:B, :, :n], self.v[:B, :, :n], vis)
+        return self._attend(query, k, v, vis)
 
     def _chunk(self, query: Tensor, key: Tensor, value: Tensor, p: int) -> Tensor:
         B, _, T, _ = key.shape
         L, s, W = self.cache_length, self.sink_tokens, self.window
         if p + T <= L:
             # Nothing is evicted: slots == positions, plain causal attention (is_causal at p == 0).
-            self.k[:B, :, p : p + T] = key
-            self.v[:B, :, p : p + T] = value
+            self.buf.write_range(B, p, key, value)
             self.pos[p : p + T] = torch.arange(p, p + T, device=self.pos.device)
             if p == 0:
                 return self._attend(query, key, value, Visibility(q_start=0))
-            return self._attend(query, self.k[:B, :, : p + T], self.v[:B, :, : p + T], Visibility(q_start=p))
+            k, v = self.buf.read(B, p + T)  # (B, G, p + T, hs)
+            return self._attend(query, k, v, Visibility(q_start=p))
         out = torch.empty_like(query)  # (B, n_head, T, hs)
         n_old = min(p, L)
-        old_k, old_v, old_pos = self.k[:B, :, :n_old], self.v[:B, :, :n_old], self.pos[:n_old]
+        (old_k, old_v), old_pos = self.buf.read(B, n_old), self.pos[:n_old]
         new_sinks = max(0, min(s - p, T))  # new tokens that are sinks (only when the chunk starts before s)
         for i0 in range(0, T, self.query_block):
             i1 = min(T, i0 + self.query_block)
@@ -92,8 +92,7 @@ class LastRecentCache(KVCache):
         keep = list(range(p, p + new_sinks)) + list(range(max(s, p, p + T - W), p + T))
         positions = torch.tensor(keep, device=key.device)
         slots = torch.tensor([self._slot(q) for q in keep], device=key.device)
-        self.k[:B].index_copy_(2, slots, key.index_select(2, positions - p))
-        self.v[:B].index_copy_(2, slots, value.index_select(2, positions - p))
+        self.buf.write_slots(B, slots, key.index_select(2, positions - p), value.index_select(2, positions - p))
         self.pos.index_copy_(0, slots, positions)
         return out
 
@@ -102,6 +101,7 @@ class LastRecentCache(KVCache):
         return self.pos[:n].expand(self.batch_size or self.params.batch_size, self.params.n_query_groups, n)
 
     @classmethod
-    def size_estimate_apriori(cls, params: KVCacheParams, sink_tokens: int = 0) -> int:
-        B, G, L, hs = params.kv_shape
-        return 2 * B * G * L * hs * params.itemsize + L * 8  # K, V and the int64 slot positions
+    def size_estimate_apriori(
+        cls, params: KVCacheParams, sink_tokens: int = 0, buffer: str = "float", group_size: int = 32
+    ) -> int:
+        return buffer_nbytes(params, buffer, group_size) + params.cache_length * 8  # K/V and int64 slot positions

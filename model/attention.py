@@ -217,32 +217,64 @@ def eager_attention(
     need_weights: bool = False,
     window: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Grouped attention in query blocks: K/V are never expanded and at most a (block, S) slice of scores per
-    query head exists at a time. Returns (output (B, n_head, T, hs), summed weights (B, G, S) or None)."""
+    """Grouped attention over one key set. Returns (output (B, n_head, T, hs), summed weights (B, G, S) or None)."""
+    out, weights = grouped_attention(query, [(key, value, vis)], opts, 0 if need_weights else None, window)
+    return out, None if weights is None else weights[0]
+
+
+def grouped_attention(
+    query: Tensor,
+    segments: list[tuple[Tensor, Tensor, Visibility]],
+    opts: AttentionOptions,
+    weights_from: int | None = None,
+    window: int | None = None,
+) -> tuple[Tensor, list[Tensor] | None]:
+    """Eager grouped attention in query blocks over one or more key segments (say, a cache's buffer and the
+    call's own new tokens), with one softmax over all of them. K/V are never expanded or concatenated; at most a
+    (block, S) slice of scores per query head exists at a time.
+
+    query (B, n_head, T, hs); each segment: key, value (B, G, S_i, hs) and the Visibility of its keys.
+    weights_from: if set, also return, per segment, the softmax weights (B, G, S_i) in float32 summed over the
+    queries t >= weights_from of this call and over the heads of each KV group.
+    """
     B, n_head, T, hs = query.shape
-    n_groups, S = key.shape[1], key.shape[2]
+    n_groups = segments[0][0].shape[1]
     q_per_kv = n_head // n_groups
     scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(hs)
     q5 = query.view(B, n_groups, q_per_kv, T, hs)  # (B, G, q_per_kv, T, hs)
-    k_t = key.transpose(-1, -2)  # (B, G, hs, S)
+    sizes = [k.shape[2] for k, _, _ in segments]
     out = torch.empty_like(q5)  # (B, G, q_per_kv, T, hs)
-    weights = torch.zeros(B, n_groups, S, dtype=torch.float32, device=query.device) if need_weights else None
+    weights = None
+    if weights_from is not None:
+        weights = torch.zeros(B, n_groups, sum(sizes), dtype=torch.float32, device=query.device)
     block = max(1, opts.block_size)
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         tb = t1 - t0
         q_blk = q5[:, :, :, t0:t1].reshape(B, n_groups, q_per_kv * tb, hs)  # (B, G, q_per_kv * tb, hs)
-        scores = torch.matmul(q_blk, k_t).mul_(scale)  # (B, G, q_per_kv * tb, S)
-        if opts.softcap is not None:
-            scores = torch.tanh(scores / opts.softcap) * opts.softcap
-        scores = scores.view(B, n_groups, q_per_kv, tb, S)  # (B, G, q_per_kv, tb, S)
-        mask = _mask_rows(vis, t0, t1, S, query.device, window)
-        if mask is not None:
-            mask = mask if mask.dim() == 2 else mask.unsqueeze(2)  # (tb, S) or (B, G, 1, tb, S)
-            scores = scores.masked_fill(~mask, float("-inf"))
+        parts = []
+        for key, _, vis in segments:
+            scores = torch.matmul(q_blk, key.transpose(-1, -2)).mul_(scale)  # (B, G, q_per_kv * tb, S_i)
+            if opts.softcap is not None:
+                scores = torch.tanh(scores / opts.softcap) * opts.softcap
+            scores = scores.view(B, n_groups, q_per_kv, tb, key.shape[2])  # (B, G, q_per_kv, tb, S_i)
+            mask = _mask_rows(vis, t0, t1, key.shape[2], query.device, _effective_window(vis.window, window))
+            if mask is not None:
+                mask = mask if mask.dim() == 2 else mask.unsqueeze(2)  # (tb, S_i) or (B, G, 1, tb, S_i)
+                scores = scores.masked_fill(~mask, float("-inf"))
+            parts.append(scores)
+        scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (B, G, q_per_kv, tb, S)
         probs = torch.softmax(scores.float(), dim=-1)  # (B, G, q_per_kv, tb, S)
-        if weights is not None:
-            weights += probs.sum(dim=(2, 3))
-        probs = probs.to(value.dtype).view(B, n_groups, q_per_kv * tb, S)  # (B, G, q_per_kv * tb, S)
-        out[:, :, :, t0:t1] = torch.matmul(probs, value).view(B, n_groups, q_per_kv, tb, hs)
+        if weights is not None and t1 > weights_from:
+            weights += probs[:, :, :, max(0, weights_from - t0) :].sum(dim=(2, 3))
+        probs = probs.to(query.dtype)
+        acc, offset = None, 0
+        for (_, value, _), size in zip(segments, sizes):
+            p_seg = probs[..., offset : offset + size].reshape(B, n_groups, q_per_kv * tb, size)
+            o = torch.matmul(p_seg, value)  # (B, G, q_per_kv * tb, hs)
+            acc = o if acc is None else acc.add_(o)
+            offset += size
+        out[:, :, :, t0:t1] = acc.view(B, n_groups, q_per_kv, tb, hs)
+    if weights is not None:
+        weights = list(weights.split(sizes, dim=-1))
     return out.view(B, n_head, T, hs), weights

@@ -100,7 +100,7 @@ def test_failures_are_rows_and_the_sweep_goes_on(tmp_path):
 
 
 BAD = {
-    "cache=lru": "cache='lru' is not valid; valid choices: dense, last_recent",
+    "cache=lru": "cache='lru' is not valid; valid choices: dense, h2o, last_recent, qh2o, snapkv, tova",
     "model=gpt-9": "model='gpt-9' is not valid; valid choices: auto, tiny, smollm2-135m",
     "ctx=abc": "ctx='abc' is not a context length",
     "batch=0": "batch=0 is not valid; it must be an integer >= 1",

@@ -1,0 +1,183 @@
+"""Score-based eviction on fixed buffers: the machinery shared by h2o, qh2o, tova and snapkv.
+
+Each sequence and KV head has `cache_length` slots; a slot holds a token's K/V (in any buffer, see
+caches/buffers.py), its position and its score. Every call (prefill, chunk or decode step) of T tokens at
+position p does the same:
+
+1. Attend: the T queries see the tokens in the buffer and the call's own tokens (causally), through the eager
+   grouped path with two key segments, so neither K/V nor the buffer grows. The call's own tokens are attended
+   at full precision; tokens read from the buffer are dequantized. The softmax weights the policy asks for come
+   out of the same pass.
+2. Score: the policy turns the weights into a score for every candidate (buffered and new tokens).
+3. Select: if the candidates do not fit, the lowest-ranked ones are evicted (ties: the older token), protected
+   ones last; surviving new tokens are written into the freed slots. Decisions are per sequence and KV head.
+
+A prefill longer than the buffer is the same step with an empty buffer: the whole prompt is attended in query
+blocks, then the best `cache_length` tokens are kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from caches.base import KVCache, KVCacheParams
+from caches.buffers import buffer_nbytes, make_buffer
+from model.attention import Visibility, grouped_attention
+
+INF = float("inf")
+
+
+class ScoredCache(KVCache):
+    requires_attn_weights = True
+    uses_quant_error = False  # qh2o: also keep each token's K+V quantization error
+    default_buffer = "float"
+
+    def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:
+        super().__init__(params)
+        B, G, L = params.batch_size, params.n_query_groups, params.cache_length
+        self.buf = make_buffer(params, buffer, group_size)
+        self.register_buffer("pos", torch.full((B, G, L), -1, device=params.device, dtype=torch.long),
+                             persistent=False)  # fmt: skip
+        self.register_buffer("score", torch.zeros(B, G, L, device=params.device, dtype=torch.float32),
+                             persistent=False)  # fmt: skip
+        if self.uses_quant_error:
+            self.register_buffer("qerr", torch.zeros(B, G, L, device=params.device, dtype=torch.float32),
+                                 persistent=False)  # fmt: skip
+        self.n_filled = 0  # filled slots (a prefix), the same for every sequence and head
+
+    # ---- the policy ----------------------------------------------------------------------------------------------
+
+    def weights_from(self, T: int) -> int | None:
+        """First query of the call whose attention weights the policy needs (None: none)."""
+        return 0
+
+    def candidate_scores(self, old: Tensor, w_old: Tensor | None, w_new: Tensor | None, T: int) -> Tensor:
+        """Scores after this call: old (B, G, n) stored scores; w_old (B, G, n), w_new (B, G, T) weights."""
+        raise NotImplementedError
+
+    def rank(self, scores: Tensor, cand_pos: Tensor, cand_err: Tensor | None, end: int) -> Tensor:
+        """Ranking key (low is evicted first); `end` = position after the call's last token."""
+        return scores
+
+    def protected(self, cand_pos: Tensor, end: int, T: int) -> Tensor | None:
+        """Candidates that are evicted only when nothing else is left (bool, like cand_pos)."""
+        return None
+
+    # ---- the machinery -----------------------------------------------------------------------------------------
+
+    def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        self.pos.fill_(-1)
+        self.score.zero_()
+        self.n_filled = 0
+        return self._step(query, key, value, 0)
+
+    def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
+        return self._step(query, key, value, input_pos)
+
+    def _step(self, query: Tensor, key: Tensor, value: Tensor, p: int) -> Tensor:
+        B, G, T, _ = key.shape
+        n, L = self.n_filled, self.cache_length
+        new_pos = torch.arange(p, p + T, device=key.device) if T > 1 else None  # a decode step needs no mask
+        segments = []
+        if n:
+            old_k, old_v = self.buf.read(B, n)  # (B, G, n, hs)
+            segments.append((old_k, old_v, Visibility(q_start=p, k_pos=self.pos[:B, :, :n], all_visible=True)))
+        segments.append((key, value, Visibility(q_start=p, k_pos=new_pos, all_visible=T == 1)))
+        w_from = self.weights_from(T)
+        out, weights = grouped_attention(query, segments, self.attn_opts, w_from)
+        self.last_backend = "eager"
+        self.backends_seen.add("eager")
+        w_old = weights[0] if weights is not None and n else None
+        w_new = weights[-1] if weights is not None else None
+        cand_score = self.candidate_scores(self.score[:B, :, :n], w_old, w_new, T)  # (B, G, n + T)
+        new_err = self.buf.error(key, value) if self.uses_quant_error else None  # (B, G, T)
+        if n + T <= L:
+            self.buf.write_range(B, n, key, value)
+            self.pos[:B, :, n : n + T] = p if new_pos is None else new_pos
+            self.score[:B, :, : n + T] = cand_score
+            if new_err is not None:
+                self.qerr[:B, :, n : n + T] = new_err
+            self.n_filled = n + T
+            return out
+        if T == 1:
+            self._select_one(key, value, p, cand_score, new_err)
+        else:
+            self._select(key, value, p, cand_score, new_err)
+        return out
+
+    def _select_one(self, key: Tensor, value: Tensor, p: int, cand_score: Tensor, new_err: Tensor | None) -> None:
+        """A decode step on a full buffer: exactly one of the L + 1 candidates goes. Same rule as `_select`, with
+        reductions instead of sorts and masked scatters instead of data-dependent indexing (no host sync)."""
+        B, G = key.shape[:2]
+        n = self.n_filled
+        cand_pos = torch.cat([self.pos[:B, :, :n], torch.full((B, G, 1), p, device=key.device)], dim=-1)
+        cand_err = None if new_err is None else torch.cat([self.qerr[:B, :, :n], new_err], dim=-1)
+        rank = self.rank(cand_score, cand_pos, cand_err, p + 1)
+        prot = self.protected(cand_pos, p + 1, 1)
+        if prot is not None:
+            rank = rank.masked_fill(prot, INF)
+        lowest = rank == rank.amin(dim=-1, keepdim=True)  # (B, G, n + 1)
+        drop = cand_pos.masked_fill(~lowest, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # oldest
+        keep_new = drop != n  # (B, G, 1): the new token survives and takes the dropped token's slot
+        slot = drop.clamp(max=n - 1)
+        self.score[:B, :, :n] = cand_score[..., :n]
+        self.buf.put_where(B, slot, keep_new, key, value)
+        updates = [(self.pos, cand_pos[..., n:]), (self.score, cand_score[..., n:])]
+        if new_err is not None:
+            updates.append((self.qerr, new_err))
+        for store, new in updates:
+            view = store[:B]
+            view.scatter_(2, slot, torch.where(keep_new, new, view.gather(2, slot)))
+
+    def _select(self, key: Tensor, value: Tensor, p: int, cand_score: Tensor, new_err: Tensor | None) -> None:
+        B, G, T, _ = key.shape
+        n, L = self.n_filled, self.cache_length
+        new_pos = torch.arange(p, p + T, device=key.device).expand(B, G, T)
+        cand_pos = torch.cat([self.pos[:B, :, :n], new_pos], dim=-1)  # (B, G, n + T)
+        cand_err = None if new_err is None else torch.cat([self.qerr[:B, :, :n], new_err], dim=-1)
+        rank = self.rank(cand_score, cand_pos, cand_err, p + T)
+        prot = self.protected(cand_pos, p + T, T)
+        if prot is not None:
+            rank = rank.masked_fill(prot, INF)
+        # The n + T - L lowest ranks go; ties go to the older token: sort by position, then stably by rank.
+        by_pos = torch.argsort(cand_pos, dim=-1, stable=True)
+        by_rank = torch.argsort(rank.gather(-1, by_pos), dim=-1, stable=True)
+        drop = by_pos.gather(-1, by_rank[..., : n + T - L])  # (B, G, n + T - L) candidate indices
+        keep = torch.ones_like(cand_pos, dtype=torch.bool).scatter_(-1, drop, False)
+        free = torch.ones(B, G, L, dtype=torch.bool, device=key.device)
+        free[..., :n] = ~keep[..., :n]  # evicted old tokens; slots n .. L-1 were empty
+        # Per (b, g) as many free slots as surviving new tokens; nonzero lists both in (b, g) order.
+        fb, fg, fs = free.nonzero(as_tuple=True)
+        nb, ng, nt = keep[..., n:].nonzero(as_tuple=True)
+        self.score[:B, :, :n] = cand_score[..., :n]
+        if len(fs):
+            self.buf.put(fb, fg, fs, key[nb, ng, nt], value[nb, ng, nt])
+            self.pos[fb, fg, fs] = nt + p
+            self.score[fb, fg, fs] = cand_score[nb, ng, nt + n]
+            if new_err is not None:
+                self.qerr[fb, fg, fs] = new_err[nb, ng, nt]
+        self.n_filled = L
+
+    def token_positions(self) -> Tensor:
+        return self.pos[: self.batch_size or self.params.batch_size, :, : self.n_filled]
+
+    def reset(self) -> None:
+        super().reset()
+        self.n_filled = 0
+
+    @classmethod
+    def size_estimate_apriori(
+        cls, params: KVCacheParams, buffer: str | None = None, group_size: int = 32, **policy_kwargs
+    ) -> int:
+        buffer = buffer or cls.default_buffer
+        B, G, L = params.batch_size, params.n_query_groups, params.cache_length
+        per_slot = 8 + 4 + (4 if cls.uses_quant_error else 0)  # int64 position, float32 score (+ float32 error)
+        return buffer_nbytes(params, buffer, group_size) + B * G * L * per_slot
+
+
+def minmax(x: Tensor) -> Tensor:
+    """Min-max normalise along the last dimension to [0, 1] (0 where all values are equal)."""
+    lo = x.amin(dim=-1, keepdim=True)
+    span = x.amax(dim=-1, keepdim=True) - lo
+    return torch.where(span > 0, (x - lo) / span.clamp_min(1e-30), torch.zeros_like(x))
