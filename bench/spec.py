@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from caches import cache_class, cache_names
+from caches import KVCacheParams, cache_class, cache_names
 from model.attention import BACKENDS
 from model.config import CONFIGS
 from model.load import PRETRAINED
@@ -170,6 +170,11 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
             raise ConfigError(f"cache {name!r} needs cache.budget: a fraction of ctx in (0, 1] or a token count")
         cache_budget = resolve_budget(budget, ctx)
         cache_length = cache_budget + int(cache_cfg.get("sink_tokens", 0) or 0)  # sinks come on top of the window
+    try:  # the cache checks its own knobs: build one on the meta device (allocates nothing)
+        probe = KVCacheParams(1, 1, 1, CONFIGS[model].head_size, cache_length, torch.device("meta"), torch.float32)
+        cls(probe, **cache_cfg)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"cache {name!r}: {err}") from None
     threads = get("threads")
     if threads is not None:
         _positive("threads", threads)
