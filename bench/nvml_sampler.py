@@ -4,8 +4,9 @@ A process, not a thread: a sampler thread shares the GIL with a Python-heavy dec
 decode step by 6% (8.44 -> 8.96 ms, results/baselines/h200/nvml_overhead). This module imports no torch, so the
 spawned child starts in a fraction of a second.
 
-The figure is this process's memory where NVML reports it per process (`source="process"`), else the device's
-used memory minus its level when sampling started (`source="device_minus_baseline"`).
+The figure is this process's memory where NVML reports it per process (`source="process"`): device used minus
+what the other processes hold, the latter re-read every 0.25 s; else the device's used memory minus its level
+before the run (`source="device_minus_baseline"`).
 """
 
 from __future__ import annotations
@@ -26,18 +27,31 @@ def _used_by(nvml, handle, pid: int) -> int | None:
 
 
 def _loop(pid: int, index: int, period_s: float, baseline: int | None, ready, stop, result) -> None:
+    """Fast samples read only the device's used memory (a cheap NVML call). This process's share is that minus
+    what the other processes use, re-read from NVML's process list every `refresh_s` (listing processes is the
+    expensive call, and the one that can stall the driver)."""
+    import time
+
     import pynvml as nvml
 
     nvml.nvmlInit()
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    used = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
     if baseline is None:
-        baseline = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+        baseline = used
+    refresh_s, refreshed = 0.25, 0.0
+    others = None  # bytes used by other processes (None: NVML cannot attribute memory to this process)
     source, peak, samples = "process", 0, 0
     while True:
-        value = _used_by(nvml, handle, pid) if source == "process" else None
-        if value is None:
-            source = "device_minus_baseline"
-            value = int(nvml.nvmlDeviceGetMemoryInfo(handle).used) - baseline
+        used = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+        now = time.monotonic()
+        if source == "process" and now - refreshed >= refresh_s:
+            mine = _used_by(nvml, handle, pid)
+            if mine is None:
+                source = "device_minus_baseline"
+            else:
+                others, refreshed = used - mine, now
+        value = used - others if source == "process" else used - baseline
         peak, samples = max(peak, value), samples + 1
         if samples == 1:
             ready.set()

@@ -22,7 +22,7 @@ FAKE = textwrap.dedent("""
     def nvmlInit(): pass
     def nvmlShutdown(): pass
     def nvmlDeviceGetHandleByIndex(i): return i
-    def nvmlDeviceGetMemoryInfo(h): return SimpleNamespace(used=1000 + _read())
+    def nvmlDeviceGetMemoryInfo(h): return SimpleNamespace(used=1000 + _read())  # another process holds 1000
     def nvmlDeviceGetComputeRunningProcesses(h):
         if os.environ.get("FAKE_NVML_NO_PROCS"):
             return []
