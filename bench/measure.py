@@ -5,7 +5,7 @@
 * `peak_rss` (CPU): the process's peak resident set (VmHWM), reset before each phase through
   /proc/self/clear_refs. Includes the allocator's pools, the Python heap and libraries.
 * `CudaPeaks` (GPU): torch's max_memory_allocated / max_memory_reserved, reset per phase.
-* `bench.nvml_sampler.NvmlSampler` (GPU): a separate process reading NVML every 2 ms: this process's memory where
+* `bench.nvml_sampler.NvmlSampler` (GPU): a separate process reading NVML every 5 ms: this process's memory where
   NVML reports it, else device used minus the level before the run. This is what nvidia-smi shows: it includes
   the CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's reserve.
 """

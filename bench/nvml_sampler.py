@@ -1,8 +1,9 @@
 """GPU memory as nvidia-smi sees it, sampled every `period_s` by a separate process.
 
-A process, not a thread: a sampler thread shares the GIL with a Python-heavy decode loop and slowed an H200
-decode step by 6% (8.44 -> 8.96 ms, results/baselines/h200/nvml_overhead). This module imports no torch, so the
-spawned child starts in a fraction of a second.
+What sampling costs a decode step (Llama-3.2-1B shape, H200, results/baselines/h200/README.md): a thread at 2 ms
++6%; this process at 2 ms +6% (4 seeds); at 5 ms (the harness's default) and 20 ms nothing measurable against
+the run-to-run spread of about 5%. A process rather than a thread keeps the sampler off the GIL; this module
+imports no torch, so the spawned child starts in a fraction of a second.
 
 The figure is this process's memory where NVML reports it per process (`source="process"`): device used minus
 what the other processes hold, the latter re-read every 0.25 s; else the device's used memory minus its level
@@ -62,9 +63,9 @@ def _loop(pid: int, index: int, period_s: float, baseline: int | None, ready, st
 
 
 class NvmlSampler:
-    """`s = NvmlSampler(0, 0.002).start(); ...; peak = s.stop()`; then `s.source`, `s.samples`."""
+    """`s = NvmlSampler(0, 0.005).start(); ...; peak = s.stop()`; then `s.source`, `s.samples`."""
 
-    def __init__(self, device_index: int = 0, period_s: float = 0.002, baseline_used: int | None = None) -> None:
+    def __init__(self, device_index: int = 0, period_s: float = 0.005, baseline_used: int | None = None) -> None:
         self.device_index = device_index
         self.period_s = period_s
         self.baseline_used = baseline_used  # device used bytes before the run (default: when sampling starts)
