@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU wheel on this project's machines; on a CUDA machine pip picks the CUDA build of the same version.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup bench test lint
+.PHONY: setup bench test lint smoke regress baseline figures
 
 $(BIN)/.kvbench-installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,3 +27,20 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# CI's regression check: a small sweep compared with the committed baseline (bytes exactly, timings as ratios).
+smoke: setup
+	$(BIN)/python -m bench.run experiment=ci_smoke force=true -m
+
+regress: smoke
+	$(BIN)/python -m bench.regress results/ci_smoke --baseline results/baselines/ci-cpu
+
+# Refresh the committed baseline after an intended change (then commit results/baselines/ci-cpu/).
+baseline: setup
+	rm -rf results/baselines/ci-cpu
+	$(BIN)/python -m bench.run experiment=ci_smoke results_dir=results/baselines sweep=ci-cpu -m
+	rm -rf results/baselines/ci-cpu/hydra
+
+# The README's figures: the default benchmark's results, plotted.
+figures: bench
+	$(BIN)/python -m bench.plot results/default --out docs/figures/cpu

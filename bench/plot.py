@@ -1,0 +1,243 @@
+"""Figures from a results folder: `python -m bench.plot RESULTS_DIR [--out DIR]`.
+
+Reads parquet rows only (pandas + matplotlib, no torch). Every figure function takes a DataFrame from
+`bench.results.load` and returns a matplotlib Figure (None when the rows have nothing to show), so notebooks can
+call them directly:
+
+    memory_time_vs_ctx(df)   per model: peak memory, cache bytes and decode ms/step against ctx, a line per cache
+    throughput_vs_batch(df)  decode tokens/s against batch, a line per cache and ctx
+    backend_matrix(df)       which SDPA backend ran which phase: ok / unsupported / oom / error
+    quality_vs_bytes(df)     each quality column against cache bytes, a marker per cache and budget, Pareto front
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from bench.report import cache_label, ctx_label
+from bench.results import load
+
+MIB = 2**20
+STATUS_CODE = {"ok": 0, "unsupported": 1, "oom": 2, "error": 3}
+STATUS_COLORS = ["#4caf50", "#ffb300", "#e53935", "#757575"]
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    df = df[df["status"] == "ok"].copy()
+    df["cache_label"] = [cache_label(r) for _, r in df.iterrows()]
+    return df
+
+
+def _title(df: pd.DataFrame, what: str) -> str:
+    devices = ", ".join(sorted(set(df["device_name"].dropna().astype(str)))) or "unknown device"
+    models = ", ".join(sorted(set(df["model"].dropna().astype(str))))
+    return f"{what}: {models} on {devices}"
+
+
+def _log_if_wide(ax, values: pd.Series, axis: str = "y") -> None:
+    """Log scale when the positive values span more than a decade."""
+    v = values[values > 0]
+    if len(v) and v.max() / v.min() > 10:
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}")
+        target = ax.yaxis if axis == "y" else ax.xaxis
+        target.set_major_formatter(plain)
+        target.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _ctx_axis(ax, ctxs) -> None:
+    ctxs = sorted(set(int(c) for c in ctxs))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ctxs)
+    ax.set_xticklabels([ctx_label(c) for c in ctxs])
+    ax.set_xlabel("context length (tokens)")
+
+
+def memory_time_vs_ctx(df: pd.DataFrame, model: str | None = None) -> plt.Figure | None:
+    """Three panels against ctx for one model (the first, or `model`): peak memory, cache bytes, decode ms/step."""
+    ok = _ok(df)
+    if ok.empty:
+        return None
+    model = model or sorted(ok["model"].unique())[0]
+    ok = ok[ok["model"] == model]
+    batch = int(ok["batch"].min())
+    ok = ok[ok["batch"] == batch]
+    # One attention setting per line: the most common backend and chunk (a backend sweep is another figure).
+    for col in ("sdpa_requested", "prefill_chunk"):
+        ok = ok[ok[col] == ok[col].mode().iloc[0]]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("peak_alloc_bytes", "peak memory (MiB)", MIB), ("cache_bytes", "cache bytes (MiB)", MIB),
+              ("decode_ms_p50", "decode step, p50 (ms)", 1.0)]  # fmt: skip
+    for ax, (col, label, unit) in zip(axes, panels):
+        for name, group in ok.groupby("cache_label"):
+            group = group.groupby("ctx", as_index=False)[col].median().sort_values("ctx")
+            ax.plot(group["ctx"], group[col] / unit, marker="o", label=name)
+        _ctx_axis(ax, ok["ctx"])
+        _log_if_wide(ax, ok[col] / unit)
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    source = ok["peak_alloc_source"].dropna()
+    if len(source) and (source == "tensor_tracker").all():
+        axes[0].set_ylabel("peak live tensor memory (MiB)")
+    axes[0].legend(title="cache")
+    fig.suptitle(_title(ok, f"Memory and decode time against context (batch {batch})"))
+    fig.tight_layout()
+    return fig
+
+
+def throughput_vs_batch(df: pd.DataFrame) -> plt.Figure | None:
+    ok = _ok(df)
+    if ok.empty or ok["batch"].nunique() < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, ctx), group in ok.groupby(["cache_label", "ctx"]):
+        group = group.groupby("batch", as_index=False)["decode_tok_s"].median().sort_values("batch")
+        ax.plot(group["batch"], group["decode_tok_s"], marker="o", label=f"{name}, ctx {ctx_label(int(ctx))}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ok["batch"].unique()))
+    ax.set_xticklabels([str(b) for b in sorted(ok["batch"].unique())])
+    ax.set_xlabel("batch size (sequences)")
+    ax.set_ylabel("decode throughput (tokens/s)")
+    _log_if_wide(ax, ok["decode_tok_s"])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(_title(ok, "Decode throughput against batch"))
+    fig.tight_layout()
+    return fig
+
+
+def _failed_phase(error: str) -> str:
+    """The phase an UnsupportedBackend message names."""
+    text = str(error)
+    if "T=1" in text or "unmasked" in text:
+        return "decode"
+    if "masked chunk" in text or "T<S" in text:
+        return "chunked prefill"
+    return "prefill"
+
+
+def backend_phase_table(df: pd.DataFrame) -> pd.DataFrame:
+    """sdpa backend x phase -> worst status seen (ok < unsupported < oom < error), with the kernel that ran."""
+    phases = ["prefill", "chunked prefill", "decode"]
+    cells: dict[tuple[str, str], tuple[int, str]] = {}
+
+    def put(backend: str, phase: str, status: str, note: str) -> None:
+        code = STATUS_CODE.get(status, 3)
+        if (backend, phase) not in cells or code > cells[(backend, phase)][0]:
+            cells[(backend, phase)] = (code, note)
+
+    for _, r in df.iterrows():
+        backend = r["sdpa_requested"]
+        prefill_phase = "chunked prefill" if r["prefill_chunk"] < r["ctx"] else "prefill"
+        if r["status"] == "ok":
+            put(backend, prefill_phase, "ok", str(r["sdpa_used_prefill"]))
+            put(backend, "decode", "ok", str(r["sdpa_used_decode"]))
+        elif r["status"] == "unsupported":
+            put(backend, _failed_phase(r["error"]), "unsupported", "no kernel")
+        else:
+            put(backend, prefill_phase, r["status"], f"at ctx {ctx_label(int(r['ctx']))}")
+    backends = [b for b in ["auto", "flash", "efficient", "cudnn", "math", "eager"] if b in set(df["sdpa_requested"])]
+    table = pd.DataFrame(index=backends, columns=phases, dtype=object)
+    for (b, p), value in cells.items():
+        table.loc[b, p] = value
+    return table
+
+
+def backend_matrix(df: pd.DataFrame) -> plt.Figure | None:
+    if df.empty or df["sdpa_requested"].nunique() < 2:
+        return None
+    table = backend_phase_table(df)
+    codes = np.array([[np.nan if not isinstance(v, tuple) else v[0] for v in row] for row in table.values])
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(table) + 1.8))
+    cmap = matplotlib.colors.ListedColormap(STATUS_COLORS)
+    ax.imshow(np.ma.masked_invalid(codes), cmap=cmap, vmin=-0.5, vmax=3.5, aspect="auto")
+    for i, row in enumerate(table.values):
+        for j, v in enumerate(row):
+            label = "not run" if not isinstance(v, tuple) else f"{list(STATUS_CODE)[v[0]]}\n{v[1]}"
+            ax.text(j, i, label, ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(table.columns)), table.columns)
+    ax.set_yticks(range(len(table.index)), table.index)
+    ax.set_xlabel("phase")
+    ax.set_ylabel("SDPA backend requested")
+    ax.set_title(_title(df, "Which attention kernel runs which phase"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+QUALITY = {"kl_vs_dense": ("KL(dense || cache), nats/token", "low"), "top1_agree": ("top-1 agreement", "high"),
+           "passkey_acc": ("pass-key accuracy", "high"), "ppl": ("perplexity", "low")}  # fmt: skip
+
+
+def quality_vs_bytes(df: pd.DataFrame) -> plt.Figure | None:
+    ok = _ok(df)
+    cols = [c for c in QUALITY if c in ok and ok[c].notna().any()]
+    if ok.empty or not cols:
+        return None
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.5 * len(cols), 4.2), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        label, better = QUALITY[col]
+        rows = ok[ok[col].notna()]
+        for name, group in rows.groupby("cache_label"):
+            ax.scatter(group["cache_bytes"] / MIB, group[col], label=name)
+        front = rows.sort_values("cache_bytes")
+        best, xs, ys = None, [], []
+        for _, r in front.iterrows():  # Pareto front: fewer bytes and better quality than everything to the left
+            if best is None or (r[col] < best if better == "low" else r[col] > best):
+                best = r[col]
+                xs.append(r["cache_bytes"] / MIB)
+                ys.append(r[col])
+        ax.step(xs, ys, where="post", color="black", alpha=0.5, label="Pareto front")
+        ax.set_xlabel("cache bytes (MiB)")
+        ax.set_ylabel(label)
+        _log_if_wide(ax, rows["cache_bytes"] / MIB, axis="x")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(_title(ok, "Quality against cache memory"))
+    fig.tight_layout()
+    return fig
+
+
+def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
+    """Every figure the rows allow, as PNG files in `out`; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    figures = [(f"memory_time_vs_ctx_{m}", memory_time_vs_ctx(df, m)) for m in sorted(_ok(df)["model"].unique())]
+    figures += [("throughput_vs_batch", throughput_vs_batch(df)), ("backend_matrix", backend_matrix(df)),
+                ("quality_vs_bytes", quality_vs_bytes(df))]  # fmt: skip
+    for name, fig in figures:
+        if fig is not None:
+            path = out / f"{name}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.plot", description="PNG figures from a results folder")
+    ap.add_argument("results", help="a results folder (searched recursively for *.parquet)")
+    ap.add_argument("--out", default=None, help="where the PNGs go (default: RESULTS/figures)")
+    args = ap.parse_args(argv)
+    plt.switch_backend("Agg")  # files, never a window
+    if not Path(args.results).exists():
+        print(f"bench.plot: error: {args.results} does not exist", file=sys.stderr)
+        return 2
+    df = load(args.results)
+    if df.empty:
+        print(f"bench.plot: error: no result rows under {args.results}", file=sys.stderr)
+        return 2
+    for path in save_all(df, args.out or Path(args.results) / "figures"):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

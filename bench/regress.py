@@ -1,0 +1,128 @@
+"""Compare results with a committed baseline: `python -m bench.regress CURRENT --baseline BASELINE [--tolerances F]`.
+
+Rows are matched by configuration (the `KEY` columns), not by hash or file name. What is checked:
+
+* deterministic columns must be equal: bytes of weights, analytic dense KV, caches, and the CPU tracked peak
+  of live tensors (`exact`);
+* quality columns within an absolute tolerance (`quality`);
+* timings only as ratios to dense within the same results (these machines are noisy; absolute seconds are never
+  compared): a cache's decode step / dense's, and its prefill / dense's, may grow by at most `ratio` (relative);
+* a row that was `ok` must still be `ok`, and every baseline row must have a counterpart.
+
+Prints a table of what regressed and exits 1; exits 0 when everything holds. Reads parquet only (no torch).
+Tolerances file (JSON): {"exact": [...], "quality": {"col": abs_tol}, "ratio": {"col": rel_tol}}; any part given
+replaces the default of that part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench.results import load
+
+KEY = ["model", "weights", "dtype", "device_kind", "cache", "cache_kwargs", "cache_budget", "ctx", "batch",
+       "new_tokens", "sdpa_requested", "prefill_chunk", "repeats", "seed"]  # fmt: skip
+DEFAULT_TOLERANCES = {
+    "exact": ["weights_bytes", "kv_bytes_dense", "cache_bytes", "peak_tracked_bytes"],
+    "quality": {"kl_vs_dense": 1e-3, "top1_agree": 0.02, "passkey_acc": 0.0, "ppl": 0.05},
+    "ratio": {"decode_ms_p50": 0.5, "prefill_s": 1.0},  # decode ratio to dense may grow 50%, prefill 100%
+}
+# Rows sharing these with a dense row are timed against it.
+_PEERS = ["model", "weights", "dtype", "device_kind", "ctx", "batch", "new_tokens", "sdpa_requested",
+          "prefill_chunk", "repeats", "seed"]  # fmt: skip
+
+
+def _key(row: pd.Series) -> tuple:
+    return tuple(None if pd.isna(row[k]) else row[k] for k in KEY)
+
+
+def ratios_to_dense(df: pd.DataFrame, column: str) -> dict[tuple, float]:
+    """Row key -> row[column] / the matching dense row's column (ok rows with a dense peer only)."""
+    ok = df[df["status"] == "ok"]
+    dense = {tuple(r[p] for p in _PEERS): r[column] for _, r in ok[ok["cache"] == "dense"].iterrows()}
+    out = {}
+    for _, r in ok.iterrows():
+        base = dense.get(tuple(r[p] for p in _PEERS))
+        if base and pd.notna(base) and pd.notna(r[column]) and base > 0:
+            out[_key(r)] = float(r[column]) / float(base)
+    return out
+
+
+def compare(current: pd.DataFrame, baseline: pd.DataFrame, tolerances: dict | None = None) -> list[dict]:
+    """Every regression as a dict: config, column, baseline, current, rule."""
+    tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    cur = {_key(r): r for _, r in current.iterrows()}
+    problems = []
+
+    def flag(key: tuple, column: str, was, now, rule: str) -> None:
+        problems.append({"config": _describe(key), "column": column, "baseline": was, "current": now, "rule": rule})
+
+    for _, b in baseline.iterrows():
+        key = _key(b)
+        c = cur.get(key)
+        if c is None:
+            flag(key, "(row)", "present", "missing", "every baseline configuration must be measured")
+            continue
+        if b["status"] == "ok" and c["status"] != "ok":
+            flag(key, "status", "ok", f"{c['status']}: {c['error']}", "must stay ok")
+            continue
+        for col in tol["exact"]:
+            if col in b and pd.notna(b[col]) and (pd.isna(c[col]) or int(c[col]) != int(b[col])):
+                flag(key, col, int(b[col]), None if pd.isna(c[col]) else int(c[col]), "exact")
+        for col, atol in tol["quality"].items():
+            if col in b and pd.notna(b[col]) and (pd.isna(c[col]) or abs(float(c[col]) - float(b[col])) > atol):
+                flag(key, col, float(b[col]), None if pd.isna(c[col]) else float(c[col]), f"within {atol}")
+    for col, rel in tol["ratio"].items():
+        was, now = ratios_to_dense(baseline, col), ratios_to_dense(current, col)
+        for key, r_was in was.items():
+            if key[KEY.index("cache")] == "dense" or key not in now:
+                continue
+            if now[key] > r_was * (1 + rel):
+                flag(key, f"{col} / dense", round(r_was, 3), round(now[key], 3), f"ratio may grow {rel:.0%}")
+    return problems
+
+
+def _describe(key: tuple) -> str:
+    d = dict(zip(KEY, key))
+    extra = "" if d["cache_kwargs"] in (None, "{}") else f" {d['cache_kwargs']}"
+    return f"{d['model']} {d['cache']}{extra} ctx={d['ctx']} batch={d['batch']} sdpa={d['sdpa_requested']}"
+
+
+def format_table(problems: list[dict]) -> str:
+    cols = ["config", "column", "baseline", "current", "rule"]
+    rows = [[str(p[c]) for c in cols] for p in problems]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([line.format(*cols), line.format(*("-" * w for w in widths))] + [line.format(*r) for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.regress", description=__doc__.splitlines()[0])
+    ap.add_argument("current", help="results folder of this run")
+    ap.add_argument("--baseline", required=True, help="committed baseline folder, e.g. results/baselines/ci-cpu")
+    ap.add_argument("--tolerances", help="JSON file overriding the default tolerances")
+    args = ap.parse_args(argv)
+    for path in (args.current, args.baseline):
+        if not Path(path).exists():
+            print(f"bench.regress: error: {path} does not exist", file=sys.stderr)
+            return 2
+    tolerances = json.loads(Path(args.tolerances).read_text()) if args.tolerances else None
+    current, baseline = load(args.current), load(args.baseline)
+    if baseline.empty:
+        print(f"bench.regress: error: no rows in the baseline {args.baseline}", file=sys.stderr)
+        return 2
+    problems = compare(current, baseline, tolerances)
+    if problems:
+        print(f"{len(problems)} regression(s) against {args.baseline}:\n{format_table(problems)}")
+        return 1
+    print(f"no regression: {len(baseline)} baseline rows matched in {args.current}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

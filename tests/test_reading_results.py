@@ -1,0 +1,130 @@
+"""Figures, the notebook and the regression check, on the committed baselines."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench import plot, regress, results
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_BASELINE = ROOT / "results" / "baselines" / "ci-cpu"
+H200 = ROOT / "results" / "baselines" / "h200"
+
+
+def regress_cli(current: Path, baseline: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "bench.regress", str(current), "--baseline", str(baseline), *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _doctored(tmp_path: Path, edit) -> Path:
+    """A copy of the CI baseline with `edit(df)` applied."""
+    df = results.load(CI_BASELINE)
+    edit(df)
+    out = tmp_path / "doctored"
+    for row in df.to_dict("records"):
+        results.write_row(out, row)
+    return out
+
+
+def test_untouched_baseline_passes():
+    proc = regress_cli(CI_BASELINE, CI_BASELINE)
+    assert proc.returncode == 0 and "no regression: 6 baseline rows" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_cache_bytes_10_percent_lower_in_baseline_fails(tmp_path):
+    def edit(df):
+        df.loc[df["cache"] == "h2o", "cache_bytes"] = (df.loc[df["cache"] == "h2o", "cache_bytes"] * 0.9).round()
+
+    proc = regress_cli(CI_BASELINE, _doctored(tmp_path, edit))
+    assert proc.returncode == 1
+    assert "cache_bytes" in proc.stdout and "h2o" in proc.stdout and "exact" in proc.stdout
+
+
+def test_decode_ratio_2x_better_in_baseline_fails(tmp_path):
+    def edit(df):  # the baseline's h2o decoded twice as fast relative to dense
+        df.loc[df["cache"] == "h2o", "decode_ms_p50"] /= 2
+
+    proc = regress_cli(CI_BASELINE, _doctored(tmp_path, edit))
+    assert proc.returncode == 1 and "decode_ms_p50 / dense" in proc.stdout, proc.stdout
+
+
+def test_absolute_times_are_not_compared(tmp_path):
+    def edit(df):  # a machine twice as fast: every time halved, ratios unchanged
+        df["decode_ms_p50"] /= 2
+        df["prefill_s"] /= 2
+
+    assert regress_cli(CI_BASELINE, _doctored(tmp_path, edit)).returncode == 0
+
+
+def test_missing_rows_and_status_changes_fail(tmp_path):
+    current = tmp_path / "current"
+    shutil.copytree(CI_BASELINE, current)
+    df = results.load(current)
+    row = df[df["cache"] == "last_recent"].iloc[0].to_dict()
+    (current / f"{row['config_hash']}.parquet").unlink()
+    broken = df[df["cache"] == "h2o"].iloc[0].to_dict()
+    results.write_row(current, {**broken, "status": "oom", "error": "OutOfMemoryError"})
+    problems = regress.compare(results.load(current), results.load(CI_BASELINE))
+    kinds = {(p["column"], p["current"].split(":")[0] if isinstance(p["current"], str) else None) for p in problems}
+    assert ("(row)", "missing") in kinds and ("status", "oom") in kinds
+
+
+def test_tolerances_file(tmp_path):
+    def edit(df):
+        df.loc[df["cache"] == "h2o", "decode_ms_p50"] /= 2
+
+    loose = tmp_path / "tol.json"
+    loose.write_text('{"ratio": {"decode_ms_p50": 5.0, "prefill_s": 5.0}}')
+    assert regress_cli(CI_BASELINE, _doctored(tmp_path, edit), "--tolerances", str(loose)).returncode == 0
+
+
+def test_bad_paths_exit_2(tmp_path):
+    assert regress_cli(tmp_path / "nope", CI_BASELINE).returncode == 2
+
+
+def test_figures_from_the_baselines(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.plot", str(H200), "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["backend_matrix.png", "memory_time_vs_ctx_llama-3.2-1b.png", "throughput_vs_batch.png"]
+    assert all(p.stat().st_size > 10_000 for p in tmp_path.glob("*.png"))
+
+
+def test_figure_axes_have_units_and_titles_name_device():
+    fig = plot.memory_time_vs_ctx(results.load(H200 / "caches"))
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert labels == ["peak memory (MiB)", "cache bytes (MiB)", "decode step, p50 (ms)"]
+    assert "NVIDIA H200" in fig._suptitle.get_text() and "llama-3.2-1b" in fig._suptitle.get_text()
+    assert fig.axes[1].get_yscale() == "log"  # cache bytes span more than a decade
+
+
+def test_backend_phase_table_names_what_ran():
+    table = plot.backend_phase_table(results.load(H200 / "backend_matrix"))
+    assert table.loc["flash", "chunked prefill"][1] == "no kernel"
+    assert table.loc["efficient", "decode"][1] == "no kernel"
+    assert table.loc["auto", "decode"] == (0, "flash")
+
+
+def test_quality_figure_appears_only_with_quality_columns():
+    df = results.load(CI_BASELINE)
+    assert plot.quality_vs_bytes(df) is None
+    df["kl_vs_dense"] = pd.Series([0.0, 0.1, 0.2, 0.0, 0.05, 0.3], dtype="float64")
+    assert plot.quality_vs_bytes(df) is not None
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom():
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "compare_caches.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+                   ).execute()  # fmt: skip
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
