@@ -14,9 +14,14 @@ from model.attention import Visibility
 
 @register("dense")
 class DenseCache(KVCache):
-    def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:
+    def __init__(
+        self, params: KVCacheParams, buffer: str = "float", group_size: int = 32, static_decode: bool = False
+    ) -> None:
         super().__init__(params)
         self.buf = make_buffer(params, buffer, group_size)
+        # static_decode: a decode step attends the whole buffer under a (1, cache_length) mask, so that every
+        # step has the same shapes (what CUDA graphs need); otherwise it attends the filled prefix, unmasked.
+        self.static_decode = static_decode
 
     @property
     def max_prefill_length(self) -> int:
@@ -41,6 +46,10 @@ class DenseCache(KVCache):
         end = input_pos + T
         self._check_room(end)
         self.buf.write_range(B, input_pos, key, value)
+        if self.static_decode and T == 1:
+            k, v = self.buf.read(B, self.cache_length)  # (B, G, cache_length, hs)
+            slots = torch.arange(self.cache_length, device=k.device)  # slot i holds position i
+            return self._attend(query, k, v, Visibility(q_start=input_pos, k_pos=slots))
         k, v = self.buf.read(B, end)  # (B, G, end, hs)
         # A decode step sees every key (no mask); a chunk builds its own (T, end) causal slice.
         return self._attend(query, k, v, Visibility(q_start=input_pos))
@@ -51,5 +60,7 @@ class DenseCache(KVCache):
         return positions.expand(self.batch_size or self.params.batch_size, self.params.n_query_groups, n)
 
     @classmethod
-    def size_estimate_apriori(cls, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> int:
+    def size_estimate_apriori(
+        cls, params: KVCacheParams, buffer: str = "float", group_size: int = 32, static_decode: bool = False
+    ) -> int:
         return buffer_nbytes(params, buffer, group_size)
