@@ -47,11 +47,11 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def build_model(spec: JobSpec, device: torch.device) -> GPT:
+def build_model(spec: JobSpec, device: torch.device) -> tuple[GPT, object]:
+    """(model, tokenizer or None)."""
+    tokenizer = None
     if spec.weights == "pretrained":
-        from model.load import load_pretrained
-
-        model, _ = load_pretrained(spec.model, device=device, dtype=spec.torch_dtype)
+        model, tokenizer = _load_pretrained(spec.model, device, spec.torch_dtype)
     else:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(spec.torch_dtype if spec.torch_dtype.is_floating_point else previous)
@@ -61,7 +61,24 @@ def build_model(spec: JobSpec, device: torch.device) -> GPT:
         finally:
             torch.set_default_dtype(previous)
         model.init_weights(seed=spec.seed)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), tokenizer
+
+
+_PRETRAINED: dict[tuple, tuple[GPT, object]] = {}
+
+
+def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, object]:
+    """Real weights, dequantized once per process (7 s for SmolLM2 on 2 cores) and reused by later jobs."""
+    from model.load import load_pretrained
+
+    key = (name, str(device), dtype)
+    if key not in _PRETRAINED:
+        _PRETRAINED.clear()  # keep one model at most
+        _PRETRAINED[key] = load_pretrained(name, device=device, dtype=dtype)
+    model, tokenizer = _PRETRAINED[key]
+    model.clear_kv_caches()
+    model.set_start_of_layer_hook(None)
+    return model, tokenizer
 
 
 def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = True) -> dict:
@@ -126,7 +143,7 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
         row["driver_version"] = nvml_sampler.driver_version()
         nvml_baseline = nvml_sampler.device_used(device.index or 0)  # the level before the run
     torch.manual_seed(spec.seed)
-    model = build_model(spec, device)
+    model, tokenizer = build_model(spec, device)
     cfg = model.config
     itemsize = torch.empty((), dtype=spec.torch_dtype).element_size()
     row["n_params"] = sum(p.numel() for p in model.parameters())
@@ -140,6 +157,22 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
         raise torch.OutOfMemoryError("injected out-of-memory (inject=oom)")
     if spec.inject == "error":
         raise RuntimeError("injected failure (inject=error)")
+
+    row["cache_bytes"] = sum(c.size_estimate() for c in model.kv_caches)
+    if spec.repeats > 0:  # repeats=0: a quality-only run
+        _timed(spec, model, ids, device, row, progress, nvml_baseline)
+        if device.type == "cuda":
+            _mbu(spec, model, row, itemsize, device)
+        elif spec.track_tensors:
+            _tracked_pass(spec, model, ids, row)
+    if spec.evals:
+        _quality(spec, model, tokenizer, row)
+
+
+def _timed(
+    spec: JobSpec, model: GPT, ids: torch.Tensor, device: torch.device, row: dict, progress: bool, nvml_baseline
+) -> None:
+    """Warm-up, then `repeats` x (chunked prefill, `new_tokens` decode steps), every tracker running."""
 
     def decode(token: torch.Tensor, start: int, steps: int, times: list[float], desc: str | None) -> torch.Tensor:
         for i in tqdm(range(steps), desc=desc, leave=False, disable=None if desc else True):
@@ -178,7 +211,6 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
             row["peak_nvml_bytes"] = nvml.stop()
             row["peak_nvml_source"] = nvml.source
     row["peak_rss_bytes"] = measure.peak_rss() if rss_resettable else None
-    row["cache_bytes"] = sum(c.size_estimate() for c in model.kv_caches)
     row["sdpa_used_prefill"] = "+".join(sorted(prefill_backends))
     row["sdpa_used_decode"] = "+".join(sorted(decode_backends))
     same = row["sdpa_used_prefill"] == row["sdpa_used_decode"]
@@ -195,9 +227,25 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
         row["peak_alloc_prefill_bytes"], row["peak_alloc_decode_bytes"] = peaks["prefill"][0], peaks["decode"][0]
         row["peak_alloc_bytes"] = max(peaks["prefill"][0], peaks["decode"][0])
         row["peak_reserved_bytes"] = max(peaks["prefill"][1], peaks["decode"][1])
-        _mbu(spec, model, row, itemsize, device)
-    elif spec.track_tensors:
-        _tracked_pass(spec, model, ids, row)
+
+
+def _quality(spec: JobSpec, model: GPT, tokenizer, row: dict) -> None:
+    """The selected quality evaluations, on fresh caches of the same kind and size."""
+    from bench import quality
+
+    knobs = spec.eval_knobs
+    setup = quality.CacheSetup(spec.cache, spec.cache_kwargs, spec.cache_length)
+    row["eval"] = "+".join(spec.evals)
+    if "fidelity" in spec.evals:
+        row.update(quality.fidelity(model, tokenizer, setup, spec.ctx, knobs["tokens"], spec.prefill_chunk))
+    if "passkey" in spec.evals:
+        result = quality.passkey(model, tokenizer, setup, spec.ctx, knobs["depths"], knobs["trials"], knobs["seed"],
+                                 knobs["question"], spec.prefill_chunk)  # fmt: skip
+        row["passkey_acc"] = result["passkey_acc"]
+        row["passkey_by_depth"] = json.dumps(result["passkey_by_depth"])
+        row["eval_question"] = knobs["question"]
+    if "ppl" in spec.evals:
+        row.update(quality.perplexity(model, tokenizer, setup, spec.ctx, knobs["ppl_chunk"]))
 
 
 def _mbu(spec: JobSpec, model: GPT, row: dict, itemsize: int, device: torch.device) -> None:

@@ -8,11 +8,13 @@ call them directly:
     throughput_vs_batch(df)  decode tokens/s against batch, a line per cache and ctx
     backend_matrix(df)       which SDPA backend ran which phase: ok / unsupported / oom / error
     quality_vs_bytes(df)     each quality column against cache bytes, a marker per cache and budget, Pareto front
+    passkey_heatmap(df)      pass-key accuracy by cache and budget against ctx x depth of the key
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -63,6 +65,7 @@ def _ctx_axis(ax, ctxs) -> None:
 def memory_time_vs_ctx(df: pd.DataFrame, model: str | None = None) -> plt.Figure | None:
     """Three panels against ctx for one model (the first, or `model`): peak memory, cache bytes, decode ms/step."""
     ok = _ok(df)
+    ok = ok[ok["decode_ms_p50"].notna()]  # quality-only rows (repeats=0) have no timings
     if ok.empty:
         return None
     model = model or sorted(ok["model"].unique())[0]
@@ -184,8 +187,11 @@ def quality_vs_bytes(df: pd.DataFrame) -> plt.Figure | None:
     for ax, col in zip(axes[0], cols):
         label, better = QUALITY[col]
         rows = ok[ok[col].notna()]
-        for name, group in rows.groupby("cache_label"):
-            ax.scatter(group["cache_bytes"] / MIB, group[col], label=name)
+        rows = rows.assign(budget_label=[_budget_label(r) for _, r in rows.iterrows()])
+        groups = list(rows.groupby("budget_label"))
+        colors = plt.cm.tab20(np.linspace(0, 1, max(2, len(groups))))  # distinct colours beyond ten series
+        for (name, group), color in zip(groups, colors):
+            ax.scatter(group["cache_bytes"] / MIB, group[col], label=name, color=color)
         front = rows.sort_values("cache_bytes")
         best, xs, ys = None, [], []
         for _, r in front.iterrows():  # Pareto front: fewer bytes and better quality than everything to the left
@@ -204,14 +210,52 @@ def quality_vs_bytes(df: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
+def _budget_label(r: pd.Series) -> str:
+    return (
+        f"{cache_label(r)} (all)" if r["cache"] == "dense" else f"{cache_label(r)} {r['cache_budget'] / r['ctx']:.0%}"
+    )
+
+
+def passkey_heatmap(df: pd.DataFrame) -> plt.Figure | None:
+    """Pass-key accuracy by cache (and budget) against ctx x depth of the key."""
+    ok = df[(df["status"] == "ok") & df["passkey_by_depth"].notna()] if "passkey_by_depth" in df else df.iloc[:0]
+    if ok.empty:
+        return None
+    cells: dict[tuple[str, tuple[int, float]], list[float]] = {}
+    for _, r in ok.iterrows():
+        for depth, acc in json.loads(r["passkey_by_depth"]).items():
+            cells.setdefault((_budget_label(r), (int(r["ctx"]), float(depth))), []).append(acc)
+    rows = sorted({k[0] for k in cells})
+    cols = sorted({k[1] for k in cells})
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for (row, col), accs in cells.items():
+        grid[rows.index(row), cols.index(col)] = sum(accs) / len(accs)
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 3, 0.45 * len(rows) + 1.8))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(cols)), [f"{ctx_label(c)}\n@{d:g}" for c, d in cols], fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("context length (tokens) @ depth of the key (fraction of the context)")
+    fig.colorbar(image, ax=ax, label="pass-key accuracy")
+    question = ", ".join(sorted(set(ok["eval_question"].dropna().astype(str)))) or "in_prefill"
+    ax.set_title(_title(ok, f"Pass-key retrieval (question {question})"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
     """Every figure the rows allow, as PNG files in `out`; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    figures = [(f"memory_time_vs_ctx_{m}", memory_time_vs_ctx(df, m)) for m in sorted(_ok(df)["model"].unique())]
+    timed = _ok(df)
+    models = sorted(timed[timed["decode_ms_p50"].notna()]["model"].unique())
+    figures = [(f"memory_time_vs_ctx_{m}", memory_time_vs_ctx(df, m)) for m in models]
     figures += [("throughput_vs_batch", throughput_vs_batch(df)), ("backend_matrix", backend_matrix(df)),
-                ("quality_vs_bytes", quality_vs_bytes(df))]  # fmt: skip
+                ("quality_vs_bytes", quality_vs_bytes(df)), ("passkey_heatmap", passkey_heatmap(df))]  # fmt: skip
     for name, fig in figures:
         if fig is not None:
             path = out / f"{name}.png"

@@ -56,10 +56,15 @@ def summary_line(row: dict, skipped: bool = False) -> str:
         return f"[{row.get('status')}] {head}: {row.get('error')}"
     peak = row.get("peak_alloc_bytes")
     src = "tensors" if row.get("peak_alloc_source") == "tensor_tracker" else "allocated"
+    quality = [f"{k} {row[k]:.3g}" for k in ("kl_vs_dense", "top1_agree", "passkey_acc", "ppl")
+               if row.get(k) is not None and not pd.isna(row.get(k))]  # fmt: skip
+    if row.get("prefill_s") is None or pd.isna(row.get("prefill_s")):  # repeats=0: a quality-only row
+        return f"[ok] {head}: quality only | cache {human_bytes(row.get('cache_bytes'))} | " + ", ".join(quality)
     return (
-        f"[ok] {head} ({row.get('sdpa_used')}): prefill {_fmt(row['prefill_s'], '.3f')} s | decode "
-        f"{_fmt(row['decode_ms_p50'], '.2f')} ms/step p50, {_fmt(row['decode_tok_s'], '.1f')} tok/s | "
+        f"[ok] {head} ({row.get('sdpa_used')}): prefill {_fmt(row.get('prefill_s'), '.3f')} s | decode "
+        f"{_fmt(row.get('decode_ms_p50'), '.2f')} ms/step p50, {_fmt(row.get('decode_tok_s'), '.1f')} tok/s | "
         f"peak {human_bytes(peak)} ({src}) | cache {human_bytes(row.get('cache_bytes'))}"
+        + (" | " + ", ".join(quality) if quality else "")
     )
 
 
@@ -93,6 +98,25 @@ def comparison_table(df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def quality_table(df: pd.DataFrame) -> str:
+    """cache x budget x ctx: quality columns beside cache bytes (rows that have any quality figure)."""
+    cols = ["kl_vs_dense", "top1_agree", "passkey_acc", "ppl"]
+    df = df[df[cols].notna().any(axis=1)]
+    if df.empty:
+        return ""
+    df = df.sort_values(["ctx", "cache", "cache_budget"], kind="stable")
+    header = ["cache", "budget", "ctx", "kl_vs_dense", "top1_agree", "passkey_acc", "ppl", "cache bytes"]
+    lines = []
+    for _, r in df.iterrows():
+        budget = "all" if r["cache"] == "dense" else f"{r['cache_budget'] / r['ctx']:.0%}"
+        lines.append([cache_label(r), budget, ctx_label(int(r["ctx"])), _fmt(r["kl_vs_dense"], ".4f"),
+                      _fmt(r["top1_agree"], ".3f"), _fmt(r["passkey_acc"], ".2f"), _fmt(r["ppl"], ".2f"),
+                      human_bytes(r["cache_bytes"])])  # fmt: skip
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*x) for x in lines])
+
+
 # Config hashes of the jobs this process ran or skipped, by sweep folder (filled by bench.run).
 TOUCHED: dict[str, set[str]] = {}
 
@@ -112,3 +136,6 @@ class SweepSummary(Callback):
         if hashes:
             df = df[df["config_hash"].isin(hashes)]
         print(f"\n{len(df)} rows in {sweep_dir}/\n{comparison_table(df)}", flush=True)
+        quality = quality_table(df)
+        if quality:
+            print(f"\nquality:\n{quality}", flush=True)

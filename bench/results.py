@@ -56,6 +56,9 @@ EXTRA: dict[str, str] = {
     "threads": "Int64",
     "hostname": "string",
     "pid": "Int64",
+    "eval": "string",  # quality evaluations run: fidelity+passkey+ppl
+    "eval_question": "string",  # passkey: in_prefill | after_prefill
+    "passkey_by_depth": "string",  # JSON {depth: accuracy}
 }
 
 COLUMNS = {**SCHEMA, **EXTRA}

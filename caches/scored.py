@@ -83,11 +83,14 @@ class ScoredCache(KVCache):
         if n:
             old_k, old_v = self.buf.read(B, n)  # (B, G, n, hs)
             segments.append((old_k, old_v, Visibility(q_start=p, k_pos=self.pos[:B, :, :n], all_visible=True)))
-        segments.append((key, value, Visibility(q_start=p, k_pos=new_pos, all_visible=T == 1)))
+        segments.append((key, value, Visibility(q_start=p, k_pos=new_pos, all_visible=T == 1, k_start=p)))
         w_from = self.weights_from(T)
-        out, weights = grouped_attention(query, segments, self.attn_opts, w_from)
-        self.last_backend = "eager"
-        self.backends_seen.add("eager")
+        if n == 0 and T > 1 and (w_from is None or w_from > 0):
+            out, weights = self._prefill_attention(query, key, value, p, w_from)
+        else:
+            out, weights = grouped_attention(query, segments, self.attn_opts, w_from)
+            self.last_backend = "eager"
+            self.backends_seen.add("eager")
         w_old = weights[0] if weights is not None and n else None
         w_new = weights[-1] if weights is not None else None
         cand_score = self.candidate_scores(self.score[:B, :, :n], w_old, w_new, T)  # (B, G, n + T)
@@ -105,6 +108,20 @@ class ScoredCache(KVCache):
         else:
             self._select(key, value, p, cand_score, new_err)
         return out
+
+    def _prefill_attention(
+        self, query: Tensor, key: Tensor, value: Tensor, p: int, w_from: int | None
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """A prefill whose policy needs the weights of its last queries only (tova, snapkv): the output through
+        SDPA (causal, fused kernels), the weights from the eager path on those few query rows alone. Same numbers
+        as one eager pass, far less work for a long prompt."""
+        out = self._attend(query, key, value, Visibility(q_start=p))
+        if w_from is None:
+            return out, None
+        T = key.shape[2]
+        vis = Visibility(q_start=p + w_from, k_pos=torch.arange(p, p + T, device=key.device), k_start=p)
+        _, weights = grouped_attention(query[:, :, w_from:], [(key, value, vis)], self.attn_opts, 0)
+        return out, weights
 
     def _select_one(self, key: Tensor, value: Tensor, p: int, cand_score: Tensor, new_err: Tensor | None) -> None:
         """A decode step on a full buffer: exactly one of the L + 1 candidates goes. Same rule as `_select`, with

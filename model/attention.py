@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,15 @@ class Visibility:
     window: int | None = None
     sinks: int = 0
     all_visible: bool = False  # the caller knows every key is visible to every query: no mask at all
+    k_start: int | None = None  # the keys hold consecutive positions from k_start (k_pos None means 0)
+
+    def visible_prefix(self, t1: int, n_keys: int) -> int:
+        """How many leading keys queries 0 .. t1-1 may see at most: all of them unless the keys are in order,
+        in which case the ones after the block's last query are skipped (half the work of a causal prefill)."""
+        start = 0 if self.k_pos is None else self.k_start
+        if start is None or self.all_visible:
+            return n_keys
+        return max(0, min(n_keys, self.q_start + t1 - start))
 
 
 def visible_mask(q_pos: Tensor, k_pos: Tensor, window: int | None = None, sinks: int = 0) -> Tensor:
@@ -252,28 +261,40 @@ def grouped_attention(
         t1 = min(T, t0 + block)
         tb = t1 - t0
         q_blk = q5[:, :, :, t0:t1].reshape(B, n_groups, q_per_kv * tb, hs)  # (B, G, q_per_kv * tb, hs)
-        parts = []
+        parts, limits = [], []
         for key, _, vis in segments:
-            scores = torch.matmul(q_blk, key.transpose(-1, -2)).mul_(scale)  # (B, G, q_per_kv * tb, S_i)
+            lim = vis.visible_prefix(t1, key.shape[2])  # keys after the block's last query are never visible
+            limits.append(lim)
+            if lim == 0:
+                continue
+            if lim < key.shape[2] and vis.k_pos is not None:
+                vis = replace(vis, k_pos=vis.k_pos[..., :lim])
+            scores = torch.matmul(q_blk, key[:, :, :lim].transpose(-1, -2)).mul_(scale)  # (B, G, q_per_kv*tb, lim)
             if opts.softcap is not None:
                 scores = torch.tanh(scores / opts.softcap) * opts.softcap
-            scores = scores.view(B, n_groups, q_per_kv, tb, key.shape[2])  # (B, G, q_per_kv, tb, S_i)
-            mask = _mask_rows(vis, t0, t1, key.shape[2], query.device, _effective_window(vis.window, window))
+            scores = scores.view(B, n_groups, q_per_kv, tb, lim)  # (B, G, q_per_kv, tb, lim)
+            mask = _mask_rows(vis, t0, t1, lim, query.device, _effective_window(vis.window, window))
             if mask is not None:
-                mask = mask if mask.dim() == 2 else mask.unsqueeze(2)  # (tb, S_i) or (B, G, 1, tb, S_i)
+                mask = mask if mask.dim() == 2 else mask.unsqueeze(2)  # (tb, lim) or (B, G, 1, tb, lim)
                 scores = scores.masked_fill(~mask, float("-inf"))
             parts.append(scores)
-        scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (B, G, q_per_kv, tb, S)
-        probs = torch.softmax(scores.float(), dim=-1)  # (B, G, q_per_kv, tb, S)
+        scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (B, G, q_per_kv, tb, sum(limits))
+        probs = torch.softmax(scores.float(), dim=-1)  # (B, G, q_per_kv, tb, sum(limits))
         if weights is not None and t1 > weights_from:
-            weights += probs[:, :, :, max(0, weights_from - t0) :].sum(dim=(2, 3))
+            summed = probs[:, :, :, max(0, weights_from - t0) :].sum(dim=(2, 3))  # (B, G, sum(limits))
+            offset, seg_offset = 0, 0
+            for size, lim in zip(sizes, limits):
+                weights[..., seg_offset : seg_offset + lim] += summed[..., offset : offset + lim]
+                offset, seg_offset = offset + lim, seg_offset + size
         probs = probs.to(query.dtype)
         acc, offset = None, 0
-        for (_, value, _), size in zip(segments, sizes):
-            p_seg = probs[..., offset : offset + size].reshape(B, n_groups, q_per_kv * tb, size)
-            o = torch.matmul(p_seg, value)  # (B, G, q_per_kv * tb, hs)
+        for (_, value, _), lim in zip(segments, limits):
+            if lim == 0:
+                continue
+            p_seg = probs[..., offset : offset + lim].reshape(B, n_groups, q_per_kv * tb, lim)
+            o = torch.matmul(p_seg, value[:, :, :lim])  # (B, G, q_per_kv * tb, hs)
             acc = o if acc is None else acc.add_(o)
-            offset += size
+            offset += lim
         out[:, :, :, t0:t1] = acc.view(B, n_groups, q_per_kv, tb, hs)
     if weights is not None:
         weights = list(weights.split(sizes, dim=-1))

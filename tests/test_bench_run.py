@@ -109,6 +109,8 @@ BAD = {
     "cache=dense,lru ctx=1k -m": "cache='lru' is not valid",
     "ctx=1k,abc -m": "ctx='abc'",
     "batch=abc": "batch=abc is not valid",
+    "eval=passkey ctx=1k": "needs real weights",
+    "eval=passkey weights=pretrained model=smollm2-135m eval.question=later": "eval.question='later' is not valid",
 }
 
 

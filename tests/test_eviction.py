@@ -80,13 +80,15 @@ POLICIES = {  # name: (cache kwargs, reference kwargs)
 }
 
 
+@pytest.mark.parametrize("block", [256, 3])  # query rows per eager block: 3 makes every prefill several blocks
 @pytest.mark.parametrize("prefill", [5, 11])  # shorter and longer than the buffer
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_policy_matches_naive_reference(policy, prefill):
+def test_policy_matches_naive_reference(policy, prefill, block):
     name = policy.split("-")[0]
     kwargs, ref_kwargs = POLICIES[policy]
     L = 7
     cache = create_cache(name, _params(L), **kwargs)
+    cache.attn_opts.block_size = block
     ref = NaiveScoredCache(name, L, B, G, H, **ref_kwargs)
     q, k, v = _qkv(prefill + 3 + 6, seed=7)
     calls = [(0, prefill), (prefill, prefill + 3)] + [(t, t + 1) for t in range(prefill + 3, prefill + 9)]
