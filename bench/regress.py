@@ -41,6 +41,14 @@ def _key(row: pd.Series) -> tuple:
     return tuple(None if pd.isna(row[k]) else row[k] for k in KEY)
 
 
+def latest(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: the most recently started (a folder may hold reruns of older code)."""
+    if df.empty:
+        return df
+    df = df.sort_values("started_at", kind="stable")
+    return df[~df.apply(_key, axis=1).duplicated(keep="last")]
+
+
 def ratios_to_dense(df: pd.DataFrame, column: str) -> dict[tuple, float]:
     """Row key -> row[column] / the matching dense row's column (ok rows with a dense peer only)."""
     ok = df[df["status"] == "ok"]
@@ -56,6 +64,7 @@ def ratios_to_dense(df: pd.DataFrame, column: str) -> dict[tuple, float]:
 def compare(current: pd.DataFrame, baseline: pd.DataFrame, tolerances: dict | None = None) -> list[dict]:
     """Every regression as a dict: config, column, baseline, current, rule."""
     tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    current, baseline = latest(current), latest(baseline)
     cur = {_key(r): r for _, r in current.iterrows()}
     problems = []
 

@@ -128,3 +128,17 @@ def test_notebook_runs_top_to_bottom():
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+
+
+def test_the_newest_row_of_a_configuration_is_compared(tmp_path):
+    """A results folder holding a rerun (say, after a change of the config hash) is judged by its newest row."""
+    base = results.load(CI_BASELINE)
+    row = base[base["cache"] == "h2o"].iloc[0].to_dict()
+    stale = {**row, "config_hash": "stale", "started_at": "2000-01-01T00:00:00+00:00", "cache_bytes": 1}
+    current = tmp_path / "current"
+    shutil.copytree(CI_BASELINE, current)
+    results.write_row(current, stale)  # an old, wrong row for the same configuration
+    assert regress.compare(results.load(current), base) == []
+    newest = {**row, "config_hash": "newer", "started_at": "2999-01-01T00:00:00+00:00", "cache_bytes": 1}
+    results.write_row(current, newest)
+    assert [p["column"] for p in regress.compare(results.load(current), base)] == ["cache_bytes"]
