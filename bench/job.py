@@ -57,10 +57,9 @@ def build_model(spec: JobSpec, device: torch.device) -> tuple[GPT, object]:
         torch.set_default_dtype(spec.torch_dtype if spec.torch_dtype.is_floating_point else previous)
         try:
             with torch.device(device):
-                model = GPT(Config.from_name(spec.model))
+                model = GPT(Config.from_name(spec.model), seed=spec.seed)
         finally:
             torch.set_default_dtype(previous)
-        model.init_weights(seed=spec.seed)
     return model.eval().requires_grad_(False), tokenizer
 
 

@@ -80,7 +80,10 @@ def has_row(sweep_dir: str | Path, cfg_hash: str) -> bool:
 
 def to_frame(rows: list[dict]) -> pd.DataFrame:
     """Rows -> DataFrame with every schema column, in schema order, typed; unknown keys kept after them."""
-    df = pd.DataFrame(rows)
+    return _typed(pd.DataFrame(rows))
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
     for col, dtype in COLUMNS.items():
         if col not in df:
             df[col] = pd.Series([None] * len(df), dtype=dtype)
@@ -117,4 +120,4 @@ def load(path: str | Path) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
     if not frames:
         return to_frame([])
-    return to_frame(pd.concat(frames, ignore_index=True).to_dict("records"))
+    return _typed(pd.concat(frames, ignore_index=True))

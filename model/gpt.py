@@ -156,7 +156,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, seed: int = 0) -> None:
         super().__init__()
         self.config = config
         # lm_head: (n_embd, vocab). Tied models read the embedding from its columns; untied ones own `wte`.
@@ -166,7 +166,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.rope = RoPE(config)
         self.hook: LayerHook | None = None
-        self.init_weights()
+        self.init_weights(seed=seed)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> GPT:
