@@ -41,8 +41,9 @@ class SnapKVCache(ScoredCache):
 
     def _step(self, query: Tensor, key: Tensor, value: Tensor, p: int) -> Tensor:
         B, G, T, _ = key.shape
-        new_pos = torch.arange(p, p + T, device=key.device).expand(B, G, T)
-        self._cand_pos = torch.cat([self.pos[:B, :, : self.n_filled], new_pos], dim=-1)  # (B, G, n + T)
+        if T > 1:  # pooling needs the candidates' positions; a decode step does not pool
+            new_pos = torch.arange(p, p + T, device=key.device).expand(B, G, T)
+            self._cand_pos = torch.cat([self.pos[:B, :, : self.n_filled], new_pos], dim=-1)  # (B, G, n + T)
         return super()._step(query, key, value, p)
 
     def candidate_scores(self, old: Tensor, w_old: Tensor | None, w_new: Tensor | None, T: int) -> Tensor:
