@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU wheel on this project's machines; on a CUDA machine pip picks the CUDA build of the same version.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup bench test lint smoke regress baseline figures
+.PHONY: setup setup-launchers bench test lint smoke regress baseline figures
 
 $(BIN)/.kvbench-installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,10 +19,17 @@ $(BIN)/.kvbench-installed: pyproject.toml
 
 setup: $(BIN)/.kvbench-installed
 
+# Hydra's joblib and submitit launchers (optional extra; the tests use them).
+$(BIN)/.kvbench-launchers: $(BIN)/.kvbench-installed
+	$(BIN)/python -m pip install -q -e ".[launchers]"
+	touch $@
+
+setup-launchers: $(BIN)/.kvbench-launchers
+
 bench: setup
 	$(BIN)/python -m bench.run cache=dense,last_recent ctx=8k,32k -m
 
-test: setup
+test: setup setup-launchers
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -80,12 +80,15 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype) -> tup
     return model, tokenizer
 
 
-def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = True) -> dict:
+def base_row(spec: JobSpec, sweep_id: str, config_hash: str, probe_device: bool = True) -> dict:
+    """The identity and configuration columns of a job's row (`probe_device=False`: no device query, for a
+    row the launching process writes about a job whose own process died)."""
     device = torch.device(spec.device)
-    row: dict = {
+    return {
         "run_id": os.urandom(8).hex(), "sweep_id": sweep_id, "config_hash": config_hash,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
-        "device_name": measure.device_name(device), "device_kind": device.type, "device": device.type,
+        "device_name": measure.device_name(device) if probe_device else None, "device_kind": device.type,
+        "device": device.type,
         "torch_version": torch.__version__, "cuda_version": torch.version.cuda, "model": spec.model,
         "weights": spec.weights, "dtype": spec.dtype, "cache": spec.cache, "cache_budget": spec.cache_budget,
         "cache_length": spec.cache_length, "cache_kwargs": json.dumps(spec.cache_kwargs, sort_keys=True),
@@ -93,6 +96,11 @@ def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = Tru
         "prefill_chunk": spec.prefill_chunk, "repeats": spec.repeats, "seed": spec.seed,
         "hostname": socket.gethostname(), "pid": os.getpid(),
     }  # fmt: skip
+
+
+def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = True) -> dict:
+    device = torch.device(spec.device)
+    row = base_row(spec, sweep_id, config_hash)
     t_start = time.perf_counter()
     try:
         _measure(spec, device, row, progress)
@@ -140,7 +148,8 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
     nvml_baseline = None
     if device.type == "cuda":
         row["driver_version"] = nvml_sampler.driver_version()
-        nvml_baseline = nvml_sampler.device_used(device.index or 0)  # the level before the run
+        row["nvml_index"] = measure.nvml_index(device)
+        nvml_baseline = nvml_sampler.device_used(row["nvml_index"])  # the level before the run
     torch.manual_seed(spec.seed)
     model, tokenizer = build_model(spec, device)
     cfg = model.config
@@ -188,7 +197,7 @@ def _timed(
     nvml = None
     if device.type == "cuda" and spec.nvml_period_ms > 0:
         torch.cuda.synchronize(device)
-        nvml = NvmlSampler(device.index or 0, spec.nvml_period_ms / 1e3, baseline_used=nvml_baseline).start()
+        nvml = NvmlSampler(row["nvml_index"], spec.nvml_period_ms / 1e3, baseline_used=nvml_baseline).start()
     rss_resettable = measure.reset_peak_rss()
     prefill_s: list[float] = []
     step_s: list[float] = []

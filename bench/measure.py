@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from contextlib import contextmanager
@@ -138,6 +139,24 @@ class CudaPeaks:
             torch.cuda.synchronize(self.device)
             self.allocated = torch.cuda.max_memory_allocated(self.device)
             self.reserved = torch.cuda.max_memory_reserved(self.device)
+
+
+def nvml_index(device: torch.device) -> int:
+    """NVML's index of a CUDA device. NVML numbers every GPU of the machine; torch numbers only those
+    CUDA_VISIBLE_DEVICES shows (a job under bench.launch sees one GPU, as cuda:0), so match them by UUID."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return index
+    import pynvml as nvml
+
+    nvml.nvmlInit()
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+        return int(nvml.nvmlDeviceGetIndex(nvml.nvmlDeviceGetHandleByUUID(uuid)))
+    except (AttributeError, nvml.NVMLError):  # an old torch without .uuid: the visible list's entry itself
+        entry = os.environ["CUDA_VISIBLE_DEVICES"].split(",")[index].strip()
+        return int(entry) if entry.isdigit() else int(nvml.nvmlDeviceGetIndex(nvml.nvmlDeviceGetHandleByUUID(entry)))
 
 
 def device_name(device: torch.device) -> str:

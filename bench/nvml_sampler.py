@@ -56,9 +56,12 @@ def _loop(pid: int, index: int, period_s: float, baseline: int | None, ready, st
         peak, samples = max(peak, value), samples + 1
         if samples == 1:
             ready.set()
-        if stop.wait(period_s):
+        if stop.wait(period_s) or os.getppid() != pid:  # stopped, or the job's process died (killed)
             break
-    result.send((peak, source, samples))
+    try:
+        result.send((peak, source, samples))
+    except OSError:  # the job's process is gone
+        pass
     nvml.nvmlShutdown()
 
 

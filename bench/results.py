@@ -55,7 +55,11 @@ EXTRA: dict[str, str] = {
     "bandwidth_bytes_s": "float64",
     "threads": "Int64",
     "hostname": "string",
-    "pid": "Int64",
+    "pid": "Int64",  # the process that measured
+    "isolation": "string",  # process (a child per job) | launcher (submitit's own process per job) | none
+    "launcher": "string",  # Hydra launcher: basic | joblib | submitit_local | submitit_slurm
+    "spawn_overhead_s": "float64",  # isolation=process: starting the child and its imports (wall - total_s)
+    "nvml_index": "Int64",  # CUDA: the GPU as NVML (nvidia-smi) numbers it
     "eval": "string",  # quality evaluations run: fidelity+passkey+ppl
     "eval_question": "string",  # passkey: in_prefill | after_prefill
     "passkey_by_depth": "string",  # JSON {depth: accuracy}
@@ -103,6 +107,9 @@ def write_row(sweep_dir: str | Path, row: dict) -> Path:
     os.close(fd)
     try:
         to_frame([row]).to_parquet(tmp, index=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide rows from the others sharing a sweep folder
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):

@@ -17,6 +17,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from bench import launch
 from bench.spec import BenchConfig, ConfigError, resolve
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -36,18 +37,22 @@ def _sweep_bar(total: int):
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict:
     from bench import report, results
-    from bench.job import run_job
 
     spec = resolve(cfg)  # validated before Hydra started: cannot fail here unless called programmatically
     cfg_hash = results.config_hash(spec.identity())
     sweep_dir = str(Path(cfg.results_dir) / cfg.sweep)
     report.TOUCHED.setdefault(sweep_dir, set()).add(cfg_hash)
-    bar = _sweep_bar(int(os.environ.get("KVBENCH_N_JOBS", "1")))
+    in_order = launch.placement().launcher == "basic"  # other launchers run jobs in other processes
+    bar = _sweep_bar(int(os.environ.get("KVBENCH_N_JOBS", "1"))) if in_order else None
     if results.has_row(sweep_dir, cfg_hash) and not cfg.force:
         row = results.load(results.row_path(sweep_dir, cfg_hash)).iloc[0].to_dict()
         print(report.summary_line(row, skipped=True), flush=True)
     else:
-        row = run_job(spec, sweep_id=cfg.sweep, config_hash=cfg_hash, progress=True)
+        row = launch.execute(spec, sweep_id=cfg.sweep, config_hash=cfg_hash, isolate=bool(cfg.isolate))
+        if row is None:  # its process was killed from outside: no row, so that a rerun redoes it
+            print(f"[killed] config {cfg_hash}: the job's process was killed; no row written (run the same "
+                  "command again to redo it)", flush=True)  # fmt: skip
+            return {"status": "killed", "config_hash": cfg_hash}
         results.write_row(sweep_dir, row)
         print(report.summary_line(row), flush=True)
     if bar is not None:
@@ -83,7 +88,7 @@ def _one_line(err: Exception) -> str:
     text = str(err).strip()
     cause = str(err.__cause__ or "").strip()
     if "Could not find" in text and "Available options" in text:  # unknown group option, e.g. cache=lru
-        group, given = text.split("Could not find '")[1].split("'")[0].split("/", 1)
+        group, given = text.split("Could not find '")[1].split("'")[0].rsplit("/", 1)
         listing = text.split("Available options")[1].split("Config search path")[0]
         options = [line.strip() for line in listing.splitlines()[1:] if line.strip()]
         return f"{group}={given!r} is not valid; valid choices: {', '.join(options)}"
@@ -122,21 +127,44 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [job for batch in batches for job in batch]
 
 
-def validate(argv: list[str]) -> int:
-    """Compose and resolve every job of the command; returns the number of jobs. Raises ConfigError."""
+# Launchers from optional packages (`pip install "kvbench[launchers]"`): the module each needs.
+LAUNCHER_PLUGINS = {"joblib": "hydra_plugins.hydra_joblib_launcher",
+                    "submitit_local": "hydra_plugins.hydra_submitit_launcher",
+                    "submitit_slurm": "hydra_plugins.hydra_submitit_launcher"}  # fmt: skip
+
+
+def _check_launcher(overrides: list[str]) -> None:
+    import importlib.util
+
+    for arg in overrides:
+        name = arg.split("=", 1)[1] if arg.startswith("hydra/launcher=") else None
+        if name in LAUNCHER_PLUGINS and importlib.util.find_spec(LAUNCHER_PLUGINS[name]) is None:
+            package = "hydra-joblib-launcher" if name == "joblib" else "hydra-submitit-launcher"
+            raise ConfigError(f"hydra/launcher={name} needs {package}: pip install 'kvbench[launchers]' "
+                              "(installed launchers: basic)")  # fmt: skip
+
+
+def validate(argv: list[str]) -> list[tuple[str, str]]:
+    """Compose and resolve every job of the command. Returns (sweep folder, config hash) per job, in order.
+    Raises ConfigError."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from bench.results import config_hash
+
     overrides, multirun, _ = _split_argv(argv)
+    _check_launcher(overrides)
+    planned = []
     try:
         jobs = job_overrides(overrides, multirun)
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             for job in jobs:
-                resolve(compose(config_name="config", overrides=job))
+                cfg = compose(config_name="config", overrides=job)
+                planned.append((str(Path(cfg.results_dir) / cfg.sweep), config_hash(resolve(cfg).identity())))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
-    return len(jobs)
+    return planned
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -145,13 +173,25 @@ def cli(argv: list[str] | None = None) -> None:
     argv = [a for a in argv if a in ("-m", "--multirun")] + [a for a in argv if a not in ("-m", "--multirun")]
     sys.argv = [sys.argv[0], *argv]
     _, _, other_flags = _split_argv(argv)
-    if not other_flags:  # --help, --cfg job, ...: Hydra's own business
-        try:
-            os.environ["KVBENCH_N_JOBS"] = str(validate(argv))
-        except ConfigError as err:
-            print(f"kvbench: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+    if other_flags:  # --help, --cfg job, ...: Hydra's own business
+        main()
+        return
+    from bench import report, results
+
+    try:
+        planned = validate(argv)
+    except ConfigError as err:
+        print(f"kvbench: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    os.environ["KVBENCH_N_JOBS"] = str(len(planned))
+    for sweep_dir, cfg_hash in planned:  # the table after a multirun shows these, whichever process ran them
+        report.TOUCHED.setdefault(sweep_dir, set()).add(cfg_hash)
     main()
+    missing = [h for d, h in planned if not results.has_row(d, h)]
+    if missing:  # a job's process was killed (or the launcher lost it): exit 1, and a rerun redoes exactly these
+        print(f"kvbench: {len(missing)} of {len(planned)} jobs have no row (their process was killed or lost); "
+              "run the same command again to redo them", file=sys.stderr)  # fmt: skip
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class BenchConfig:
     sweep: str = "default"  # results go to <results_dir>/<sweep>/
     results_dir: str = "results"
     force: bool = False  # rerun a job whose config hash already has a row in the sweep folder
+    isolate: bool = True  # each job in a fresh process (bench/launch.py); false: in the launcher's process
     track_tensors: bool = True  # CPU: one extra untimed pass under the exact tensor-bytes tracker
     nvml_period_ms: float = 5.0  # 0: no NVML sampler (to measure what it costs)
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)

@@ -54,6 +54,9 @@ class KVCache(nn.Module):
 
     name: ClassVar[str] = "base"
     requires_attn_weights: ClassVar[bool] = False
+    # True where `decode_step` exists: storage and attention of a decode step do not depend on the tokens, so the
+    # step can be compiled with fixed shapes and captured in a CUDA graph (model/compiled_decode.py).
+    supports_compiled_decode: ClassVar[bool] = False
 
     def __init__(self, params: KVCacheParams) -> None:
         super().__init__()
@@ -106,6 +109,12 @@ class KVCache(nn.Module):
                 f"shapes {tuple(query.shape)} / {tuple(key.shape)} do not match the cache's n_head={p.n_head}, "
                 f"n_query_groups={p.n_query_groups}, head_size={p.head_size}"
             )
+        self.check_position(B, T, input_pos)
+
+    def check_position(self, B: int, T: int, input_pos: int) -> None:
+        """The checks of a call of T tokens per sequence at `input_pos` that do not need the tensors (the compiled
+        decode step runs them outside its graph)."""
+        p = self.params
         if B > p.batch_size:
             raise ValueError(f"batch size {B} exceeds the cache's maximum batch_size={p.batch_size}")
         if not isinstance(input_pos, int) or input_pos < 0:
@@ -132,6 +141,13 @@ class KVCache(nn.Module):
 
     def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def decode_step(self, query: Tensor, key: Tensor, value: Tensor, pos: Tensor) -> Tensor:
+        """One token per sequence at position `pos`, a 0-d int64 tensor on the cache's device (no Python int: a
+        captured graph replays with the same arguments, and the position is read on the device). Fixed shapes,
+        no host synchronisation, no checks: the caller ran `check_position` with the int. query (B, n_head, 1,
+        hs), key and value (B, n_query_groups, 1, hs); returns (B, 1, n_head * hs)."""
+        raise NotImplementedError(f"cache {self.name!r} has no compiled decode step")
 
     def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
         raise NotImplementedError

@@ -9,11 +9,13 @@ from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams, register
 from caches.buffers import buffer_nbytes, make_buffer
-from model.attention import Visibility
+from model.attention import Visibility, static_decode_attention
 
 
 @register("dense")
 class DenseCache(KVCache):
+    supports_compiled_decode = True
+
     def __init__(
         self, params: KVCacheParams, buffer: str = "float", group_size: int = 32, static_decode: bool = False
     ) -> None:
@@ -27,6 +29,10 @@ class DenseCache(KVCache):
     def max_prefill_length(self) -> int:
         return self.cache_length
 
+    def check_position(self, B: int, T: int, input_pos: int) -> None:
+        super().check_position(B, T, input_pos)
+        self._check_room(input_pos + T)
+
     def _check_room(self, end: int) -> None:
         if end > self.cache_length:
             raise ValueError(
@@ -35,8 +41,7 @@ class DenseCache(KVCache):
             )
 
     def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        B, _, T, _ = key.shape
-        self._check_room(T)
+        B = key.shape[0]
         self.buf.write_range(B, 0, key, value)
         # Causal attention among the new tokens: is_causal, no mask.
         return self._attend(query, key, value, Visibility(q_start=0))
@@ -44,7 +49,6 @@ class DenseCache(KVCache):
     def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
         B, _, T, _ = key.shape
         end = input_pos + T
-        self._check_room(end)
         self.buf.write_range(B, input_pos, key, value)
         if self.static_decode and T == 1:
             k, v = self.buf.read(B, self.cache_length)  # (B, G, cache_length, hs)
@@ -53,6 +57,13 @@ class DenseCache(KVCache):
         k, v = self.buf.read(B, end)  # (B, G, end, hs)
         # A decode step sees every key (no mask); a chunk builds its own (T, end) causal slice.
         return self._attend(query, k, v, Visibility(q_start=input_pos))
+
+    def decode_step(self, query: Tensor, key: Tensor, value: Tensor, pos: Tensor) -> Tensor:
+        B = key.shape[0]
+        self.buf.write_slots(B, pos.view(1), key, value)
+        k, v = self.buf.read(B, self.cache_length)  # (B, G, cache_length, hs)
+        visible = torch.arange(self.cache_length, device=pos.device) <= pos  # (cache_length,): slot i = position i
+        return static_decode_attention(query, k, v, visible, self.attn_opts)
 
     def token_positions(self) -> Tensor:
         n = self.next_token_pos or 0

@@ -20,11 +20,12 @@ from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams, register
 from caches.buffers import buffer_nbytes, make_buffer
-from model.attention import Visibility
+from model.attention import Visibility, static_decode_attention
 
 
 @register("last_recent")
 class LastRecentCache(KVCache):
+    supports_compiled_decode = True
     query_block: int = 1024  # query rows per attention call when a chunk must be masked
 
     def __init__(
@@ -71,6 +72,16 @@ class LastRecentCache(KVCache):
         k, v = self.buf.read(B, min(input_pos + 1, self.cache_length))  # (B, G, n, hs)
         vis = Visibility(q_start=input_pos, all_visible=True)  # the buffer now holds exactly what q may see
         return self._attend(query, k, v, vis)
+
+    def decode_step(self, query: Tensor, key: Tensor, value: Tensor, pos: Tensor) -> Tensor:
+        """`_decode` with the position on the device: the slot computed there, the whole buffer attended with
+        the empty slots masked (the ring holds exactly what the query may see)."""
+        B, s = key.shape[0], self.sink_tokens
+        slot = torch.where(pos < s, pos, s + (pos - s).remainder(self.window)).view(1)  # (1,)
+        self.buf.write_slots(B, slot, key, value)
+        self.pos.index_copy_(0, slot, pos.view(1))
+        k, v = self.buf.read(B, self.cache_length)  # (B, G, cache_length, hs)
+        return static_decode_attention(query, k, v, self.pos >= 0, self.attn_opts)
 
     def _chunk(self, query: Tensor, key: Tensor, value: Tensor, p: int) -> Tensor:
         B, _, T, _ = key.shape

@@ -299,3 +299,17 @@ def grouped_attention(
     if weights is not None:
         weights = list(weights.split(sizes, dim=-1))
     return out.view(B, n_head, T, hs), weights
+
+
+def static_decode_attention(
+    query: Tensor, key: Tensor, value: Tensor, visible: Tensor, opts: AttentionOptions
+) -> Tensor:
+    """One query per sequence over a whole fixed-size buffer, for a compiled decode step: SDPA with a boolean
+    mask over the slots and `enable_gqa` (K/V read once per KV head, never expanded). query (B, n_head, 1, hs);
+    key, value (B, G, S, hs); visible (S,), the same for every sequence and head. Returns (B, 1, n_head * hs).
+    torch.compile picks the kernel (the forced-backend rules of `attention` do not apply: compiled decode
+    requires sdpa=auto)."""
+    mask = visible.view(1, 1, 1, -1)  # (1, 1, 1, S)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=opts.scale, enable_gqa=True)
+    B, H, T, hs = out.shape
+    return out.transpose(1, 2).reshape(B, T, H * hs)  # (B, 1, n_head * hs)

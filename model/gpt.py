@@ -62,8 +62,11 @@ class RoPE(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+    def forward(self, start: int | Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (length, hs) for positions start .. start + length - 1; `start` may be a 0-d tensor on the
+        device (the compiled decode step's position)."""
+        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
+        positions = positions + (start.float() if isinstance(start, Tensor) else start)  # exact below 2**24
         freqs = torch.outer(positions, self.inv_freq)  # (T, hs / 2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, hs)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -108,7 +111,9 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.attn_opts = AttentionOptions(softcap=config.attn_softcap, sliding_window=config.sliding_window)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: int | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: int | Tensor | None) -> Tensor:
+        """input_pos None: no cache; an int: through the cache's checked API; a 0-d tensor: the cache's
+        `decode_step` (one token, position on the device, for the compiled decode step)."""
         c = self.config
         B, T, _ = x.shape
         hs, nq, ng = c.head_size, c.n_head, c.n_query_groups
@@ -125,7 +130,10 @@ class CausalSelfAttention(nn.Module):
         else:
             if self.kv_cache is None:
                 raise ValueError("input_pos is set but no KV caches are assigned: call set_kv_caches() first")
-            y = self.kv_cache(q, k, v, input_pos)  # (B, T, n_head * hs)
+            if isinstance(input_pos, Tensor):
+                y = self.kv_cache.decode_step(q, k, v, input_pos)  # (B, 1, n_head * hs)
+            else:
+                y = self.kv_cache(q, k, v, input_pos)  # (B, T, n_head * hs)
         return self.proj(y)
 
 
@@ -150,7 +158,7 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: int | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: int | Tensor | None) -> Tensor:
         x = x + self.attn(self.norm_1(x), cos, sin, input_pos)
         return x + self.mlp(self.norm_2(x))
 
@@ -212,6 +220,16 @@ class GPT(nn.Module):
             self.hook(x, len(self.blocks), input_pos)
         x = self.norm(x)
         return x if skip_lm_head else self.lm_head(x)
+
+    def decode_step(self, idx: Tensor, pos: Tensor) -> Tensor:
+        """One token per sequence, idx (B, 1), at position `pos` (a 0-d int64 tensor on the device) through every
+        cache's `decode_step`: fixed shapes, no host synchronisation, no checks and no hook. Returns logits
+        (B, 1, vocab). What model/compiled_decode.py compiles; use `model(idx, input_pos=int)` otherwise."""
+        x = self.embed(idx)  # (B, 1, n_embd)
+        cos, sin = self.rope(pos, 1, x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, pos)
+        return self.lm_head(self.norm(x))
 
     def set_start_of_layer_hook(self, hook: LayerHook | None) -> None:
         """hook(x, block_idx, input_pos) runs before each block and once more (block_idx = n_layer) after the

@@ -1,0 +1,92 @@
+"""A decode step compiled with fixed shapes and, on CUDA, replayed from CUDA graphs.
+
+Decode is memory-bound: a step must read the weights and the K/V once, and at batch 1-4 an eager step spends
+more time launching ~15 kernels per layer than reading memory (H200, Llama-3.2-1B: ~8 ms per step at any
+context, results/baselines/h200/). Compiled and captured, the step is a handful of fused kernels replayed
+with one launch.
+
+    model.set_kv_caches(batch, "dense", cache_length)
+    decoder = CompiledDecode(model)                 # compile=True; CUDA: mode="reduce-overhead" (CUDA graphs)
+    token = model(prompt, input_pos=0)[:, -1:].argmax(-1)   # prefill as always: eager, chunked
+    logits = decoder(token, input_pos=T)            # the int API, checked here, outside the graph
+
+A captured graph replays with the same arguments, so the position cannot be a new Python int each step. It is a
+0-d tensor on the device (`pos`) that the step advances itself; the int stays the API: every call checks it
+against the caches (`check_position`) and only writes it to the device when it is not the one the step left
+there (after a new prefill, say), which costs no host synchronisation. Each cache's `decode_step` writes the
+new K/V at `pos` and attends its whole buffer under a slot mask (`static_decode_attention`: SDPA with
+`enable_gqa`, K/V never expanded).
+
+Caches with a decode step: those whose storage does not depend on the tokens (`supports_compiled_decode`):
+dense and last_recent, on any buffer (float, int8, int4). Score-based caches evict by attention weights, which
+needs the eager path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from caches import cache_class, cache_names
+
+
+def compiled_decode_caches() -> list[str]:
+    """Names of the caches that have a compiled decode step."""
+    return [name for name in cache_names() if cache_class(name).supports_compiled_decode]
+
+
+class CompiledDecode(nn.Module):
+    """`decoder(token (B, 1), input_pos: int) -> logits (B, 1, vocab)` for a model whose caches are set.
+
+    compile=False runs the same fixed-shape step eagerly (a reference for the compiled one). mode: torch.compile's
+    mode; "auto" is "reduce-overhead" (CUDA graphs) on CUDA and the default (no graphs) elsewhere.
+    """
+
+    def __init__(self, model: nn.Module, compile: bool = True, mode: str | None = "auto") -> None:
+        super().__init__()
+        caches = model.kv_caches
+        if len(caches) != len(model.blocks):
+            raise ValueError("CompiledDecode needs a KV cache in every layer: call model.set_kv_caches() first")
+        lacking = sorted({c.name for c in caches if not c.supports_compiled_decode})
+        if lacking:
+            raise ValueError(f"cache {lacking[0]!r} has no compiled decode step; caches that have one: "
+                             f"{', '.join(compiled_decode_caches())}")  # fmt: skip
+        if model.hook is not None:
+            raise ValueError("a start-of-layer hook runs Python in every layer: remove it to compile the decode step")
+        if model.config.attn_softcap is not None or model.config.sliding_window is not None:
+            raise ValueError("attention softcapping and model-level sliding windows run on the eager path only")
+        forced = sorted({c.attn_opts.backend for c in caches} - {"auto"})
+        if forced:
+            raise ValueError(f"sdpa={forced[0]!r}: the compiled decode step lets torch.compile choose the attention "
+                             "kernel; use sdpa=auto, or compile=false to force a backend")  # fmt: skip
+        self.model = model
+        device = model.lm_head.weight.device
+        self.register_buffer("pos", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self._pos_on_device: int | None = None  # the int `pos` holds (mirrored here: reading it back would sync)
+        self.mode = ("reduce-overhead" if device.type == "cuda" else None) if mode == "auto" else mode
+        self.compiled = compile
+        self._step = torch.compile(self._forward, mode=self.mode, fullgraph=True, dynamic=False) if compile else (
+            self._forward)  # fmt: skip
+
+    def _forward(self, idx: Tensor) -> Tensor:
+        logits = self.model.decode_step(idx, self.pos)  # (B, 1, vocab)
+        self.pos.add_(1)  # in the graph: the next replay decodes the next position
+        return logits
+
+    def forward(self, idx: Tensor, input_pos: int) -> Tensor:
+        if idx.dim() != 2 or idx.shape[1] != 1:
+            raise ValueError(f"a decode step takes one token per sequence, idx (B, 1); got {tuple(idx.shape)}")
+        caches = self.model.kv_caches
+        for cache in caches:
+            cache.check_position(idx.shape[0], 1, input_pos)
+        if self._pos_on_device != input_pos:
+            self.pos.fill_(input_pos)
+        if self.compiled and self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        # The graph's output buffer is overwritten by the next replay: hand out a copy (B x vocab, negligible).
+        logits = self._step(idx).clone()
+        self._pos_on_device = input_pos + 1
+        for cache in caches:
+            cache.next_token_pos = input_pos + 1
+            cache.backends_seen.add("compiled" if self.compiled else "static")
+        return logits
