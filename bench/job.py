@@ -21,6 +21,7 @@ from bench import measure, nvml_sampler
 from bench.nvml_sampler import NvmlSampler
 from bench.spec import JobSpec
 from model.attention import UnsupportedBackend
+from model.compiled_decode import CompiledDecode
 from model.config import Config
 from model.generate import prefill_chunks
 from model.gpt import GPT
@@ -182,15 +183,25 @@ def _timed(
 ) -> None:
     """Warm-up, then `repeats` x (chunked prefill, `new_tokens` decode steps), every tracker running."""
 
+    step = model
+    row["compile"] = spec.compile
+    if spec.compile:  # the decode step compiled (and captured in CUDA graphs on CUDA); prefill stays eager
+        step = CompiledDecode(model)
+        row["compile_mode"] = step.mode or "default"
+
     def decode(token: torch.Tensor, start: int, steps: int, times: list[float], desc: str | None) -> torch.Tensor:
         for i in tqdm(range(steps), desc=desc, leave=False, disable=None if desc else True):
             with measure.timed(device, times):
-                token = _argmax(model(token, input_pos=start + i)[:, -1])
+                token = _argmax(step(token, input_pos=start + i)[:, -1])
         return token
 
-    if spec.warmup:  # first calls pay for lazy initialisation, kernel selection and allocator growth
-        warm = min(spec.ctx, spec.prefill_chunk)
-        decode(_prefill(model, ids[:, :warm], spec.prefill_chunk, None), warm, 2, [], None)
+    if spec.warmup or spec.compile:  # first calls pay for lazy initialisation, kernel selection, allocator growth
+        warm = min(spec.ctx, spec.prefill_chunk)  # and compilation (CUDA graphs are recorded on the third call)
+        warm_steps: list[float] = []
+        decode(_prefill(model, ids[:, :warm], spec.prefill_chunk, None), warm, 3 if spec.compile else 2, warm_steps,
+               None)  # fmt: skip
+        if spec.compile:
+            row["compile_s"] = sum(warm_steps)
 
     for c in model.kv_caches:  # the warm-up's backends are not the measured phases'
         c.backends_seen.clear()
@@ -262,7 +273,7 @@ def _mbu(spec: JobSpec, model: GPT, row: dict, itemsize: int, device: torch.devi
     row["bandwidth_bytes_s"] = bandwidth
     weights = row["weights_bytes"] - (model.wte.weight.numel() * itemsize if model.wte is not None else 0)
     attended = statistics.fmean(min(spec.ctx + i + 1, spec.cache_length) for i in range(spec.new_tokens))
-    kv = model.config.kv_bytes(spec.batch, 1, itemsize) * attended
+    kv = row["cache_bytes"] / spec.cache_length * attended  # the cache's own bytes per slot: int8/int4 read less
     row["mbu"] = (weights + kv) / (row["decode_ms_p50"] / 1e3) / bandwidth
 
 
@@ -271,13 +282,16 @@ def _tracked_pass(spec: JobSpec, model: GPT, ids: torch.Tensor, row: dict) -> No
     and inputs included), per phase. Deterministic for a given config, so CI compares it exactly."""
     baseline = row["weights_bytes"] + sum(c.size_estimate() for c in model.kv_caches) + ids.numel() * ids.element_size()
     baseline += sum(b.numel() * b.element_size() for b in model.buffers() if not _is_cache_buffer(model, b))
+    # compile=true: the same fixed-shape step, run eagerly (the tracker counts ops as they run; compiled code
+    # would hide its intermediate buffers from it)
+    step = CompiledDecode(model, compile=False) if spec.compile else model
     tracker = measure.TensorTracker(baseline=baseline)
     with tracker:
         token = _prefill(model, ids, spec.prefill_chunk, None)
         row["peak_alloc_prefill_bytes"] = tracker.peak
         tracker.reset_peak()
         for i in range(spec.new_tokens):
-            token = _argmax(model(token, input_pos=spec.ctx + i)[:, -1])
+            token = _argmax(step(token, input_pos=spec.ctx + i)[:, -1])
         row["peak_alloc_decode_bytes"] = tracker.peak
     row["peak_tracked_bytes"] = max(row["peak_alloc_prefill_bytes"], row["peak_alloc_decode_bytes"])
     row["peak_alloc_bytes"] = row["peak_tracked_bytes"]

@@ -60,6 +60,11 @@ EXTRA: dict[str, str] = {
     "launcher": "string",  # Hydra launcher: basic | joblib | submitit_local | submitit_slurm
     "spawn_overhead_s": "float64",  # isolation=process: starting the child and its imports (wall - total_s)
     "nvml_index": "Int64",  # CUDA: the GPU as NVML (nvidia-smi) numbers it
+    "compile": "boolean",  # decode step compiled (model/compiled_decode.py)
+    "compile_mode": "string",  # torch.compile mode: reduce-overhead (CUDA graphs) | default
+    "compile_s": "float64",  # the warm-up's first decode steps, compilation and graph recording included
+    "system": "string",  # bench.compare_hf: kvbench | hf_static_compiled | hf_static | hf_dynamic
+    "transformers_version": "string",
     "eval": "string",  # quality evaluations run: fidelity+passkey+ppl
     "eval_question": "string",  # passkey: in_prefill | after_prefill
     "passkey_by_depth": "string",  # JSON {depth: accuracy}

@@ -72,6 +72,7 @@ class BenchConfig:
     track_tensors: bool = True  # CPU: one extra untimed pass under the exact tensor-bytes tracker
     nvml_period_ms: float = 5.0  # 0: no NVML sampler (to measure what it costs)
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)
+    compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: on CUDA if it can
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -97,6 +98,7 @@ class JobSpec:
     track_tensors: bool
     nvml_period_ms: float
     inject: str
+    compile: bool  # decode through model/compiled_decode.py
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
 
@@ -206,14 +208,35 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     if threads is not None:
         _positive("threads", threads)
     inject = _choice("inject", get("inject"), INJECT)
+    compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa)
     evals, eval_knobs = _resolve_eval(get("eval"), weights)
     return JobSpec(
         model=model, weights=weights, ctx=ctx, batch=batch, cache=name, cache_kwargs=cache_cfg,
         cache_budget=cache_budget, cache_length=cache_length, sdpa=sdpa, dtype=dtype, device=device,
         new_tokens=new_tokens, prefill_chunk=prefill_chunk, repeats=repeats, seed=int(get("seed")),
         warmup=bool(get("warmup")), threads=threads, track_tensors=bool(get("track_tensors")),
-        nvml_period_ms=float(get("nvml_period_ms")), inject=inject, evals=evals, eval_knobs=eval_knobs,
+        nvml_period_ms=float(get("nvml_period_ms")), inject=inject, compile=compile_, evals=evals,
+        eval_knobs=eval_knobs,
     )  # fmt: skip
+
+
+def _resolve_compile(value: Any, device: str, cache: str, sdpa: str) -> bool:
+    """compile=auto: on CUDA for the caches that have a compiled decode step, with sdpa=auto; true: asks for it
+    (refused where it cannot be); false: the eager decode step."""
+    text = str(value).strip().lower()
+    _choice("compile", text, ["auto", "true", "false"])
+    supported = [n for n in cache_names() if cache_class(n).supports_compiled_decode]
+    if text == "auto":
+        return device == "cuda" and cache in supported and sdpa == "auto"
+    if text == "false":
+        return False
+    if cache not in supported:
+        raise ConfigError(f"compile=true needs a cache with a compiled decode step; valid caches: "
+                          f"{', '.join(supported)} (got cache={cache!r}; use compile=false or auto)")  # fmt: skip
+    if sdpa != "auto":
+        raise ConfigError(f"compile=true lets torch.compile choose the attention kernel; valid: sdpa=auto (got "
+                          f"sdpa={sdpa!r}; use compile=false to force a backend)")  # fmt: skip
+    return True
 
 
 def _get(node: Any, key: str, default: Any = None) -> Any:

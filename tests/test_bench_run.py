@@ -111,6 +111,12 @@ BAD = {
     "batch=abc": "batch=abc is not valid",
     "eval=passkey ctx=1k": "needs real weights",
     "eval=passkey weights=pretrained model=smollm2-135m eval.question=later": "eval.question='later' is not valid",
+    "compile=true cache=h2o": "compile=true needs a cache with a compiled decode step; valid caches: dense, "
+    "last_recent",
+    "compile=true sdpa=math": "valid: sdpa=auto (got sdpa='math'",
+    "compile=maybe": "compile='maybe' is not valid; valid choices: auto, true, false",
+    "hydra/launcher=xyz cache=dense,h2o -m": "hydra/launcher='xyz' is not valid; valid choices: basic, joblib, "
+    "submitit_local, submitit_slurm",
 }
 
 
@@ -126,3 +132,19 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args):
 def test_validate_rejects_a_sweep_without_multirun():
     with pytest.raises(ConfigError, match="add -m"):
         validate(["ctx=8k,32k"])
+
+
+def test_compile_true_decodes_through_the_compiled_step(tmp_path):
+    proc = bench(tmp_path, "cache=dense,last_recent", "compile=true,false", "ctx=512", "-m", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = rows(tmp_path)
+    assert len(df) == 4 and (df["status"] == "ok").all(), df[["cache", "compile", "error"]]
+    compiled = df[df["compile"].astype(bool)]
+    assert len(compiled) == 2 and set(compiled["sdpa_used_decode"]) == {"compiled"}
+    assert set(compiled["compile_mode"]) == {"default"} and (compiled["compile_s"] > 0).all()  # no CUDA graphs
+    assert set(df[~df["compile"].astype(bool)]["sdpa_used_decode"]) == {"flash"}
+    # the tracked pass runs the same fixed-shape step eagerly: same cache bytes, a peak of the same order
+    for cache, group in df.groupby("cache"):
+        assert group["cache_bytes"].nunique() == 1, cache
+        on, off = (group[group["compile"].astype(bool) == flag]["peak_tracked_bytes"].item() for flag in (True, False))
+        assert 0.5 < on / off < 2, (cache, on, off)
