@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from bench import measure, results
 from bench.nvml_sampler import NvmlSampler
@@ -168,6 +169,7 @@ def run_hf(system: str, args, cfg, ctx: int, batch: int, device: torch.device, d
                     token = logits[:, -1:].argmax(-1)  # (B, 1)
             return token
 
+        skips_before = counters["inductor"]["cudagraph_skips"]
         with torch.inference_mode():
             warm = min(ctx, 2048)
             warm_steps: list[float] = []
@@ -175,6 +177,7 @@ def run_hf(system: str, args, cfg, ctx: int, batch: int, device: torch.device, d
             decode(token, cache, warm, 3, warm_steps)
             if system == "hf_static_compiled":
                 row["compile_s"] = sum(warm_steps)
+                row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips_before
             nvml = None
             if device.type == "cuda" and args.nvml_period_ms > 0:
                 torch.cuda.synchronize(device)

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
 from bench import measure, nvml_sampler
@@ -185,6 +186,7 @@ def _timed(
 
     step = model
     row["compile"] = spec.compile
+    skips_before = counters["inductor"]["cudagraph_skips"]
     if spec.compile:  # the decode step compiled (and captured in CUDA graphs on CUDA); prefill stays eager
         step = CompiledDecode(model)
         row["compile_mode"] = step.mode or "default"
@@ -202,6 +204,8 @@ def _timed(
                None)  # fmt: skip
         if spec.compile:
             row["compile_s"] = sum(warm_steps)
+            # CUDA graphs that inductor declined to record (reduce-overhead then runs the compiled kernels unrecorded)
+            row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips_before
 
     for c in model.kv_caches:  # the warm-up's backends are not the measured phases'
         c.backends_seen.clear()

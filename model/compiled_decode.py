@@ -65,6 +65,9 @@ class CompiledDecode(nn.Module):
         self._pos_on_device: int | None = None  # the int `pos` holds (mirrored here: reading it back would sync)
         self.mode = ("reduce-overhead" if device.type == "cuda" else None) if mode == "auto" else mode
         self.compiled = compile
+        if compile:  # tensors the graph mutates in place at fixed addresses (as HF's StaticCache marks its own)
+            for tensor in [self.pos, *(b for c in caches for b in c.buffers())]:
+                torch._dynamo.mark_static_address(tensor)
         self._step = torch.compile(self._forward, mode=self.mode, fullgraph=True, dynamic=False) if compile else (
             self._forward)  # fmt: skip
 
