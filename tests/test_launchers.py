@@ -251,3 +251,17 @@ def test_nvml_index_follows_cuda_visible_devices(monkeypatch):
     assert measure.nvml_index(torch.device("cuda", 0)) == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert measure.nvml_index(torch.device("cuda", 2)) == 2
+
+
+def test_a_launcher_whose_plugin_is_missing_is_refused_in_one_line(monkeypatch):
+    import importlib.util
+
+    from bench import run
+    from bench.spec import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if "hydra_plugins" in name else real(name))
+    with pytest.raises(ConfigError, match=r"hydra/launcher=joblib needs hydra-joblib-launcher: pip install "):
+        run.validate(["hydra/launcher=joblib", "cache=dense,h2o", "-m"])
+    with pytest.raises(ConfigError, match="hydra/launcher=submitit_slurm needs hydra-submitit-launcher"):
+        run.validate(["hydra/launcher=submitit_slurm", "-m"])
