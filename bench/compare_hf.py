@@ -16,6 +16,10 @@ Every system: one warm-up (prefill of min(ctx, 2048) tokens + 3 steps), then `--
 tokens per sequence, one call with logits for the last position only; `--new-tokens` greedy decode steps, each
 timed after a device synchronisation). HF's models get their own random weights (timings and memory do not
 depend on the values). transformers is an optional dependency (`pip install -e ".[dev]"`).
+
+Memory: on CUDA each system's allocated peak is its own (the allocator's peak is reset, and its cache emptied,
+between systems). On the CPU the figure is the process's peak RSS, and a later system's includes whatever the
+process kept resident from the earlier ones: compare CPU memory with `python -m bench.run` (a process per job).
 """
 
 from __future__ import annotations
@@ -286,7 +290,8 @@ def parse_case(text: str) -> tuple[int, int]:
 
 
 def table(df) -> str:
-    """system x (ctx, batch): prefill, decode, peak memory against weights + KV, mbu, decode speed-up."""
+    """system x (ctx, batch): prefill, decode, peak memory against weights + KV (allocated on CUDA, RSS on CPU),
+    mbu, decode speed against HF's compiled StaticCache."""
     import pandas as pd
 
     from bench.report import _fmt, ctx_label, human_bytes
@@ -300,7 +305,7 @@ def table(df) -> str:
         "ms/step p50",
         "tok/s",
         "peak alloc",
-        "x (w+KV)",
+        "peak x (w+KV)",
         "peak nvml/rss",
         "mbu",
         "vs hf_static_compiled",
@@ -311,7 +316,8 @@ def table(df) -> str:
         ref = group[(group["system"] == "hf_static_compiled") & (group["status"] == "ok")]["decode_ms_p50"]
         for _, r in group.iterrows():
             total = r["weights_bytes"] + r["kv_bytes_dense"] if pd.notna(r["weights_bytes"]) else None
-            ratio = r["peak_alloc_bytes"] / total if total and pd.notna(r["peak_alloc_bytes"]) else None
+            peak = r["peak_alloc_bytes"] if r["device_kind"] == "cuda" else r["peak_rss_bytes"]  # like with like
+            ratio = peak / total if total and pd.notna(peak) else None
             speed = ref.iloc[0] / r["decode_ms_p50"] if len(ref) and pd.notna(r["decode_ms_p50"]) else None
             other = r["peak_nvml_bytes"] if r["device_kind"] == "cuda" else r["peak_rss_bytes"]
             lines.append(

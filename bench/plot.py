@@ -9,6 +9,7 @@ call them directly:
     backend_matrix(df)       which SDPA backend ran which phase: ok / unsupported / oom / error
     quality_vs_bytes(df)     each quality column against cache bytes, a marker per cache and budget, Pareto front
     passkey_heatmap(df)      pass-key accuracy by cache and budget against ctx x depth of the key
+    systems_side_by_side(df) bench.compare_hf rows: decode ms/step and peak memory / (weights + KV) per system
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ STATUS_COLORS = ["#4caf50", "#ffb300", "#e53935", "#757575"]
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    df = df[df["status"] == "ok"].copy()
+    """Rows that ran, of kvbench itself (HF's rows from bench.compare_hf have their own figure)."""
+    df = df[(df["status"] == "ok") & (df["system"].isna() | (df["system"] == "kvbench"))].copy()
     df["cache_label"] = [cache_label(r) for _, r in df.iterrows()]
     return df
 
@@ -74,7 +76,8 @@ def memory_time_vs_ctx(df: pd.DataFrame, model: str | None = None) -> plt.Figure
     ok = ok[ok["batch"] == batch]
     # One attention setting per line: the most common backend and chunk (a backend sweep is another figure).
     for col in ("sdpa_requested", "prefill_chunk"):
-        ok = ok[ok[col] == ok[col].mode().iloc[0]]
+        common = ok[col].mode()
+        ok = ok[ok[col] == common.iloc[0]] if len(common) else ok
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [("peak_alloc_bytes", "peak memory (MiB)", MIB), ("cache_bytes", "cache bytes (MiB)", MIB),
               ("decode_ms_p50", "decode step, p50 (ms)", 1.0)]  # fmt: skip
@@ -136,6 +139,7 @@ def backend_phase_table(df: pd.DataFrame) -> pd.DataFrame:
         if (backend, phase) not in cells or code > cells[(backend, phase)][0]:
             cells[(backend, phase)] = (code, note)
 
+    df = df[df["system"].isna() | (df["system"] == "kvbench")]  # HF rows have no backend choice of ours
     for _, r in df.iterrows():
         backend = r["sdpa_requested"]
         prefill_phase = "chunked prefill" if r["prefill_chunk"] < r["ctx"] else "prefill"
@@ -154,6 +158,7 @@ def backend_phase_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def backend_matrix(df: pd.DataFrame) -> plt.Figure | None:
+    df = df[df["system"].isna() | (df["system"] == "kvbench")]
     if df.empty or df["sdpa_requested"].nunique() < 2:
         return None
     table = backend_phase_table(df)
@@ -246,6 +251,43 @@ def passkey_heatmap(df: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
+SYSTEM_ORDER = ["kvbench", "hf_static_compiled", "hf_static", "hf_dynamic"]
+
+
+def systems_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
+    """Rows with a `system` (bench.compare_hf): for each (ctx, batch), a bar per system of decode ms/step and of
+    peak memory over weights + dense KV (allocated on CUDA, RSS on CPU)."""
+    if "system" not in df:
+        return None
+    df = df[(df["status"] == "ok") & df["system"].notna()].copy()
+    if df.empty:
+        return None
+    cases = sorted({(int(c), int(b)) for c, b in zip(df["ctx"], df["batch"])})
+    systems = [s for s in SYSTEM_ORDER if s in set(df["system"])] + sorted(set(df["system"]) - set(SYSTEM_ORDER))
+    # like with like: torch's allocated peak on CUDA, the process's peak RSS on CPU (HF has no tensor tracker)
+    cuda = df["device_kind"] == "cuda"
+    peak = df["peak_alloc_bytes"].astype("float64").where(cuda, df["peak_rss_bytes"].astype("float64"))
+    df["peak_ratio"] = peak / (df["weights_bytes"] + df["kv_bytes_dense"]).astype("float64")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        rows = df[df["system"] == system].drop_duplicates(["ctx", "batch"], keep="last").set_index(["ctx", "batch"])
+        for ax, col in zip(axes, ["decode_ms_p50", "peak_ratio"]):
+            values = [rows[col].get(case, np.nan) for case in cases]
+            ax.bar(np.arange(len(cases)) + i * width, values, width, label=system)
+    labels = [f"ctx {ctx_label(c)}, batch {b}" for c, b in cases]
+    memory = "peak allocated" if cuda.all() else "peak RSS" if not cuda.any() else "peak (allocated | RSS)"
+    for ax, ylabel in zip(axes, ["decode ms/step (p50)", f"{memory} / (weights + KV)"]):
+        ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
+        ax.set_xticklabels(labels)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(_title(df, "kvbench and HF transformers"))
+    fig.tight_layout()
+    return fig
+
+
 def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
     """Every figure the rows allow, as PNG files in `out`; returns their paths."""
     out = Path(out)
@@ -255,7 +297,8 @@ def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
     models = sorted(timed[timed["decode_ms_p50"].notna()]["model"].unique())
     figures = [(f"memory_time_vs_ctx_{m}", memory_time_vs_ctx(df, m)) for m in models]
     figures += [("throughput_vs_batch", throughput_vs_batch(df)), ("backend_matrix", backend_matrix(df)),
-                ("quality_vs_bytes", quality_vs_bytes(df)), ("passkey_heatmap", passkey_heatmap(df))]  # fmt: skip
+                ("quality_vs_bytes", quality_vs_bytes(df)), ("passkey_heatmap", passkey_heatmap(df)),
+                ("systems_side_by_side", systems_side_by_side(df))]  # fmt: skip
     for name, fig in figures:
         if fig is not None:
             path = out / f"{name}.png"

@@ -40,6 +40,14 @@ def test_kvbench_and_hf_rows_side_by_side(tmp_path):
         assert (df[col] > 0).all(), col
     assert "hf_static" in proc.stdout and "ms/step p50" in proc.stdout  # the side-by-side table
 
+    from bench.plot import systems_side_by_side
+
+    fig = systems_side_by_side(df)
+    time_ax, memory_ax = fig.axes
+    heights = [bar.get_height() for bar in time_ax.patches]
+    assert sorted(heights) == sorted(df["decode_ms_p50"])  # one bar per system
+    assert memory_ax.get_ylabel() == "peak RSS / (weights + KV)" and len(memory_ax.patches) == 3
+
 
 @pytest.mark.parametrize(
     "args, message",

@@ -1,0 +1,83 @@
+"""The compiled decode step against the eager one on whatever device is here: greedy tokens and step time.
+
+    python benchmarks/compiled_vs_eager.py                          # CUDA: llama-3.2-1b bf16, ctx 4k, batch 2
+    python benchmarks/compiled_vs_eager.py --model tiny --ctx 1024  # CPU
+
+Prints one JSON line per cache: steps until the first differing token (of --steps), max |logit difference| over
+the steps both agree on, ms/step p50 of each path (after a warm-up that compiles and records the CUDA graphs),
+and how many CUDA graphs inductor declined to record. On CUDA in bf16 the two paths reduce in different orders,
+so a late divergence between near-tied logits is possible; an early one, or cudagraph_skips > 0, is a finding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch._dynamo.utils import counters
+
+from bench.measure import sync
+from model.compiled_decode import CompiledDecode
+from model.config import Config
+from model.gpt import GPT
+
+
+@torch.inference_mode()
+def greedy(model: GPT, prompt: torch.Tensor, step, steps: int, device: torch.device):
+    """(tokens (B, steps), logits (B, steps, vocab), step seconds)."""
+    token = model(prompt, input_pos=0)[:, -1:].argmax(-1)  # (B, 1)
+    tokens, logits, times = [], [], []
+    for i in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        out = step(token, input_pos=prompt.shape[1] + i)  # (B, 1, vocab)
+        token = out[:, -1:].argmax(-1)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        tokens.append(token)
+        logits.append(out.float())
+    return torch.cat(tokens, 1), torch.cat(logits, 1), times
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.2-1b" if cuda else "tiny")
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=64)
+    args = ap.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = GPT(Config.from_name(args.model)).eval().requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.ctx), generator=gen).to(device)
+    cases = [("dense", args.ctx + args.steps + 8, {}), ("last_recent", args.ctx // 4, {"sink_tokens": 4}),
+             ("dense", args.ctx + args.steps + 8, {"buffer": "int8"})]  # fmt: skip
+    for cache, length, knobs in cases:
+        model.set_kv_caches(args.batch, cache, length, **knobs)
+        eager_tokens, eager_logits, eager_s = greedy(model, prompt, model, args.steps, device)
+        skips = counters["inductor"]["cudagraph_skips"]
+        decoder = CompiledDecode(model)
+        greedy(model, prompt[:, : min(args.ctx, 256)], decoder, 3, device)  # compile, record the graphs
+        compiled_tokens, compiled_logits, compiled_s = greedy(model, prompt, decoder, args.steps, device)
+        differs = (compiled_tokens != eager_tokens).any(0).nonzero()
+        agree = int(differs[0]) if len(differs) else args.steps
+        diff = (compiled_logits[:, :agree] - eager_logits[:, :agree]).abs().max().item() if agree else None
+        print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
+                          "ctx": args.ctx, "batch": args.batch, "cache": cache, **knobs, "mode": decoder.mode,
+                          "steps_agreeing": agree, "of": args.steps, "max_logit_diff": diff,
+                          "eager_ms_p50": statistics.median(eager_s) * 1e3,
+                          "compiled_ms_p50": statistics.median(compiled_s) * 1e3,
+                          "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}), flush=True)  # fmt: skip
+        model.clear_kv_caches()
+
+
+if __name__ == "__main__":
+    main()
