@@ -32,9 +32,15 @@ STATUS_CODE = {"ok": 0, "unsupported": 1, "oom": 2, "error": 3}
 STATUS_COLORS = ["#4caf50", "#ffb300", "#e53935", "#757575"]
 
 
+def _kvbench(df: pd.DataFrame) -> pd.DataFrame:
+    """kvbench's own rows (HF's, from bench.compare_hf, have their own figure)."""
+    return df if "system" not in df else df[df["system"].isna() | (df["system"] == "kvbench")]
+
+
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows that ran, of kvbench itself (HF's rows from bench.compare_hf have their own figure)."""
-    df = df[(df["status"] == "ok") & (df["system"].isna() | (df["system"] == "kvbench"))].copy()
+    """Rows that ran, of kvbench itself."""
+    df = _kvbench(df)
+    df = df[df["status"] == "ok"].copy()
     df["cache_label"] = [cache_label(r) for _, r in df.iterrows()]
     return df
 
@@ -139,7 +145,7 @@ def backend_phase_table(df: pd.DataFrame) -> pd.DataFrame:
         if (backend, phase) not in cells or code > cells[(backend, phase)][0]:
             cells[(backend, phase)] = (code, note)
 
-    df = df[df["system"].isna() | (df["system"] == "kvbench")]  # HF rows have no backend choice of ours
+    df = _kvbench(df)  # HF rows have no backend choice of ours
     for _, r in df.iterrows():
         backend = r["sdpa_requested"]
         prefill_phase = "chunked prefill" if r["prefill_chunk"] < r["ctx"] else "prefill"
@@ -158,7 +164,7 @@ def backend_phase_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def backend_matrix(df: pd.DataFrame) -> plt.Figure | None:
-    df = df[df["system"].isna() | (df["system"] == "kvbench")]
+    df = _kvbench(df)
     if df.empty or df["sdpa_requested"].nunique() < 2:
         return None
     table = backend_phase_table(df)
