@@ -131,6 +131,8 @@ def run_hf(system: str, args, cfg, ctx: int, batch: int, device: torch.device, d
     """One HF transformers configuration, measured the way bench/job.py measures ours."""
     from transformers import DynamicCache, StaticCache
 
+    from bench.job import timing_columns
+
     row = _hf_row(system, args, cfg, ctx, batch, device, dtype)
     t_start = time.perf_counter()
     model = cache = None
@@ -197,7 +199,7 @@ def run_hf(system: str, args, cfg, ctx: int, batch: int, device: torch.device, d
             finally:
                 if nvml is not None:
                     row["peak_nvml_bytes"], row["peak_nvml_source"] = nvml.stop(), nvml.source
-        _fill_timings(row, prefill_s, step_s, batch)
+        row.update(timing_columns(prefill_s, step_s, batch))
         row["cache_bytes"] = _cache_bytes(cache)
         if device.type == "cuda":
             row.update(
@@ -231,24 +233,14 @@ def _cache_bytes(cache) -> int | None:
     return total or None
 
 
-def _fill_timings(row: dict, prefill_s: list[float], step_s: list[float], batch: int) -> None:
-    step_ms = sorted(t * 1e3 for t in step_s)
-    row["prefill_s"] = statistics.median(prefill_s)
-    row["prefill_s_min"] = min(prefill_s)
-    row["decode_ms_p50"] = statistics.median(step_ms)
-    row["decode_ms_p90"] = step_ms[min(len(step_ms) - 1, int(round(0.9 * (len(step_ms) - 1))))]
-    row["decode_ms_mean"] = statistics.fmean(step_ms)
-    row["decode_tok_s"] = batch * len(step_s) / sum(step_s)
-
-
 def _mbu(row: dict, cfg, ctx: int, new_tokens: int, itemsize: int, device: torch.device) -> None:
-    """As bench/job.py: (weights read once, not the embedding table, + the K/V attended) / step / bandwidth."""
-    bandwidth = measure.measured_bandwidth(device)
-    row["bandwidth_bytes_s"] = bandwidth
+    """As bench/job.py: weights read once (not an untied embedding table) + the K/V attended, per step."""
+    from bench.job import mbu_columns
+
     embedding = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd * itemsize
     attended = statistics.fmean(ctx + i + 1 for i in range(new_tokens))
     kv = cfg.kv_bytes(row["batch"], 1, itemsize) * attended
-    row["mbu"] = (row["weights_bytes"] - embedding + kv) / (row["decode_ms_p50"] / 1e3) / bandwidth
+    row.update(mbu_columns(row["weights_bytes"] - embedding + kv, row["decode_ms_p50"], device))
 
 
 def run_kvbench(args, model: str, ctx: int, batch: int) -> dict:

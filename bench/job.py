@@ -238,13 +238,7 @@ def _timed(
     row["sdpa_used_decode"] = "+".join(sorted(decode_backends))
     same = row["sdpa_used_prefill"] == row["sdpa_used_decode"]
     row["sdpa_used"] = row["sdpa_used_decode"] if same else f"{row['sdpa_used_prefill']}|{row['sdpa_used_decode']}"
-    step_ms = sorted(t * 1e3 for t in step_s)
-    row["prefill_s"] = statistics.median(prefill_s)
-    row["prefill_s_min"] = min(prefill_s)
-    row["decode_ms_p50"] = statistics.median(step_ms)
-    row["decode_ms_p90"] = step_ms[min(len(step_ms) - 1, int(round(0.9 * (len(step_ms) - 1))))]
-    row["decode_ms_mean"] = statistics.fmean(step_ms)
-    row["decode_tok_s"] = spec.batch * len(step_s) / sum(step_s)
+    row.update(timing_columns(prefill_s, step_s, spec.batch))
     if device.type == "cuda":
         row["peak_alloc_source"] = "torch.cuda"
         row["peak_alloc_prefill_bytes"], row["peak_alloc_decode_bytes"] = peaks["prefill"][0], peaks["decode"][0]
@@ -271,14 +265,30 @@ def _quality(spec: JobSpec, model: GPT, tokenizer, row: dict) -> None:
         row.update(quality.perplexity(model, tokenizer, setup, spec.ctx, knobs["ppl_chunk"]))
 
 
-def _mbu(spec: JobSpec, model: GPT, row: dict, itemsize: int, device: torch.device) -> None:
-    """Achieved bytes/s of a decode step (weights read once + the K/V attended) over the measured bandwidth."""
+def timing_columns(prefill_s: list[float], step_s: list[float], batch: int) -> dict:
+    """prefill (median, min) and decode step (p50, p90, mean, tokens/s) columns from the timed seconds."""
+    step_ms = sorted(t * 1e3 for t in step_s)
+    return {
+        "prefill_s": statistics.median(prefill_s), "prefill_s_min": min(prefill_s),
+        "decode_ms_p50": statistics.median(step_ms),
+        "decode_ms_p90": step_ms[min(len(step_ms) - 1, int(round(0.9 * (len(step_ms) - 1))))],
+        "decode_ms_mean": statistics.fmean(step_ms), "decode_tok_s": batch * len(step_s) / sum(step_s),
+    }  # fmt: skip
+
+
+def mbu_columns(bytes_per_step: float, step_ms: float, device: torch.device) -> dict:
+    """Achieved bytes/s of a decode step over the device-to-device bandwidth measured once per device."""
     bandwidth = measure.measured_bandwidth(device)
-    row["bandwidth_bytes_s"] = bandwidth
+    return {"bandwidth_bytes_s": bandwidth, "mbu": bytes_per_step / (step_ms / 1e3) / bandwidth}
+
+
+def _mbu(spec: JobSpec, model: GPT, row: dict, itemsize: int, device: torch.device) -> None:
+    """A decode step must read the weights once (not the embedding table: one row per token) and the K/V it
+    attends, in the cache's own bytes per slot (int8/int4 read less)."""
     weights = row["weights_bytes"] - (model.wte.weight.numel() * itemsize if model.wte is not None else 0)
     attended = statistics.fmean(min(spec.ctx + i + 1, spec.cache_length) for i in range(spec.new_tokens))
-    kv = row["cache_bytes"] / spec.cache_length * attended  # the cache's own bytes per slot: int8/int4 read less
-    row["mbu"] = (weights + kv) / (row["decode_ms_p50"] / 1e3) / bandwidth
+    kv = row["cache_bytes"] / spec.cache_length * attended
+    row.update(mbu_columns(weights + kv, row["decode_ms_p50"], device))
 
 
 def _tracked_pass(spec: JobSpec, model: GPT, ids: torch.Tensor, row: dict) -> None:

@@ -81,3 +81,22 @@ def test_summary_and_table_render():
     assert line.startswith("[ok] tiny dense ctx=8k") and "1.25 ms/step" in line and "3.0 MiB" in line
     table = comparison_table(results.to_frame([row, {**row, "cache": "last_recent", "cache_bytes": 2**18}]))
     assert "last_recent" in table and "0.25x" in table and "1.0 GiB" in table
+
+
+def test_mbu_is_bytes_per_step_over_step_time_over_bandwidth(monkeypatch):
+    import torch
+
+    from bench import job, measure
+
+    monkeypatch.setattr(measure, "measured_bandwidth", lambda device: 4e12)  # an H200-like 4 TB/s
+    cols = job.mbu_columns(bytes_per_step=6e9, step_ms=2.5, device=torch.device("cuda"))
+    assert cols == {"bandwidth_bytes_s": 4e12, "mbu": pytest.approx(0.6)}  # 6 GB in 2.5 ms = 2.4 TB/s
+
+
+def test_timing_columns():
+    from bench.job import timing_columns
+
+    cols = timing_columns([2.0, 1.0, 3.0], [0.001 * k for k in range(1, 11)], batch=4)
+    assert cols["prefill_s"] == 2.0 and cols["prefill_s_min"] == 1.0
+    assert cols["decode_ms_p50"] == pytest.approx(5.5) and cols["decode_ms_p90"] == pytest.approx(9.0)
+    assert cols["decode_tok_s"] == pytest.approx(4 * 10 / 0.055)
