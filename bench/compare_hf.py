@@ -99,6 +99,7 @@ def _hf_row(system: str, args, cfg, ctx: int, batch: int, device: torch.device, 
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "seed": args.seed,
+        "expandable_segments": args.expandable_segments == "true" and device.type == "cuda",
     }
     return {
         "run_id": os.urandom(8).hex(),
@@ -205,6 +206,7 @@ def run_hf(system: str, args, cfg, ctx: int, batch: int, device: torch.device, d
             row.update(
                 peak_alloc_bytes=peaks.allocated, peak_reserved_bytes=peaks.reserved, peak_alloc_source="torch.cuda"
             )
+            row.update(alloc_conf=args.alloc_conf, expandable_segments=measure.expandable_segments_seen(device))
             _mbu(row, cfg, ctx, args.new_tokens, itemsize, device)
         else:
             row["peak_rss_bytes"] = measure.peak_rss() if rss_resettable else None
@@ -262,6 +264,7 @@ def run_kvbench(args, model: str, ctx: int, batch: int) -> dict:
         f"seed={args.seed}",
         f"device={args.device}",
         f"compile={args.compile}",
+        f"expandable_segments={args.expandable_segments}",
         f"nvml_period_ms={args.nvml_period_ms}",
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -351,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, from: {', '.join(SYSTEMS)}",
     )
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="kvbench's compile knob")
+    ap.add_argument("--expandable-segments", default="true", choices=["true", "false"],
+                    help="CUDA: the caching allocator's expandable segments, for every system of the run")  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -382,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--new-tokens and --repeats must be integers >= 1")
     device = torch.device("cuda" if (args.device == "auto" and cuda) or args.device == "cuda" else "cpu")
     args.device = device.type
+    args.alloc_conf = None
+    if device.type == "cuda":  # before anything allocates: one allocator setting for every system of the process
+        args.alloc_conf = measure.request_expandable_segments(args.expandable_segments == "true")
     dtype = DTYPES[args.dtype]
     cfg = Config.from_name(args.model)
     sweep_dir = Path(args.results_dir) / args.sweep

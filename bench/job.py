@@ -102,7 +102,9 @@ def base_row(spec: JobSpec, sweep_id: str, config_hash: str, probe_device: bool 
 
 def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = True) -> dict:
     device = torch.device(spec.device)
-    row = base_row(spec, sweep_id, config_hash)
+    alloc_conf = measure.request_expandable_segments(spec.expandable_segments) if device.type == "cuda" else None
+    row = base_row(spec, sweep_id, config_hash)  # (queries the device: the allocator's setting must come first)
+    row["alloc_conf"] = alloc_conf
     t_start = time.perf_counter()
     try:
         _measure(spec, device, row, progress)
@@ -244,6 +246,7 @@ def _timed(
         row["peak_alloc_prefill_bytes"], row["peak_alloc_decode_bytes"] = peaks["prefill"][0], peaks["decode"][0]
         row["peak_alloc_bytes"] = max(peaks["prefill"][0], peaks["decode"][0])
         row["peak_reserved_bytes"] = max(peaks["prefill"][1], peaks["decode"][1])
+        row["expandable_segments"] = measure.expandable_segments_seen(device)
 
 
 def _quality(spec: JobSpec, model: GPT, tokenizer, row: dict) -> None:

@@ -141,6 +141,37 @@ class CudaPeaks:
             self.reserved = torch.cuda.max_memory_reserved(self.device)
 
 
+ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the newer name first
+
+
+def request_expandable_segments(on: bool) -> str:
+    """Ask the CUDA caching allocator for expandable segments (on) or fixed-size ones (off), keeping the user's
+    other allocator options. Expandable segments grow one mapping instead of caching blocks of the sizes first
+    asked for, so memory freed after prefill is reused by any later size: reserved (and NVML) stay near
+    allocated. The setting is read when the allocator starts: before that it goes through the environment
+    (the documented way); after, through torch's runtime setter where this torch has one. Returns the option
+    string asked for; what the allocator did is `expandable_segments_seen`."""
+    var = next((v for v in ALLOC_CONF_VARS if os.environ.get(v)), "PYTORCH_CUDA_ALLOC_CONF")
+    options = [o for o in os.environ.get(var, "").split(",") if o and not o.startswith("expandable_segments")]
+    conf = ",".join([*options, f"expandable_segments:{on}"])
+    if not torch.cuda.is_initialized():
+        os.environ[var] = conf
+        return conf
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    setter = setter or getattr(torch._C, "_cuda_cudaCachingAllocator_set_allocator_settings", None)
+    if setter is not None:
+        setter(f"expandable_segments:{on}")
+    return conf
+
+
+def expandable_segments_seen(device: torch.device) -> bool | None:
+    """Whether the allocator's segments on `device` are expandable (None: no segment, or this torch does not say)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    flags = [s.get("is_expandable") for s in torch.cuda.memory_snapshot() if s.get("device") == index]
+    flags = [f for f in flags if f is not None]
+    return any(flags) if flags else None
+
+
 def nvml_index(device: torch.device) -> int:
     """NVML's index of a CUDA device. NVML numbers every GPU of the machine; torch numbers only those
     CUDA_VISIBLE_DEVICES shows (a job under bench.launch sees one GPU, as cuda:0), so match them by UUID."""

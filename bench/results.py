@@ -64,6 +64,8 @@ EXTRA: dict[str, str] = {
     "compile_mode": "string",  # torch.compile mode: reduce-overhead (CUDA graphs) | default
     "compile_s": "float64",  # the warm-up's first decode steps, compilation and graph recording included
     "cudagraph_skips": "Int64",  # compile_mode=reduce-overhead: graphs inductor declined to capture (0 expected)
+    "alloc_conf": "string",  # CUDA: the allocator options the job asked for (PYTORCH_CUDA_ALLOC_CONF syntax)
+    "expandable_segments": "boolean",  # CUDA: the allocator's segments were expandable (seen in its snapshot)
     "system": "string",  # bench.compare_hf: kvbench | hf_static_compiled | hf_static | hf_dynamic
     "transformers_version": "string",
     "eval": "string",  # quality evaluations run: fidelity+passkey+ppl

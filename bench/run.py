@@ -95,6 +95,8 @@ def _one_line(err: Exception) -> str:
     if "not in 'BenchConfig'" in cause:
         key = cause.split("'")[1]
         return f"{key!r} is not a setting; valid settings: {', '.join(f.name for f in fields(BenchConfig))}"
+    if "is not a valid bool" in cause:
+        return f"{text.removeprefix('Error merging override ')} is not valid; valid choices: true, false"
     if "could not be converted" in cause or "Invalid value" in cause:
         return f"{text.removeprefix('Error merging override ')} is not valid: {cause.splitlines()[0]}"
     return " ".join(text.splitlines()[0].split())

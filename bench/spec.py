@@ -73,6 +73,7 @@ class BenchConfig:
     nvml_period_ms: float = 5.0  # 0: no NVML sampler (to measure what it costs)
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)
     compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: on CUDA if it can
+    expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -99,6 +100,7 @@ class JobSpec:
     nvml_period_ms: float
     inject: str
     compile: bool  # decode through model/compiled_decode.py
+    expandable_segments: bool  # CUDA allocator with expandable segments (always False on CPU)
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
 
@@ -209,13 +211,17 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         _positive("threads", threads)
     inject = _choice("inject", get("inject"), INJECT)
     compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa)
+    expandable = get("expandable_segments", True)
+    if not isinstance(expandable, bool):
+        raise ConfigError(f"expandable_segments={expandable!r} is not valid; valid choices: true, false")
     evals, eval_knobs = _resolve_eval(get("eval"), weights)
     return JobSpec(
         model=model, weights=weights, ctx=ctx, batch=batch, cache=name, cache_kwargs=cache_cfg,
         cache_budget=cache_budget, cache_length=cache_length, sdpa=sdpa, dtype=dtype, device=device,
         new_tokens=new_tokens, prefill_chunk=prefill_chunk, repeats=repeats, seed=int(get("seed")),
         warmup=bool(get("warmup")), threads=threads, track_tensors=bool(get("track_tensors")),
-        nvml_period_ms=float(get("nvml_period_ms")), inject=inject, compile=compile_, evals=evals,
+        nvml_period_ms=float(get("nvml_period_ms")), inject=inject, compile=compile_,
+        expandable_segments=expandable and device == "cuda", evals=evals,
         eval_knobs=eval_knobs,
     )  # fmt: skip
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md), about 8 minutes on an H200:
-#   0. benchmarks/compiled_vs_eager.py: the compiled, CUDA-graph decode step against the eager one (tokens, ms/step);
-#   1. python -m bench.compare_hf: kvbench (compiled decode, CUDA graphs) against HF transformers StaticCache +
+# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md), about 8 minutes on an H200,
+# most important first; results are packed into $OUT after every step, so a run cut short keeps what it did:
+#   1. benchmarks/compiled_vs_eager.py: the compiled, CUDA-graph decode step against the eager one (tokens, ms/step);
+#   2. python -m bench.compare_hf: kvbench (compiled decode, CUDA graphs) against HF transformers StaticCache +
 #      compile and DynamicCache, Llama-3.2-1B shape, bf16, ctx 8k batch 1 and ctx 32k batch 4, one process;
-#   2. the harness with compile=true,false for dense, last_recent and dense int8 at ctx 32k batch 4 (mbu, peaks).
-# Writes $OUT/results.tar.gz (the sweep folders, without Hydra's logs) and $OUT/log.txt.
+#   3. the harness with compile=true,false for dense and last_recent at ctx 32k batch 4 (mbu, peaks);
+#   4. benchmarks/prefill_memory.py: one prefill chunk's temporaries at 32k x 4 (allocated, reserved);
+#   5. dense int8 at 32k x 4, compile=true,false; 6. dense compile=true with expandable_segments=false.
+# Writes $OUT/results.tar.gz (the sweep folders, without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl, $OUT/figures.
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH || exit; bash benchmarks/gpu_decode.sh
@@ -13,7 +16,16 @@ OUT=${OUT:-/tmp/out}
 MODEL=${MODEL:-llama-3.2-1b}
 mkdir -p "$OUT"
 R=/tmp/kvres
+mkdir -p "$R"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
+save() { tar -czf "$OUT/results.tar.gz" -C "$R" --exclude=hydra . 2>/dev/null; }
+run_sweep() {  # limit, then bench.run overrides
+  local limit=$1; shift
+  log "python -m bench.run $*"
+  timeout "$limit" python3 -m bench.run "$@" new_tokens=64 sweep=compiled results_dir=$R -m 2>&1 \
+    | grep -v "it/s\]" | tee -a "$OUT/log.txt"
+  save
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/log.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/log.txt"
@@ -26,14 +38,15 @@ log "python -m bench.compare_hf --model $MODEL --case 8k:1 --case 32k:4"
 timeout "${LIMIT_COMPARE:-300}" python3 -m bench.compare_hf --model "$MODEL" --case 8k:1 --case 32k:4 \
   --systems kvbench,hf_static_compiled,hf_dynamic --new-tokens 64 --repeats 2 --results-dir $R 2>&1 \
   | grep -v "it/s\]" | tee -a "$OUT/log.txt"
-
-log "python -m bench.run model=$MODEL ctx=32k batch=4 cache=dense,last_recent compile=true,false -m"
-timeout "${LIMIT_RUN:-200}" python3 -m bench.run model="$MODEL" ctx=32k batch=4 cache=dense,last_recent \
-  compile=true,false new_tokens=64 sweep=compiled results_dir=$R -m 2>&1 | grep -v "it/s\]" | tee -a "$OUT/log.txt"
-log "python -m bench.run model=$MODEL ctx=32k batch=4 cache=dense cache.buffer=int8 compile=true,false -m"
-timeout "${LIMIT_RUN:-120}" python3 -m bench.run model="$MODEL" ctx=32k batch=4 cache=dense cache.buffer=int8 \
-  compile=true,false new_tokens=64 sweep=compiled results_dir=$R -m 2>&1 | grep -v "it/s\]" | tee -a "$OUT/log.txt"
-
-tar -czf "$OUT/results.tar.gz" -C "$R" --exclude=hydra .
+save
 python3 -m bench.plot $R/compare_hf --out "$OUT/figures" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+
+run_sweep "${LIMIT_RUN:-200}" model="$MODEL" ctx=32k batch=4 cache=dense,last_recent compile=true,false
+
+log "python benchmarks/prefill_memory.py --model $MODEL --ctx 32k --batch 4"
+timeout 60 python3 benchmarks/prefill_memory.py --model "$MODEL" --ctx 32k --batch 4 2>&1 \
+  | tee -a "$OUT/log.txt" "$OUT/prefill_memory.jsonl"
+
+run_sweep "${LIMIT_INT8:-120}" model="$MODEL" ctx=32k batch=4 cache=dense cache.buffer=int8 compile=true,false
+run_sweep "${LIMIT_ALLOC:-90}" model="$MODEL" ctx=32k batch=4 cache=dense compile=true expandable_segments=false
 log done

@@ -35,6 +35,9 @@ _SDP = {
     "math": SDPBackend.MATH,
 }
 _SDP_NAME = {v: k for k, v in _SDP.items()}
+# Most mask elements one SDPA call builds: a masked call whose mask would be larger runs in query blocks
+# (16 Mi elements: 16 MiB as bool, 32 MiB as the bf16 additive mask SDPA converts it to).
+MASK_ELEMENTS = 1 << 24
 # `auto`: fused kernels first, cuDNN before mem-efficient (the latter has no enable_gqa), math last because it
 # materialises the (T, S) scores of every head (19 GB for one 8k prefill on an H200).
 _AUTO_PRIORITY = [
@@ -100,15 +103,20 @@ def visible_mask(q_pos: Tensor, k_pos: Tensor, window: int | None = None, sinks:
     return mask
 
 
+def _needs_mask(vis: Visibility, t0: int, n_keys: int, window: int | None) -> bool:
+    """False when queries t0.. of the call see every key: all visible, or keys 0 .. S-1 all at or before them."""
+    if vis.all_visible and window is None:
+        return False
+    return not (vis.k_pos is None and window is None and vis.q_start + t0 >= n_keys - 1)
+
+
 def _mask_rows(
     vis: Visibility, t0: int, t1: int, n_keys: int, device: torch.device, window: int | None
 ) -> Tensor | None:
     """The mask for queries t0 .. t1-1 of the call: (t1 - t0, S) or (B, G, t1 - t0, S); None if all visible."""
-    if vis.all_visible and window is None:
+    if not _needs_mask(vis, t0, n_keys, window):
         return None
     if vis.k_pos is None and window is None:
-        if vis.q_start + t0 >= n_keys - 1:
-            return None  # every query is at or after the last key
         # keys hold positions 0 .. S-1: query q_start + i sees keys j <= q_start + i
         return torch.ones(t1 - t0, n_keys, dtype=torch.bool, device=device).tril_(vis.q_start + t0)
     q_pos = torch.arange(vis.q_start + t0, vis.q_start + t1, device=device)
@@ -149,6 +157,18 @@ def sdpa(
     n_groups, S = key.shape[1], key.shape[2]
     gqa = n_groups != n_head
     is_causal = vis.k_pos is None and window is None and vis.q_start == 0 and T == S
+    planes = 1 if vis.k_pos is None or vis.k_pos.dim() == 1 else B * n_head  # mask (T, S) or (B, n_head, T, S)
+    rows = max(1, MASK_ELEMENTS // (planes * S))
+    if not is_causal and T > rows and _needs_mask(vis, 0, S, window):
+        # A chunk deep into a long context: one (T, S) mask (and SDPA's own float copy of it) would outweigh the
+        # chunk's activations (2048 x 32k: 67 MB + 134 MB per layer). Queries are independent: run them in blocks.
+        out = query.new_empty(B, n_head, T, value.shape[-1])  # (B, n_head, T, hs)
+        used = None
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            out[:, :, t0:t1], used = sdpa(query[:, :, t0:t1], key, value, replace(vis, q_start=vis.q_start + t0),
+                                          opts, window)  # fmt: skip
+        return out, used
     mask = None if is_causal else _mask_rows(vis, 0, T, S, query.device, window)
     if mask is not None and mask.dim() == 4 and gqa:
         # A per-(sequence, group) mask must name every query head for SDPA; this copies the mask, never K/V.

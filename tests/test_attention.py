@@ -127,3 +127,48 @@ def test_causal_prefill_passes_is_causal_and_builds_no_mask(monkeypatch):
     q, k, v = _qkv(T=128, S=128)
     attention(q, k, v, Visibility(q_start=0), AttentionOptions())
     assert seen == [(None, True)]
+
+
+def _masked_chunk(k_pos_dims: int):
+    """A chunk of 11 queries at positions 30..40 over 23 keys in scrambled slots (two empty, -1), k_pos (S,) or
+    the same positions for every (sequence, group), (B, G, S). Returns q, k, v, Visibility, naive allowed mask."""
+    B, G, S = 2, 2, 23
+    k_pos = torch.cat([torch.randperm(21, generator=torch.Generator().manual_seed(1)) * 2, torch.tensor([-1, -1])])
+    q, k, v = _qkv(B=B, G=G, T=11, S=S)
+    allowed = (k_pos.view(1, -1) <= torch.arange(30, 41).view(-1, 1)) & (k_pos.view(1, -1) >= 0)  # (T, S)
+    pos = k_pos if k_pos_dims == 1 else k_pos.expand(B, G, S)
+    return q, k, v, Visibility(q_start=30, k_pos=pos), allowed
+
+
+@pytest.mark.parametrize("k_pos_dims", [1, 3])
+@pytest.mark.parametrize("backend", ["auto", "math"])
+def test_long_masked_chunk_runs_in_query_blocks(monkeypatch, k_pos_dims, backend):
+    """A mask larger than MASK_ELEMENTS is never built whole: SDPA runs on query blocks, each with its own rows."""
+    q, k, v, vis, allowed = _masked_chunk(k_pos_dims)
+    planes = 1 if k_pos_dims == 1 else 2 * 8  # B * n_head
+    monkeypatch.setattr(A, "MASK_ELEMENTS", 4 * planes * 23)  # 4 query rows per call
+    masks = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    out, used, _ = attention(q, k, v, vis, AttentionOptions(backend=backend))
+    torch.testing.assert_close(out, naive_attention(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    assert [m.shape[-2] for m in masks] == [4, 4, 3]  # 11 queries
+    assert all(m.numel() <= A.MASK_ELEMENTS for m in masks)
+    assert used == ("flash" if backend == "auto" else backend)
+
+
+def test_unmasked_long_chunk_is_one_call(monkeypatch):
+    """Queries that see every key need no mask and no blocks, however long the call."""
+    monkeypatch.setattr(A, "MASK_ELEMENTS", 16)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _qkv(T=8, S=20)
+    out, _, _ = attention(q, k, v, Visibility(q_start=0, all_visible=True), AttentionOptions())
+    torch.testing.assert_close(out, naive_attention(q, k, v, torch.ones(8, 20, dtype=torch.bool)), atol=1e-5, rtol=1e-5)
+    assert calls == [1]

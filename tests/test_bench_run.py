@@ -35,6 +35,19 @@ def test_every_cache_config_composes(cache):
     assert spec.cache == cache and spec.model == "tiny" and spec.device == "cpu" and spec.ctx == 8192
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_expandable_segments_is_a_cuda_setting(cuda):
+    """On CUDA it is part of the job's identity (it changes reserved and NVML figures); on CPU it is always off,
+    so that the knob does not split CPU results."""
+    specs = []
+    for value in ["true", "false"]:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"expandable_segments={value}"])
+        specs.append(resolve(cfg, cuda_available=cuda))
+    assert [s.expandable_segments for s in specs] == ([True, False] if cuda else [False, False])
+    assert (specs[0].identity() != specs[1].identity()) == cuda
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))
 def test_every_experiment_expands_to_valid_jobs(experiment):
     assert len(validate([f"experiment={experiment}", "-m"])) >= 4
@@ -115,6 +128,7 @@ BAD = {
     "last_recent",
     "compile=true sdpa=math": "valid: sdpa=auto (got sdpa='math'",
     "compile=maybe": "compile='maybe' is not valid; valid choices: auto, true, false",
+    "expandable_segments=maybe": "expandable_segments=maybe is not valid; valid choices: true, false",
     "hydra/launcher=xyz cache=dense,h2o -m": "hydra/launcher='xyz' is not valid; valid choices: basic, joblib, "
     "submitit_local, submitit_slurm",
 }

@@ -100,3 +100,18 @@ def test_timing_columns():
     assert cols["prefill_s"] == 2.0 and cols["prefill_s_min"] == 1.0
     assert cols["decode_ms_p50"] == pytest.approx(5.5) and cols["decode_ms_p90"] == pytest.approx(9.0)
     assert cols["decode_tok_s"] == pytest.approx(4 * 10 / 0.055)
+
+
+@pytest.mark.parametrize("var", ["PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
+def test_expandable_segments_request_keeps_the_users_options(monkeypatch, var):
+    """Before CUDA starts the request goes through the environment variable the user already set (else the CUDA
+    one), replacing only its expandable_segments option."""
+    for v in measure.ALLOC_CONF_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, "max_split_size_mb:128,expandable_segments:False")
+    assert not torch.cuda.is_initialized()
+    assert measure.request_expandable_segments(True) == "max_split_size_mb:128,expandable_segments:True"
+    assert os.environ[var] == "max_split_size_mb:128,expandable_segments:True"
+    monkeypatch.delenv(var)
+    assert measure.request_expandable_segments(False) == "expandable_segments:False"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False"
