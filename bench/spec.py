@@ -105,8 +105,13 @@ class JobSpec:
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
 
     def identity(self) -> dict:
-        """What defines the measurement: hashed for resume (where results go and `force` are not part of it)."""
-        return asdict(self)
+        """What defines the measurement: hashed for resume (where results go and `force` are not part of it).
+        expandable_segments=False is PyTorch's default allocator, what every job ran with before the setting
+        existed: left out of the hash, so that those rows still count (on CPU it is always False)."""
+        identity = asdict(self)
+        if not self.expandable_segments:
+            del identity["expandable_segments"]
+        return identity
 
     @property
     def torch_dtype(self) -> torch.dtype:

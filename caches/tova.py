@@ -1,8 +1,11 @@
 """`tova`: Token Omission Via Attention (Oren et al., 2024).
 
 When slots are needed, the tokens with the lowest attention weight from the current query (the call's last
-query), averaged over the query group's heads, go; the new token itself competes too. Scores are not
-accumulated: each call replaces them. Mechanics: caches/scored.py.
+query), averaged over all the layer's heads, go; the new token itself competes too. One decision per sequence and
+layer, the same tokens kept in every KV head: the paper's rule, and its reference implementation's (per KV head
+instead, a 2k-token pass key at depth 0.1 with a 256-token budget, question in the prompt, SmolLM2-135M: 0 of 5
+found; averaged over the layer: 3 of 5). Scores are not accumulated: each call replaces them. Mechanics:
+caches/scored.py.
 """
 
 from __future__ import annotations
@@ -20,4 +23,8 @@ class TOVACache(ScoredCache):
         return T - 1
 
     def candidate_scores(self, old: Tensor, w_old: Tensor | None, w_new: Tensor | None, T: int) -> Tensor:
-        return w_new if w_old is None else torch.cat([w_old, w_new], dim=-1)
+        # Every KV head holds the same tokens in the same slots (the same scores always made the same choice), so
+        # slot i means one token in every head: average its weight over the groups (each already summed over its
+        # query heads), the same score for every head.
+        weights = w_new if w_old is None else torch.cat([w_old, w_new], dim=-1)  # (B, G, n + T)
+        return weights.mean(dim=1, keepdim=True).expand_as(weights)  # (B, G, n + T)

@@ -68,6 +68,7 @@ class NaiveScoredCache:
             self.state = {key: [] for key in self.state}
         out = torch.zeros(B, H, T, hs, dtype=torch.float64)
         for b in range(B):
+            calls = []  # per group: (old, new, weights)
             for g in range(self.G):
                 old = self.state[(b, g)]
                 new = [Token(p + t, k[b, g, t].double(), v[b, g, t].double()) for t in range(T)]
@@ -85,6 +86,13 @@ class NaiveScoredCache:
                         out[b, h, t] = sum(w * c.v for w, c in zip(row, cands))
                         if self._counts(t, T):
                             weights = [a + w for a, w in zip(weights, row)]
+                calls.append((old, new, weights))
+            if self.policy == "tova":  # the paper's rule: one score per token, averaged over the layer's heads
+                by_pos = [{c.pos: w for c, w in zip(o + n, ws)} for o, n, ws in calls]
+                mean = {pos: sum(d[pos] for d in by_pos) / self.G for pos in by_pos[0]}
+                calls = [(o, n, [mean[c.pos] for c in o + n]) for o, n, _ in calls]
+            for g, (old, new, weights) in enumerate(calls):
+                cands = old + new
                 self._rescore(old, new, weights, T)
                 for c in new:  # stored as the buffer would store it
                     c.err = 0.0

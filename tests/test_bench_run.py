@@ -46,6 +46,7 @@ def test_expandable_segments_is_a_cuda_setting(cuda):
         specs.append(resolve(cfg, cuda_available=cuda))
     assert [s.expandable_segments for s in specs] == ([True, False] if cuda else [False, False])
     assert (specs[0].identity() != specs[1].identity()) == cuda
+    assert "expandable_segments" not in specs[1].identity()  # the default allocator: hashes as before the knob
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))

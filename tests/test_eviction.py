@@ -115,6 +115,20 @@ def test_decisions_are_per_sequence_and_head():
     assert all(5 not in kept[b, g].tolist() for b, g in [(0, 0), (1, 0), (1, 1)])
 
 
+def test_tova_decides_per_layer():
+    """TOVA averages the last query's weights over all the layer's heads (Oren et al.): a token only one KV head
+    attends to is kept, or dropped, in every head of its sequence, and the heads hold the same tokens."""
+    q, k, v = _qkv(16, seed=3)
+    k[0, 1, 5] = q[0, 4:8, 5:].mean(dim=(0, 1)) * 8  # the queries of (b=0, g=1) attend to position 5
+    cache = create_cache("tova", _params(6))
+    cache(q[:, :, :10], k[:, :, :10], v[:, :, :10], 0)
+    for t in range(10, 16):
+        cache(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], t)
+        kept = cache.token_positions().sort(dim=-1).values  # (B, G, L)
+        assert torch.equal(kept[:, 0], kept[:, 1]), t
+    assert 5 in kept[0, 0].tolist()
+
+
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.split("-")[0] in ("h2o", "tova", "snapkv", "last_recent")
                                     and "int" not in c])  # fmt: skip
 def test_budget_covering_the_sequence_equals_dense(tiny, config):
