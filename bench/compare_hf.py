@@ -285,8 +285,8 @@ def parse_case(text: str) -> tuple[int, int]:
 
 
 def table(df) -> str:
-    """system x (ctx, batch): prefill, decode, peak memory against weights + KV (allocated on CUDA, RSS on CPU),
-    mbu, decode speed against HF's compiled StaticCache."""
+    """system x (ctx, batch): prefill, decode, weights + dense KV bytes, peak memory against them (allocated on
+    CUDA, RSS on CPU), NVML (CUDA) or RSS peak, mbu, decode speed against HF's compiled StaticCache."""
     import pandas as pd
 
     from bench.report import _fmt, ctx_label, human_bytes
@@ -299,6 +299,7 @@ def table(df) -> str:
         "prefill s",
         "ms/step p50",
         "tok/s",
+        "w+KV",
         "peak alloc",
         "peak x (w+KV)",
         "peak nvml/rss",
@@ -324,6 +325,7 @@ def table(df) -> str:
                     _fmt(r["prefill_s"], ".3f"),
                     _fmt(r["decode_ms_p50"], ".2f"),
                     _fmt(r["decode_tok_s"], ".1f"),
+                    human_bytes(total),
                     human_bytes(r["peak_alloc_bytes"]),
                     _fmt(ratio, ".2f"),
                     human_bytes(other),

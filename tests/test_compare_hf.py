@@ -39,6 +39,10 @@ def test_kvbench_and_hf_rows_side_by_side(tmp_path):
     for col in ("prefill_s", "decode_ms_p50", "decode_tok_s", "peak_rss_bytes"):
         assert (df[col] > 0).all(), col
     assert "hf_static" in proc.stdout and "ms/step p50" in proc.stdout  # the side-by-side table
+    from bench.report import human_bytes
+
+    bound = human_bytes(int(df["weights_bytes"].iloc[0]) + tiny.kv_bytes(2, 516, 4))  # what peaks are held against
+    assert "w+KV" in proc.stdout and proc.stdout.count(f" {bound} ") == 3, proc.stdout
 
     from bench.plot import systems_side_by_side
 
