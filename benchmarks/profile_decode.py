@@ -1,0 +1,126 @@
+"""Where a compiled decode step's time goes: kernels by device time, and the host's share of a step.
+
+    python benchmarks/profile_decode.py                               # CUDA: llama-3.2-1b bf16, dense, 32k x 4
+    python benchmarks/profile_decode.py --model tiny --ctx 1024 --batch 2   # CPU (no graphs, CPU ops only)
+
+After a chunked prefill and the warm-up that compiles (and on CUDA records the CUDA graphs), it times the step
+three ways: each step synchronised (what the harness reports), `--steps` steps back to back with one
+synchronisation (the device-bound rate: the difference is host time the device waits for), and under
+torch.profiler, whose kernels are summed per name. Prints JSON lines: one summary, then the top kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.job import _prefill
+from bench.measure import measured_bandwidth, sync
+from bench.spec import DTYPES, parse_ctx
+from model.compiled_decode import CompiledDecode
+from model.config import CONFIGS, Config
+from model.gpt import GPT
+
+
+def kernel_table(prof, device: torch.device, steps: int) -> list[dict]:
+    """Device (CUDA) or CPU self time per kernel name, per step, largest first."""
+    per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if device.type == "cuda":  # the kernels themselves (device events), not the CPU ops that launched them
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.time_range.elapsed_us()
+        else:
+            us = event.self_cpu_time_total
+        entry = per_name[event.name]
+        entry[0] += us
+        entry[1] += 1
+    rows = [{"kernel": name[:120], "us_per_step": us / steps, "calls_per_step": n / steps}
+            for name, (us, n) in per_name.items()]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+@torch.inference_mode()
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.2-1b" if cuda else "tiny", choices=list(CONFIGS))
+    ap.add_argument("--ctx", type=parse_ctx, default=32768)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--cache", default="dense")
+    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(DTYPES))
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = DTYPES[args.dtype]
+    cfg = Config.from_name(args.model)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = GPT(cfg).eval().requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
+    length = args.ctx + 3 * args.steps + 16
+    model.set_kv_caches(args.batch, args.cache, length if args.cache == "dense" else args.ctx // 4)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.ctx), device=device)  # (B, ctx)
+    decoder = CompiledDecode(model)
+    token = _prefill(model, ids, 2048, None)
+    pos = args.ctx
+    t0 = time.perf_counter()
+    for _ in range(3):  # compile; CUDA graphs are recorded on the third call
+        token = decoder(token, input_pos=pos)[:, -1:].argmax(-1)  # (B, 1)
+        pos += 1
+    sync(device)
+    compile_s = time.perf_counter() - t0
+
+    synced = []
+    for _ in range(args.steps):
+        sync(device)
+        t = time.perf_counter()
+        token = decoder(token, input_pos=pos)[:, -1:].argmax(-1)
+        pos += 1
+        sync(device)
+        synced.append(time.perf_counter() - t)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        token = decoder(token, input_pos=pos)[:, -1:].argmax(-1)
+        pos += 1
+    sync(device)
+    back_to_back = (time.perf_counter() - t) / args.steps
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    profiled = args.steps // 4
+    with profile(activities=activities) as prof:
+        for _ in range(profiled):
+            token = decoder(token, input_pos=pos)[:, -1:].argmax(-1)
+            pos += 1
+        sync(device)
+    kernels = kernel_table(prof, device, profiled)
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    embedding = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd * itemsize
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - embedding
+    kv = sum(c.size_estimate() for c in model.kv_caches)  # the whole buffer: the compiled step reads every slot
+    bandwidth = measured_bandwidth(device)
+    summary = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model, "ctx": args.ctx,
+        "batch": args.batch, "cache": args.cache, "dtype": args.dtype, "mode": decoder.mode, "compile_s": compile_s,
+        "synced_ms_p50": statistics.median(synced) * 1e3, "back_to_back_ms": back_to_back * 1e3,
+        "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3 if cuda else None,
+        "bytes_per_step": weights + kv, "bandwidth_bytes_s": bandwidth,
+        "roofline_ms": (weights + kv) / bandwidth * 1e3 if bandwidth else None,
+    }  # fmt: skip
+    print(json.dumps(summary), flush=True)
+    for row in kernels[: args.top]:
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
