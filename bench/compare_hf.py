@@ -265,6 +265,7 @@ def run_kvbench(args, model: str, ctx: int, batch: int) -> dict:
         f"device={args.device}",
         f"compile={args.compile}",
         f"expandable_segments={args.expandable_segments}",
+        f"decode_attention={args.decode_attention}",
         f"nvml_period_ms={args.nvml_period_ms}",
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -356,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, from: {', '.join(SYSTEMS)}",
     )
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="kvbench's compile knob")
+    ap.add_argument("--decode-attention", default="auto", choices=["auto", "flex", "sdpa"],
+                    help="kvbench's compiled decode attention (auto: flex on CUDA)")  # fmt: skip
     ap.add_argument("--expandable-segments", default="true", choices=["true", "false"],
                     help="CUDA: the caching allocator's expandable segments, for every system of the run")  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=64)

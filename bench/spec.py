@@ -13,6 +13,7 @@ import torch
 
 from caches import KVCacheParams, cache_class, cache_names
 from model.attention import BACKENDS
+from model.compiled_decode import DECODE_ATTENTION, resolve_decode_attention
 from model.config import CONFIGS
 from model.load import PRETRAINED
 
@@ -74,6 +75,7 @@ class BenchConfig:
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)
     compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: on CUDA if it can
     expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
+    decode_attention: str = "auto"  # auto | flex | sdpa: how the compiled decode step attends (auto: flex on CUDA)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -101,16 +103,20 @@ class JobSpec:
     inject: str
     compile: bool  # decode through model/compiled_decode.py
     expandable_segments: bool  # CUDA allocator with expandable segments (always False on CPU)
+    decode_attention: str | None = None  # compiled decode step's attention: flex | sdpa (None: compile=false)
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
 
     def identity(self) -> dict:
         """What defines the measurement: hashed for resume (where results go and `force` are not part of it).
         expandable_segments=False is PyTorch's default allocator, what every job ran with before the setting
-        existed: left out of the hash, so that those rows still count (on CPU it is always False)."""
+        existed: left out of the hash, so that those rows still count (on CPU it is always False). The same for
+        decode_attention when it is None (eager decode) or sdpa (what the compiled step did before flex)."""
         identity = asdict(self)
         if not self.expandable_segments:
             del identity["expandable_segments"]
+        if self.decode_attention in (None, "sdpa"):
+            del identity["decode_attention"]
         return identity
 
     @property
@@ -216,6 +222,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         _positive("threads", threads)
     inject = _choice("inject", get("inject"), INJECT)
     compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa)
+    decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_)
     expandable = get("expandable_segments", True)
     if not isinstance(expandable, bool):
         raise ConfigError(f"expandable_segments={expandable!r} is not valid; valid choices: true, false")
@@ -226,7 +233,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         new_tokens=new_tokens, prefill_chunk=prefill_chunk, repeats=repeats, seed=int(get("seed")),
         warmup=bool(get("warmup")), threads=threads, track_tensors=bool(get("track_tensors")),
         nvml_period_ms=float(get("nvml_period_ms")), inject=inject, compile=compile_,
-        expandable_segments=expandable and device == "cuda", evals=evals,
+        expandable_segments=expandable and device == "cuda", decode_attention=decode_attention, evals=evals,
         eval_knobs=eval_knobs,
     )  # fmt: skip
 
@@ -248,6 +255,17 @@ def _resolve_compile(value: Any, device: str, cache: str, sdpa: str) -> bool:
         raise ConfigError(f"compile=true lets torch.compile choose the attention kernel; valid: sdpa=auto (got "
                           f"sdpa={sdpa!r}; use compile=false to force a backend)")  # fmt: skip
     return True
+
+
+def _resolve_decode_attention(value: Any, device: str, compiled: bool) -> str | None:
+    """The compiled decode step's attention (model/compiled_decode.py): None when the decode step is eager."""
+    text = _choice("decode_attention", str(value).strip().lower(), DECODE_ATTENTION)
+    if not compiled:
+        return None
+    try:
+        return resolve_decode_attention(text, device, compiled=True)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _get(node: Any, key: str, default: Any = None) -> Any:

@@ -49,22 +49,28 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--caches", default="dense,last_recent,dense-int8", help="comma-separated, from the default")
+    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float32"],
+                    help="float32 separates a wrong token from bf16 rounding between near-tied logits")  # fmt: skip
+    ap.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"], help="compiled step's attention")
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
     with torch.device(device):
         model = GPT(Config.from_name(args.model)).eval().requires_grad_(False)
     torch.set_default_dtype(torch.float32)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.ctx), generator=gen).to(device)
-    cases = [("dense", args.ctx + args.steps + 8, {}), ("last_recent", args.ctx // 4, {"sink_tokens": 4}),
-             ("dense", args.ctx + args.steps + 8, {"buffer": "int8"})]  # fmt: skip
-    for cache, length, knobs in cases:
+    cases = {"dense": ("dense", args.ctx + args.steps + 8, {}),
+             "last_recent": ("last_recent", args.ctx // 4, {"sink_tokens": 4}),
+             "dense-int8": ("dense", args.ctx + args.steps + 8, {"buffer": "int8"})}  # fmt: skip
+    for name in args.caches.split(","):
+        cache, length, knobs = cases[name]
         model.set_kv_caches(args.batch, cache, length, **knobs)
         eager_tokens, eager_logits, eager_s = greedy(model, prompt, model, args.steps, device)
         skips = counters["inductor"]["cudagraph_skips"]
-        decoder = CompiledDecode(model)
+        decoder = CompiledDecode(model, attention=args.attention)
         greedy(model, prompt[:, : min(args.ctx, 256)], decoder, 3, device)  # compile, record the graphs
         compiled_tokens, compiled_logits, compiled_s = greedy(model, prompt, decoder, args.steps, device)
         differs = (compiled_tokens != eager_tokens).any(0).nonzero()
@@ -72,7 +78,8 @@ def main() -> None:
         diff = (compiled_logits[:, :agree] - eager_logits[:, :agree]).abs().max().item() if agree else None
         print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
                           "ctx": args.ctx, "batch": args.batch, "cache": cache, **knobs, "mode": decoder.mode,
-                          "steps_agreeing": agree, "of": args.steps, "max_logit_diff": diff,
+                          "dtype": args.dtype, "attention": decoder.attention, "steps_agreeing": agree,
+                          "of": args.steps, "max_logit_diff": diff,
                           "eager_ms_p50": statistics.median(eager_s) * 1e3,
                           "compiled_ms_p50": statistics.median(compiled_s) * 1e3,
                           "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}), flush=True)  # fmt: skip

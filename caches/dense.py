@@ -62,8 +62,7 @@ class DenseCache(KVCache):
         B = key.shape[0]
         self.buf.write_slots(B, pos.view(1), key, value)
         k, v = self.buf.read(B, self.cache_length)  # (B, G, cache_length, hs)
-        visible = torch.arange(self.cache_length, device=pos.device) <= pos  # (cache_length,): slot i = position i
-        return static_decode_attention(query, k, v, visible, self.attn_opts)
+        return static_decode_attention(query, k, v, pos + 1, self.attn_opts)  # slot i holds position i
 
     def token_positions(self) -> Tensor:
         n = self.next_token_pos or 0

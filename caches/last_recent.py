@@ -81,7 +81,8 @@ class LastRecentCache(KVCache):
         self.buf.write_slots(B, slot, key, value)
         self.pos.index_copy_(0, slot, pos.view(1))
         k, v = self.buf.read(B, self.cache_length)  # (B, G, cache_length, hs)
-        return static_decode_attention(query, k, v, self.pos >= 0, self.attn_opts)
+        filled = torch.clamp(pos + 1, max=self.cache_length)  # filled slots form a prefix of the buffer
+        return static_decode_attention(query, k, v, filled, self.attn_opts)
 
     def _chunk(self, query: Tensor, key: Tensor, value: Tensor, p: int) -> Tensor:
         B, _, T, _ = key.shape

@@ -14,8 +14,8 @@ A captured graph replays with the same arguments, so the position cannot be a ne
 0-d tensor on the device (`pos`) that the step advances itself; the int stays the API: every call checks it
 against the caches (`check_position`) and only writes it to the device when it is not the one the step left
 there (after a new prefill, say), which costs no host synchronisation. Each cache's `decode_step` writes the
-new K/V at `pos` and attends its whole buffer under a slot mask (`static_decode_attention`: SDPA with
-`enable_gqa`, K/V never expanded).
+new K/V at `pos` and attends the filled slots of its buffer (`static_decode_attention`: FlexAttention over the
+filled blocks, or SDPA under a slot mask; `enable_gqa` either way, K/V never expanded).
 
 Caches with a decode step: those whose storage does not depend on the tokens (`supports_compiled_decode`):
 dense and last_recent, on any buffer (float, int8, int4). Score-based caches evict by attention weights, which
@@ -35,14 +35,35 @@ def compiled_decode_caches() -> list[str]:
     return [name for name in cache_names() if cache_class(name).supports_compiled_decode]
 
 
+DECODE_ATTENTION = ("auto", "flex", "sdpa")
+
+
+def resolve_decode_attention(attention: str, device_type: str, compiled: bool) -> str:
+    """auto: FlexAttention on CUDA (it compiles to a split-K decoding kernel), SDPA on the CPU. Compiled flex is
+    refused on the CPU: inductor's CPU lowering of FlexAttention fails inside the model's graph (torch 2.13: "No
+    choices to select" for a query computed in the graph); eagerly (compile=False) it runs anywhere."""
+    if attention not in DECODE_ATTENTION:
+        raise ValueError(f"decode_attention={attention!r} is not valid; valid choices: {', '.join(DECODE_ATTENTION)}")
+    if attention == "auto":
+        return "flex" if device_type == "cuda" else "sdpa"
+    if attention == "flex" and compiled and device_type != "cuda":
+        raise ValueError(f"decode_attention=flex compiles on CUDA only; valid choices on {device_type}: auto, sdpa "
+                         "(or compile=false)")  # fmt: skip
+    return attention
+
+
 class CompiledDecode(nn.Module):
     """`decoder(token (B, 1), input_pos: int) -> logits (B, 1, vocab)` for a model whose caches are set.
 
     compile=False runs the same fixed-shape step eagerly (a reference for the compiled one). mode: torch.compile's
-    mode; "auto" is "reduce-overhead" (CUDA graphs) on CUDA and the default (no graphs) elsewhere.
+    mode; "auto" is "reduce-overhead" (CUDA graphs) on CUDA and the default (no graphs) elsewhere. attention: how
+    the step attends its buffer, "flex" (FlexAttention) or "sdpa" (masked SDPA); "auto" is flex on CUDA, sdpa
+    elsewhere.
     """
 
-    def __init__(self, model: nn.Module, compile: bool = True, mode: str | None = "auto") -> None:
+    def __init__(
+        self, model: nn.Module, compile: bool = True, mode: str | None = "auto", attention: str = "auto"
+    ) -> None:
         super().__init__()
         caches = model.kv_caches
         if len(caches) != len(model.blocks):
@@ -64,6 +85,9 @@ class CompiledDecode(nn.Module):
         self.register_buffer("pos", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._pos_on_device: int | None = None  # the int `pos` holds (mirrored here: reading it back would sync)
         self.mode = ("reduce-overhead" if device.type == "cuda" else None) if mode == "auto" else mode
+        self.attention = resolve_decode_attention(attention, device.type, compile)
+        for cache in caches:  # how each cache's decode_step attends (model/attention.py, static_decode_attention)
+            cache.attn_opts.decode_attention = self.attention
         self.compiled = compile
         if compile:  # tensors the graph mutates in place at fixed addresses (as HF's StaticCache marks its own)
             for tensor in [self.pos, *(b for c in caches for b in c.buffers())]:
