@@ -266,6 +266,7 @@ def run_kvbench(args, model: str, ctx: int, batch: int) -> dict:
         f"compile={args.compile}",
         f"expandable_segments={args.expandable_segments}",
         f"decode_attention={args.decode_attention}",
+        *(f"flex_options.{option}" for option in args.flex_option or []),
         f"nvml_period_ms={args.nvml_period_ms}",
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -340,7 +341,7 @@ def table(df) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.spec import DTYPES, ConfigError
+    from bench.spec import DTYPES, ConfigError, FlexOptions
     from model.config import CONFIGS, Config
 
     cuda = torch.cuda.is_available()
@@ -359,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="kvbench's compile knob")
     ap.add_argument("--decode-attention", default="auto", choices=["auto", "flex", "sdpa"],
                     help="kvbench's compiled decode attention (auto: flex on CUDA)")  # fmt: skip
+    ap.add_argument("--flex-option", action="append", metavar="KEY=N",
+                    help="kvbench's flex decoding kernel option, repeatable (e.g. num_stages=3)")  # fmt: skip
     ap.add_argument("--expandable-segments", default="true", choices=["true", "false"],
                     help="CUDA: the caching allocator's expandable segments, for every system of the run")  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -390,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--device cuda but no CUDA device is available; valid choices here: auto, cpu")
     if args.new_tokens < 1 or args.repeats < 1:
         return fail("--new-tokens and --repeats must be integers >= 1")
+    valid_options = list(FlexOptions.__dataclass_fields__)
+    for option in args.flex_option or []:
+        key, _, number = option.partition("=")
+        if key not in valid_options or not number.isdigit() or int(number) < 1:
+            return fail(f"--flex-option {option!r} is not valid; valid: KEY=N, N >= 1, KEY one of "
+                        f"{', '.join(valid_options)}")  # fmt: skip
     device = torch.device("cuda" if (args.device == "auto" and cuda) or args.device == "cuda" else "cpu")
     args.device = device.type
     args.alloc_conf = None

@@ -49,6 +49,17 @@ class EvalConfig:
 
 
 @dataclass
+class FlexOptions:
+    """Options of the flex decoding kernel (decode_attention=flex on CUDA), e.g. `flex_options.num_stages=3`;
+    null leaves inductor's choice."""
+
+    BLOCK_N: int | None = None  # keys per tile
+    num_stages: int | None = None  # software pipelining depth of the K/V loads
+    num_warps: int | None = None
+    SPLIT_KV: int | None = None  # splits of the key range per (sequence, KV head)
+
+
+@dataclass
 class BenchConfig:
     """Schema of conf/config.yaml. `cache` is the cache group: `name`, `budget` and the cache's own knobs."""
 
@@ -76,6 +87,7 @@ class BenchConfig:
     compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: on CUDA if it can
     expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
     decode_attention: str = "auto"  # auto | flex | sdpa: how the compiled decode step attends (auto: flex on CUDA)
+    flex_options: FlexOptions = field(default_factory=FlexOptions)  # decode_attention=flex: kernel options
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -104,6 +116,7 @@ class JobSpec:
     compile: bool  # decode through model/compiled_decode.py
     expandable_segments: bool  # CUDA allocator with expandable segments (always False on CPU)
     decode_attention: str | None = None  # compiled decode step's attention: flex | sdpa (None: compile=false)
+    flex_options: dict | None = None  # flex kernel options (None: inductor's defaults)
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
 
@@ -117,6 +130,8 @@ class JobSpec:
             del identity["expandable_segments"]
         if self.decode_attention in (None, "sdpa"):
             del identity["decode_attention"]
+        if not self.flex_options:
+            del identity["flex_options"]
         return identity
 
     @property
@@ -223,6 +238,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     inject = _choice("inject", get("inject"), INJECT)
     compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa)
     decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_)
+    flex_options = _resolve_flex_options(get("flex_options"), decode_attention)
     expandable = get("expandable_segments", True)
     if not isinstance(expandable, bool):
         raise ConfigError(f"expandable_segments={expandable!r} is not valid; valid choices: true, false")
@@ -233,7 +249,8 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         new_tokens=new_tokens, prefill_chunk=prefill_chunk, repeats=repeats, seed=int(get("seed")),
         warmup=bool(get("warmup")), threads=threads, track_tensors=bool(get("track_tensors")),
         nvml_period_ms=float(get("nvml_period_ms")), inject=inject, compile=compile_,
-        expandable_segments=expandable and device == "cuda", decode_attention=decode_attention, evals=evals,
+        expandable_segments=expandable and device == "cuda", decode_attention=decode_attention,
+        flex_options=flex_options, evals=evals,
         eval_knobs=eval_knobs,
     )  # fmt: skip
 
@@ -266,6 +283,22 @@ def _resolve_decode_attention(value: Any, device: str, compiled: bool) -> str | 
         return resolve_decode_attention(text, device, compiled=True)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _resolve_flex_options(value: Any, decode_attention: str | None) -> dict | None:
+    """flex_options.BLOCK_N=64 flex_options.num_stages=3 -> {"BLOCK_N": 64, "num_stages": 3}: the options set
+    (None when none are)."""
+    get = value.get if hasattr(value, "get") else lambda k, d=None: getattr(value, k, d)
+    options = {k: get(k) for k in FlexOptions.__dataclass_fields__ if value is not None and get(k) is not None}
+    if not options:
+        return None
+    for key, number in options.items():
+        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+            raise ConfigError(f"flex_options.{key}={number!r} is not valid; it must be an integer >= 1 (or null)")
+    if decode_attention != "flex":
+        raise ConfigError(f"flex_options apply to the compiled decode step with decode_attention=flex; this job "
+                          f"decodes with {decode_attention or 'the eager step (compile=false)'}")  # fmt: skip
+    return options
 
 
 def _get(node: Any, key: str, default: Any = None) -> Any:

@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md), about 8 minutes on an H200,
+# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md), about 9 minutes on an H200,
 # most important first; results are packed into $OUT after every step, so a run cut short keeps what it did:
-#   1. python -m bench.compare_hf: kvbench (compiled decode, CUDA graphs) against HF transformers StaticCache +
-#      compile and DynamicCache, Llama-3.2-1B shape, bf16, ctx 8k batch 1 and ctx 32k batch 4, one process;
-#   2. the harness with compile=true,false for dense and last_recent at ctx 32k batch 4 (mbu, and peaks from a
-#      fresh process each: compare_hf's later rows share a process with the earlier systems' CUDA graph pools);
-#   3. benchmarks/compiled_vs_eager.py: the compiled, CUDA-graph decode step against the eager one (tokens, ms/step);
-#   4. benchmarks/profile_decode.py: kernels of the compiled step at 32k x 4, and the host's share of a step;
-#   5. benchmarks/prefill_memory.py: one prefill chunk's temporaries at 32k x 4 (allocated, reserved);
-#   6. dense int8 at 32k x 4, compile=true,false; 7. dense compile=true with expandable_segments=false.
-# Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs, and figures/), $OUT/log.txt, $OUT/*.jsonl.
+#   1. benchmarks/flex_decode_tune.py: one layer's decode attention through FlexAttention for a grid of kernel
+#      options, against SDPA flash/cudnn; the fastest option set at 32k x 4 is used by the steps below;
+#   2. python -m bench.compare_hf: kvbench (compiled decode, CUDA graphs, flex) against HF transformers StaticCache
+#      + compile, Llama-3.2-1B shape, bf16, ctx 8k batch 1 and ctx 32k batch 4, one process (the 3x must-show);
+#   3. the harness, dense 32k x 4, each job a fresh process (peaks, NVML, mbu): prefill_chunk 2048 and 1024;
+#   4. benchmarks/profile_decode.py: kernels and host time of the compiled step at 32k x 4;
+#   5. the harness at 8k x 1, and last_recent and int8 at 32k x 4, compiled.
+# Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH || exit; bash benchmarks/gpu_decode.sh
@@ -19,40 +18,50 @@ MODEL=${MODEL:-llama-3.2-1b}
 mkdir -p "$OUT"
 R=/tmp/kvres
 mkdir -p "$R"
+QUIET="it/s\]\|warnings.warn\|UserWarning\|^$\|Online softmax\|split the reduction\|important use case\|^softmax"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 save() { tar -czf "$OUT/results.tar.gz" -C "$R" --exclude=hydra . 2>/dev/null; }
 run_sweep() {  # limit, then bench.run overrides
   local limit=$1; shift
   log "python -m bench.run $*"
-  timeout "$limit" python3 -m bench.run "$@" new_tokens=64 sweep=compiled results_dir=$R -m 2>&1 \
-    | grep -v "it/s\]" | tee -a "$OUT/log.txt"
+  timeout "$limit" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir=$R "$@" -m 2>&1 \
+    | grep -v "$QUIET" | tee -a "$OUT/log.txt"
   save
 }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/log.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/log.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/log.txt"
 
-log "python -m bench.compare_hf --model $MODEL --case 8k:1 --case 32k:4"
+log "python benchmarks/flex_decode_tune.py --model $MODEL"
+timeout "${LIMIT_TUNE:-120}" python3 benchmarks/flex_decode_tune.py --model "$MODEL" 2>&1 | grep "^{" \
+  | tee -a "$OUT/log.txt" "$OUT/flex_decode_tune.jsonl"
+# the fastest flex option set at 32k x 4 (none if the default won or nothing ran)
+BEST=$(python3 - "$OUT/flex_decode_tune.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+rows = [r for r in rows if r["ctx"] == 32768 and r["variant"].startswith("flex") and "us" in r]
+best = min(rows, key=lambda r: r["us"], default=None)
+options = (best or {}).get("options") or {}
+print(" ".join(f"{k}={v}" for k, v in options.items()))
+PY
+)
+log "fastest flex options at 32k x 4: ${BEST:-the inductor defaults}"
+HF_OPTS=$(for o in $BEST; do printf -- "--flex-option %s " "$o"; done)
+RUN_OPTS=$(for o in $BEST; do printf "flex_options.%s " "$o"; done)
+
+log "python -m bench.compare_hf --model $MODEL --case 8k:1 --case 32k:4 $HF_OPTS"
 timeout "${LIMIT_COMPARE:-240}" python3 -m bench.compare_hf --model "$MODEL" --case 8k:1 --case 32k:4 \
-  --systems kvbench,hf_static_compiled,hf_dynamic --new-tokens 64 --repeats 2 --results-dir $R 2>&1 \
-  | grep -v "it/s\]" | tee -a "$OUT/log.txt"
-python3 -m bench.plot $R/compare_hf --out $R/figures 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+  --systems kvbench,hf_static_compiled --new-tokens 64 --repeats 2 --results-dir $R $HF_OPTS 2>&1 \
+  | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
 
-run_sweep "${LIMIT_RUN:-160}" model="$MODEL" ctx=32k batch=4 cache=dense,last_recent compile=true,false
-
-log "python benchmarks/compiled_vs_eager.py --model $MODEL --ctx 4096 --batch 2"
-timeout "${LIMIT_CHECK:-130}" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 4096 --batch 2 2>&1 \
-  | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
+# shellcheck disable=SC2086
+run_sweep "${LIMIT_RUN:-120}" ctx=32k batch=4 cache=dense compile=true prefill_chunk=2048,1024 $RUN_OPTS
 
 log "python benchmarks/profile_decode.py --model $MODEL --ctx 32k --batch 4"
 timeout "${LIMIT_PROFILE:-70}" python3 benchmarks/profile_decode.py --model "$MODEL" --ctx 32k --batch 4 2>&1 \
-  | grep -v "^USDT\|^STAGE" | tee -a "$OUT/log.txt" "$OUT/profile_decode.jsonl"
+  | grep "^{" | tee -a "$OUT/log.txt" "$OUT/profile_decode.jsonl"
 
-log "python benchmarks/prefill_memory.py --model $MODEL --ctx 32k --batch 4"
-timeout 60 python3 benchmarks/prefill_memory.py --model "$MODEL" --ctx 32k --batch 4 2>&1 \
-  | tee -a "$OUT/log.txt" "$OUT/prefill_memory.jsonl"
-
-run_sweep "${LIMIT_INT8:-120}" model="$MODEL" ctx=32k batch=4 cache=dense cache.buffer=int8 compile=true,false
-run_sweep "${LIMIT_ALLOC:-90}" model="$MODEL" ctx=32k batch=4 cache=dense compile=true expandable_segments=false
+# shellcheck disable=SC2086
+run_sweep "${LIMIT_8K:-60}" ctx=8k batch=1 cache=dense compile=true $RUN_OPTS
+# shellcheck disable=SC2086
+run_sweep "${LIMIT_MORE:-150}" ctx=32k batch=4 cache=last_recent,dense cache.buffer=float,int8 compile=true $RUN_OPTS
 log done

@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=parse_ctx, default=32768)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--cache", default="dense")
+    ap.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"], help="compiled step's attention")
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(DTYPES))
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--top", type=int, default=15)
@@ -69,7 +70,7 @@ def main() -> None:
     length = args.ctx + 3 * args.steps + 16
     model.set_kv_caches(args.batch, args.cache, length if args.cache == "dense" else args.ctx // 4)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.ctx), device=device)  # (B, ctx)
-    decoder = CompiledDecode(model)
+    decoder = CompiledDecode(model, attention=args.attention)
     token = _prefill(model, ids, 2048, None)
     pos = args.ctx
     t0 = time.perf_counter()
@@ -111,7 +112,8 @@ def main() -> None:
     bandwidth = measured_bandwidth(device)
     summary = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model, "ctx": args.ctx,
-        "batch": args.batch, "cache": args.cache, "dtype": args.dtype, "mode": decoder.mode, "compile_s": compile_s,
+        "batch": args.batch, "cache": args.cache, "dtype": args.dtype, "mode": decoder.mode,
+        "attention": decoder.attention, "compile_s": compile_s,
         "synced_ms_p50": statistics.median(synced) * 1e3, "back_to_back_ms": back_to_back * 1e3,
         "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3 if cuda else None,
         "bytes_per_step": weights + kv, "bandwidth_bytes_s": bandwidth,
@@ -120,6 +122,11 @@ def main() -> None:
     print(json.dumps(summary), flush=True)
     for row in kernels[: args.top]:
         print(json.dumps(row), flush=True)
+    if cuda:  # where the host's time goes (guards, graph replay, our Python): the ops' own CPU time per step
+        host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.top]
+        for event in host:
+            print(json.dumps({"host": event.key[:120], "self_cpu_us_per_step": event.self_cpu_time_total / profiled,
+                              "calls_per_step": event.count / profiled}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

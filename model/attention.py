@@ -60,6 +60,7 @@ class AttentionOptions:
     sliding_window: int | None = None  # model-level window (eager path only)
     block_size: int = 256  # query rows per block in the eager path
     decode_attention: str = "sdpa"  # the compiled decode step's formulation: sdpa | flex (static_decode_attention)
+    flex_kernel_options: dict | None = None  # decode_attention=flex: Triton options (BLOCK_N, num_stages, ...)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -344,7 +345,7 @@ def static_decode_attention(
     if T != 1:
         raise ValueError(f"static_decode_attention takes one query per sequence, got T={T}")
     if opts.decode_attention == "flex":
-        out = _flex_decode(query, key, value, n_valid, opts.scale)  # (B, n_head, 1, hs)
+        out = _flex_decode(query, key, value, n_valid, opts.scale, opts.flex_kernel_options)  # (B, n_head, 1, hs)
         return out.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, n_head * hs)
     G = key.shape[1]
     grouped = query.reshape(B, G, H // G, hs)  # (B, G, q_per_kv, hs): head h is row h % q_per_kv of group h // q_per_kv
@@ -357,9 +358,13 @@ def static_decode_attention(
 FLEX_BLOCK = 128  # key slots per block of the flex block mask
 
 
-def _flex_decode(query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, scale: float | None) -> Tensor:
+def _flex_decode(
+    query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, scale: float | None, kernel_options: dict | None = None
+) -> Tensor:
     """FlexAttention over the blocks that hold filled slots: ceil(n_valid / FLEX_BLOCK) blocks are read, and
-    inside the last one `kv_idx < n_valid` masks the empty slots. query (B, n_head, 1, hs) -> (B, n_head, 1, hs)."""
+    inside the last one `kv_idx < n_valid` masks the empty slots. query (B, n_head, 1, hs) -> (B, n_head, 1, hs).
+    kernel_options go to the compiled kernel (on CUDA the split-K decoding template: BLOCK_N, num_stages,
+    num_warps, SPLIT_KV); None keeps inductor's defaults."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     S = key.shape[2]
@@ -374,4 +379,7 @@ def _flex_decode(query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, sca
     block_mask = BlockMask.from_kv_blocks(
         kv_num_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=filled, seq_lengths=(query.shape[2], S)
     )
-    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True)
+    options = dict(kernel_options) if kernel_options else None  # inductor fills in its defaults in place
+    return flex_attention(
+        query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=options
+    )

@@ -58,11 +58,16 @@ class CompiledDecode(nn.Module):
     compile=False runs the same fixed-shape step eagerly (a reference for the compiled one). mode: torch.compile's
     mode; "auto" is "reduce-overhead" (CUDA graphs) on CUDA and the default (no graphs) elsewhere. attention: how
     the step attends its buffer, "flex" (FlexAttention) or "sdpa" (masked SDPA); "auto" is flex on CUDA, sdpa
-    elsewhere.
+    elsewhere. flex_options: kernel options of the flex kernel (e.g. {"BLOCK_N": 64, "num_stages": 3}).
     """
 
     def __init__(
-        self, model: nn.Module, compile: bool = True, mode: str | None = "auto", attention: str = "auto"
+        self,
+        model: nn.Module,
+        compile: bool = True,
+        mode: str | None = "auto",
+        attention: str = "auto",
+        flex_options: dict | None = None,
     ) -> None:
         super().__init__()
         caches = model.kv_caches
@@ -86,8 +91,12 @@ class CompiledDecode(nn.Module):
         self._pos_on_device: int | None = None  # the int `pos` holds (mirrored here: reading it back would sync)
         self.mode = ("reduce-overhead" if device.type == "cuda" else None) if mode == "auto" else mode
         self.attention = resolve_decode_attention(attention, device.type, compile)
+        if flex_options and self.attention != "flex":
+            raise ValueError(f"flex_options apply to attention='flex' only (this step attends with {self.attention!r})")
+        self.flex_options = dict(flex_options) if flex_options else None
         for cache in caches:  # how each cache's decode_step attends (model/attention.py, static_decode_attention)
             cache.attn_opts.decode_attention = self.attention
+            cache.attn_opts.flex_kernel_options = self.flex_options
         self.compiled = compile
         if compile:  # tensors the graph mutates in place at fixed addresses (as HF's StaticCache marks its own)
             for tensor in [self.pos, *(b for c in caches for b in c.buffers())]:

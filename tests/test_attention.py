@@ -172,3 +172,49 @@ def test_unmasked_long_chunk_is_one_call(monkeypatch):
     out, _, _ = attention(q, k, v, Visibility(q_start=0, all_visible=True), AttentionOptions())
     torch.testing.assert_close(out, naive_attention(q, k, v, torch.ones(8, 20, dtype=torch.bool)), atol=1e-5, rtol=1e-5)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("formulation", ["sdpa", "flex"])
+@pytest.mark.parametrize("H,G,S,n_valid", [(8, 2, 300, 201), (8, 4, 256, 256), (8, 8, 130, 1), (4, 1, 129, 128)])
+def test_static_decode_attention_matches_naive_over_filled_slots(formulation, H, G, S, n_valid):
+    """One query per sequence over a fixed buffer whose first n_valid slots are filled (the rest hold garbage that
+    must not count): both formulations against naive attention over the filled slots, for GQA ratios 1-8 and
+    buffers that are not whole flex blocks (A.FLEX_BLOCK)."""
+    q, k, v = _qkv(B=2, H=H, G=G, T=1, S=S, hs=16, seed=n_valid)
+    k[:, :, n_valid:] = 1e4  # empty slots: anything read from them would dominate the softmax
+    opts = AttentionOptions(decode_attention=formulation)
+    out = A.static_decode_attention(q, k, v, torch.tensor(n_valid), opts)  # (B, 1, H * hs)
+    expected = naive_attention(q, k[:, :, :n_valid], v[:, :, :n_valid], torch.ones(1, n_valid, dtype=torch.bool))
+    torch.testing.assert_close(out, expected.transpose(1, 2).reshape(2, 1, H * 16), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_sdpa_decode_never_expands_kv():
+    q, k, v = _qkv(B=1, H=8, G=2, T=1, S=64, hs=16)
+    with _Spy() as spy:
+        A.static_decode_attention(q, k, v, torch.tensor(40), AttentionOptions(decode_attention="sdpa"))
+    expanded = [c for c in spy.calls if any(s[-2:] == (64, 16) and s[1] == 8 for s in c[1] if len(s) == 4)]
+    assert not expanded, expanded
+    assert spy.calls
+
+
+def test_flex_decode_reads_only_the_filled_blocks(monkeypatch):
+    """The block mask lists ceil(n_valid / FLEX_BLOCK) blocks: the flex kernel never loads the empty tail."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    real_from = BlockMask.from_kv_blocks
+    seen = []
+
+    def spy(kv_num_blocks, kv_indices, **kw):
+        seen.append(int(kv_num_blocks.reshape(-1)[0]))
+        return real_from(kv_num_blocks, kv_indices, **kw)
+
+    monkeypatch.setattr(BlockMask, "from_kv_blocks", spy)
+    q, k, v = _qkv(B=1, H=4, G=2, T=1, S=1000, hs=16)
+    for n_valid in (1, 128, 129, 300, 1000):
+        A.static_decode_attention(q, k, v, torch.tensor(n_valid), AttentionOptions(decode_attention="flex"))
+    assert seen == [1, 1, 2, 3, 8]
+
+
+def test_unknown_decode_attention_lists_choices():
+    with pytest.raises(ValueError, match="valid choices: sdpa, flex"):
+        AttentionOptions(decode_attention="cudnn")

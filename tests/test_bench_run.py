@@ -49,6 +49,27 @@ def test_expandable_segments_is_a_cuda_setting(cuda):
     assert "expandable_segments" not in specs[1].identity()  # the default allocator: hashes as before the knob
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_decode_attention_is_resolved_and_hashed_only_where_it_changes_the_step(cuda):
+    """auto is flex on CUDA and sdpa on the CPU; an eager decode step has none. sdpa (what the compiled step did
+    before the knob) and unset flex options stay out of the hash, so earlier rows still resume."""
+    specs = {}
+    for overrides in (["compile=true"], ["compile=false"], ["compile=true", "decode_attention=sdpa"]):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        specs[" ".join(overrides)] = resolve(cfg, cuda_available=cuda)
+    assert specs["compile=true"].decode_attention == ("flex" if cuda else "sdpa")
+    assert specs["compile=false"].decode_attention is None
+    for spec in specs.values():
+        assert "flex_options" not in spec.identity()
+        assert ("decode_attention" in spec.identity()) == (spec.decode_attention == "flex")
+    if cuda:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["compile=true", "flex_options.num_stages=3"])
+        spec = resolve(cfg, cuda_available=True)
+        assert spec.flex_options == {"num_stages": 3} and spec.identity()["flex_options"] == {"num_stages": 3}
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))
 def test_every_experiment_expands_to_valid_jobs(experiment):
     assert len(validate([f"experiment={experiment}", "-m"])) >= 4
@@ -130,6 +151,13 @@ BAD = {
     "compile=true sdpa=math": "valid: sdpa=auto (got sdpa='math'",
     "compile=maybe": "compile='maybe' is not valid; valid choices: auto, true, false",
     "expandable_segments=maybe": "expandable_segments=maybe is not valid; valid choices: true, false",
+    "decode_attention=cudnn": "decode_attention='cudnn' is not valid; valid choices: auto, flex, sdpa",
+    "compile=true decode_attention=flex": "decode_attention=flex compiles on CUDA only; valid choices on cpu: auto, "
+    "sdpa",
+    "flex_options.BLOCK=64": "flex_options.BLOCK is not an option; valid: flex_options.BLOCK_N, "
+    "flex_options.num_stages, flex_options.num_warps, flex_options.SPLIT_KV",
+    "flex_options.num_stages=0": "flex_options.num_stages=0 is not valid; it must be an integer >= 1",
+    "flex_options.num_stages=3": "flex_options apply to the compiled decode step with decode_attention=flex",
     "hydra/launcher=xyz cache=dense,h2o -m": "hydra/launcher='xyz' is not valid; valid choices: basic, joblib, "
     "submitit_local, submitit_slurm",
 }

@@ -1,6 +1,7 @@
 """The compiled decode step (model/compiled_decode.py) against the eager one: same greedy tokens over 64 steps,
 the int API's checks outside the graph, one graph for every step, and what it refuses. On CPU torch.compile runs
-inductor without CUDA graphs; the CUDA-graph capture itself needs the GPU machine (benchmarks/gpu_decode.sh)."""
+inductor without CUDA graphs, with the SDPA formulation; the flex formulation (what CUDA compiles) is checked here
+eagerly, and compiled with CUDA graphs on the GPU machine (benchmarks/gpu_decode.sh)."""
 
 import pytest
 import torch
@@ -30,12 +31,12 @@ def prompt(model):
 
 
 @torch.inference_mode()
-def greedy(model, prompt, case: str, step: str) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy(model, prompt, case: str, step: str, attention: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, STEPS), logits of every step (B, STEPS, vocab)); step: eager | static | compiled."""
     cache, length, knobs = CASES[case]
     model.set_kv_caches(BATCH, cache, length, **knobs)
     token = model(prompt, input_pos=0)[:, -1:].argmax(-1)  # (B, 1)
-    decoder = model if step == "eager" else CompiledDecode(model, compile=step == "compiled")
+    decoder = model if step == "eager" else CompiledDecode(model, compile=step == "compiled", attention=attention)
     tokens, logits = [], []
     for i in range(STEPS):
         out = decoder(token, input_pos=PROMPT + i)  # (B, 1, vocab)
@@ -46,10 +47,12 @@ def greedy(model, prompt, case: str, step: str) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(tokens, 1), torch.cat(logits, 1)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_the_fixed_shape_step_equals_the_eager_step(model, prompt, case):
+def test_the_fixed_shape_step_equals_the_eager_step(model, prompt, case, attention):
+    """Both attention formulations of the fixed-shape step (flex runs eagerly here: what CUDA compiles)."""
     eager_tokens, eager_logits = greedy(model, prompt, case, "eager")
-    static_tokens, static_logits = greedy(model, prompt, case, "static")
+    static_tokens, static_logits = greedy(model, prompt, case, "static", attention)
     assert torch.equal(static_tokens, eager_tokens)
     assert (static_logits - eager_logits).abs().max() <= 1e-5
 
@@ -104,6 +107,16 @@ def test_what_compiled_decode_refuses(model):
     with pytest.raises(ValueError, match="hook"):
         CompiledDecode(model)
     model.set_start_of_layer_hook(None)
+    with pytest.raises(ValueError, match="decode_attention=flex compiles on CUDA only; valid choices on cpu: auto"):
+        CompiledDecode(model, attention="flex")
+    with pytest.raises(ValueError, match="valid choices: auto, flex, sdpa"):
+        CompiledDecode(model, attention="cudnn")
+    with pytest.raises(ValueError, match="flex_options apply to attention='flex' only"):
+        CompiledDecode(model, attention="sdpa", flex_options={"num_stages": 3})
+    assert CompiledDecode(model).attention == "sdpa"  # auto on the CPU
+    decoder = CompiledDecode(model, compile=False, attention="flex", flex_options={"num_stages": 3})
+    assert all(c.attn_opts.flex_kernel_options == {"num_stages": 3} for c in model.kv_caches)
+    assert decoder.attention == "flex"
     model.clear_kv_caches()
     with pytest.raises(ValueError, match="set_kv_caches"):
         CompiledDecode(model)

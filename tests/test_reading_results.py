@@ -91,7 +91,12 @@ def test_figures_from_the_baselines(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert names == ["backend_matrix.png", "memory_time_vs_ctx_llama-3.2-1b.png", "throughput_vs_batch.png"]
+    assert names == [
+        "backend_matrix.png",
+        "memory_time_vs_ctx_llama-3.2-1b.png",
+        "systems_side_by_side.png",
+        "throughput_vs_batch.png",
+    ]
     assert all(p.stat().st_size > 10_000 for p in tmp_path.glob("*.png"))
 
 
