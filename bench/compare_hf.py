@@ -267,6 +267,7 @@ def run_kvbench(args, model: str, ctx: int, batch: int) -> dict:
         f"expandable_segments={args.expandable_segments}",
         f"decode_attention={args.decode_attention}",
         *(f"flex_options.{option}" for option in args.flex_option or []),
+        f"cuda_graphs={args.cuda_graphs}",
         f"nvml_period_ms={args.nvml_period_ms}",
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -360,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="kvbench's compile knob")
     ap.add_argument("--decode-attention", default="auto", choices=["auto", "flex", "sdpa"],
                     help="kvbench's compiled decode attention (auto: flex on CUDA)")  # fmt: skip
+    ap.add_argument("--cuda-graphs", default="trees", choices=["trees", "manual"],
+                    help="CUDA: kvbench's compiled step captured by torch.compile's graph trees or by us")  # fmt: skip
     ap.add_argument("--flex-option", action="append", metavar="KEY=N",
                     help="kvbench's flex decoding kernel option, repeatable (e.g. num_stages=3)")  # fmt: skip
     ap.add_argument("--expandable-segments", default="true", choices=["true", "false"],
@@ -401,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join(valid_options)}")  # fmt: skip
     device = torch.device("cuda" if (args.device == "auto" and cuda) or args.device == "cuda" else "cpu")
     args.device = device.type
+    if args.cuda_graphs == "manual" and device.type != "cuda":
+        return fail("--cuda-graphs manual captures kvbench's compiled step on CUDA; valid choices here: trees")
     args.alloc_conf = None
     if device.type == "cuda":  # before anything allocates: one allocator setting for every system of the process
         args.alloc_conf = measure.request_expandable_segments(args.expandable_segments == "true")

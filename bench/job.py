@@ -190,8 +190,11 @@ def _timed(
     row["compile"] = spec.compile
     skips_before = counters["inductor"]["cudagraph_skips"]
     if spec.compile:  # the decode step compiled (and captured in CUDA graphs on CUDA); prefill stays eager
-        step = CompiledDecode(model, attention=spec.decode_attention, flex_options=spec.flex_options)
+        step = CompiledDecode(
+            model, attention=spec.decode_attention, flex_options=spec.flex_options, graphs=spec.cuda_graphs or "trees"
+        )
         row["compile_mode"] = step.mode or "default"
+        row["cuda_graphs"] = step.graphs
         row["decode_attention"] = step.attention
         if step.flex_options:
             row["flex_options"] = ",".join(f"{k}={v}" for k, v in step.flex_options.items())

@@ -63,6 +63,7 @@ EXTRA: dict[str, str] = {
     "compile": "boolean",  # decode step compiled (model/compiled_decode.py)
     "compile_mode": "string",  # torch.compile mode: reduce-overhead (CUDA graphs) | default
     "decode_attention": "string",  # compiled decode step's attention: flex (FlexAttention) | sdpa (masked SDPA)
+    "cuda_graphs": "string",  # compiled decode on CUDA: trees (torch.compile reduce-overhead) | manual (our graph)
     "flex_options": "string",  # decode_attention=flex: kernel options asked for, e.g. BLOCK_N=64,num_stages=3
     "compile_s": "float64",  # the warm-up's first decode steps, compilation and graph recording included
     "cudagraph_skips": "Int64",  # compile_mode=reduce-overhead: graphs inductor declined to capture (0 expected)

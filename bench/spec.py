@@ -13,7 +13,7 @@ import torch
 
 from caches import KVCacheParams, cache_class, cache_names
 from model.attention import BACKENDS
-from model.compiled_decode import DECODE_ATTENTION, resolve_decode_attention
+from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, resolve_decode_attention
 from model.config import CONFIGS
 from model.load import PRETRAINED
 
@@ -88,6 +88,7 @@ class BenchConfig:
     expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
     decode_attention: str = "auto"  # auto | flex | sdpa: how the compiled decode step attends (auto: flex on CUDA)
     flex_options: FlexOptions = field(default_factory=FlexOptions)  # decode_attention=flex: kernel options
+    cuda_graphs: str = "trees"  # trees | manual: how the compiled decode step is captured on CUDA
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -117,6 +118,7 @@ class JobSpec:
     expandable_segments: bool  # CUDA allocator with expandable segments (always False on CPU)
     decode_attention: str | None = None  # compiled decode step's attention: flex | sdpa (None: compile=false)
     flex_options: dict | None = None  # flex kernel options (None: inductor's defaults)
+    cuda_graphs: str | None = None  # trees | manual on CUDA with compile (None: no CUDA graphs)
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
 
@@ -132,6 +134,8 @@ class JobSpec:
             del identity["decode_attention"]
         if not self.flex_options:
             del identity["flex_options"]
+        if self.cuda_graphs in (None, "trees"):
+            del identity["cuda_graphs"]
         return identity
 
     @property
@@ -239,6 +243,10 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa)
     decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_)
     flex_options = _resolve_flex_options(get("flex_options"), decode_attention)
+    cuda_graphs = _choice("cuda_graphs", str(get("cuda_graphs", "trees")).strip().lower(), CUDA_GRAPHS)
+    if cuda_graphs == "manual" and not (compile_ and device == "cuda"):
+        raise ConfigError("cuda_graphs=manual captures the compiled decode step on CUDA; it needs compile=true and "
+                          "device=cuda (valid choices here: trees)")  # fmt: skip
     expandable = get("expandable_segments", True)
     if not isinstance(expandable, bool):
         raise ConfigError(f"expandable_segments={expandable!r} is not valid; valid choices: true, false")
@@ -250,7 +258,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         warmup=bool(get("warmup")), threads=threads, track_tensors=bool(get("track_tensors")),
         nvml_period_ms=float(get("nvml_period_ms")), inject=inject, compile=compile_,
         expandable_segments=expandable and device == "cuda", decode_attention=decode_attention,
-        flex_options=flex_options, evals=evals,
+        flex_options=flex_options, cuda_graphs=cuda_graphs if compile_ and device == "cuda" else None, evals=evals,
         eval_knobs=eval_knobs,
     )  # fmt: skip
 

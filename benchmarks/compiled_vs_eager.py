@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--caches", default="dense,last_recent,dense-int8", help="comma-separated, from the default")
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float32"],
                     help="float32 separates a wrong token from bf16 rounding between near-tied logits")  # fmt: skip
+    ap.add_argument("--graphs", default="trees", choices=["trees", "manual"], help="CUDA: how the step is captured")
     ap.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"], help="compiled step's attention")
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
@@ -70,7 +71,7 @@ def main() -> None:
         model.set_kv_caches(args.batch, cache, length, **knobs)
         eager_tokens, eager_logits, eager_s = greedy(model, prompt, model, args.steps, device)
         skips = counters["inductor"]["cudagraph_skips"]
-        decoder = CompiledDecode(model, attention=args.attention)
+        decoder = CompiledDecode(model, attention=args.attention, graphs=args.graphs)
         greedy(model, prompt[:, : min(args.ctx, 256)], decoder, 3, device)  # compile, record the graphs
         compiled_tokens, compiled_logits, compiled_s = greedy(model, prompt, decoder, args.steps, device)
         differs = (compiled_tokens != eager_tokens).any(0).nonzero()
@@ -78,7 +79,8 @@ def main() -> None:
         diff = (compiled_logits[:, :agree] - eager_logits[:, :agree]).abs().max().item() if agree else None
         print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
                           "ctx": args.ctx, "batch": args.batch, "cache": cache, **knobs, "mode": decoder.mode,
-                          "dtype": args.dtype, "attention": decoder.attention, "steps_agreeing": agree,
+                          "dtype": args.dtype, "attention": decoder.attention, "graphs": decoder.graphs,
+                          "steps_agreeing": agree,
                           "of": args.steps, "max_logit_diff": diff,
                           "eager_ms_p50": statistics.median(eager_s) * 1e3,
                           "compiled_ms_p50": statistics.median(compiled_s) * 1e3,

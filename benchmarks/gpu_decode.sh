@@ -5,9 +5,11 @@
 #      options, against SDPA flash/cudnn; the fastest option set at 32k x 4 is used by the steps below;
 #   2. python -m bench.compare_hf: kvbench (compiled decode, CUDA graphs, flex) against HF transformers StaticCache
 #      + compile, Llama-3.2-1B shape, bf16, ctx 8k batch 1 and ctx 32k batch 4, one process (the 3x must-show);
-#   3. the harness, dense 32k x 4, each job a fresh process (peaks, NVML, mbu): prefill_chunk 2048 and 1024;
+#   3. the harness, dense 32k x 4, each job a fresh process (peaks, NVML, mbu): cuda_graphs=trees and manual;
 #   4. benchmarks/profile_decode.py: kernels and host time of the compiled step at 32k x 4;
-#   5. the harness at 8k x 1, and last_recent and int8 at 32k x 4, compiled.
+#   5. benchmarks/compiled_vs_eager.py with cuda_graphs=manual: the same tokens (float32);
+#   6. the harness at 8k x 1 (trees, manual), dense 32k x 4 with prefill_chunk=1024 (NVML), and last_recent and
+#      int8 at 32k x 4, compiled.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -54,14 +56,20 @@ timeout "${LIMIT_COMPARE:-240}" python3 -m bench.compare_hf --model "$MODEL" --c
 save
 
 # shellcheck disable=SC2086
-run_sweep "${LIMIT_RUN:-120}" ctx=32k batch=4 cache=dense compile=true prefill_chunk=2048,1024 $RUN_OPTS
+run_sweep "${LIMIT_RUN:-100}" ctx=32k batch=4 cache=dense compile=true cuda_graphs=trees,manual $RUN_OPTS
 
 log "python benchmarks/profile_decode.py --model $MODEL --ctx 32k --batch 4"
 timeout "${LIMIT_PROFILE:-70}" python3 benchmarks/profile_decode.py --model "$MODEL" --ctx 32k --batch 4 2>&1 \
   | grep "^{" | tee -a "$OUT/log.txt" "$OUT/profile_decode.jsonl"
 
+log "python benchmarks/compiled_vs_eager.py --model $MODEL --ctx 2048 --batch 2 --caches dense --dtype float32 --graphs manual"
+timeout "${LIMIT_CHECK:-60}" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 \
+  --caches dense --dtype float32 --graphs manual 2>&1 | grep "^{" | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
+
 # shellcheck disable=SC2086
-run_sweep "${LIMIT_8K:-60}" ctx=8k batch=1 cache=dense compile=true $RUN_OPTS
+run_sweep "${LIMIT_8K:-80}" ctx=8k batch=1 cache=dense compile=true cuda_graphs=trees,manual $RUN_OPTS
+# shellcheck disable=SC2086
+run_sweep "${LIMIT_CHUNK:-50}" ctx=32k batch=4 cache=dense compile=true prefill_chunk=1024 $RUN_OPTS
 # shellcheck disable=SC2086
 run_sweep "${LIMIT_MORE:-150}" ctx=32k batch=4 cache=last_recent,dense cache.buffer=float,int8 compile=true $RUN_OPTS
 log done

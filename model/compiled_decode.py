@@ -36,6 +36,7 @@ def compiled_decode_caches() -> list[str]:
 
 
 DECODE_ATTENTION = ("auto", "flex", "sdpa")
+CUDA_GRAPHS = ("trees", "manual")  # inductor's CUDA-graph trees (mode="reduce-overhead"), or one graph of our own
 
 
 def resolve_decode_attention(attention: str, device_type: str, compiled: bool) -> str:
@@ -59,6 +60,8 @@ class CompiledDecode(nn.Module):
     mode; "auto" is "reduce-overhead" (CUDA graphs) on CUDA and the default (no graphs) elsewhere. attention: how
     the step attends its buffer, "flex" (FlexAttention) or "sdpa" (masked SDPA); "auto" is flex on CUDA, sdpa
     elsewhere. flex_options: kernel options of the flex kernel (e.g. {"BLOCK_N": 64, "num_stages": 3}).
+    graphs (CUDA): "trees" captures through torch.compile's mode="reduce-overhead"; "manual" compiles without it
+    and captures the step in one torch.cuda.CUDAGraph of its own, replayed without dynamo's guards (`_replay`).
     """
 
     def __init__(
@@ -68,8 +71,11 @@ class CompiledDecode(nn.Module):
         mode: str | None = "auto",
         attention: str = "auto",
         flex_options: dict | None = None,
+        graphs: str = "trees",
     ) -> None:
         super().__init__()
+        if graphs not in CUDA_GRAPHS:
+            raise ValueError(f"graphs={graphs!r} is not valid; valid choices: {', '.join(CUDA_GRAPHS)}")
         caches = model.kv_caches
         if len(caches) != len(model.blocks):
             raise ValueError("CompiledDecode needs a KV cache in every layer: call model.set_kv_caches() first")
@@ -89,7 +95,14 @@ class CompiledDecode(nn.Module):
         device = model.lm_head.weight.device
         self.register_buffer("pos", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._pos_on_device: int | None = None  # the int `pos` holds (mirrored here: reading it back would sync)
+        self.graphs = graphs if compile and device.type == "cuda" else None
+        if graphs == "manual" and self.graphs is None:
+            raise ValueError("graphs='manual' captures the compiled step in a CUDA graph: it needs compile=True and a "
+                             "CUDA device; valid choices here: trees")  # fmt: skip
         self.mode = ("reduce-overhead" if device.type == "cuda" else None) if mode == "auto" else mode
+        if self.graphs == "manual":
+            self.mode = None  # inductor's code without its CUDA-graph trees: the graph is ours (_replay)
+        self._graph = self._static_idx = self._static_logits = None
         self.attention = resolve_decode_attention(attention, device.type, compile)
         if flex_options and self.attention != "flex":
             raise ValueError(f"flex_options apply to attention='flex' only (this step attends with {self.attention!r})")
@@ -104,6 +117,26 @@ class CompiledDecode(nn.Module):
         self._step = torch.compile(self._forward, mode=self.mode, fullgraph=True, dynamic=False) if compile else (
             self._forward)  # fmt: skip
 
+    def _replay(self, idx: Tensor, input_pos: int) -> Tensor:
+        """graphs='manual': the compiled step captured once in a torch.cuda.CUDAGraph and replayed with nothing in
+        between (no dynamo guards, no graph-tree bookkeeping). The step is idempotent at a given position (it
+        writes the same K/V to the same slot, then attends), so the warm-up call that compiles it runs the real
+        step, and the first replay runs it again at the same position."""
+        if self._graph is None or self._static_idx.shape != idx.shape:
+            self._static_idx = idx.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compile, lazy kernel and library init, outside the capture
+                self._step(self._static_idx)
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._static_logits = self._step(self._static_idx)
+            self.pos.fill_(input_pos)  # the warm-up advanced it; the capture itself ran nothing
+        self._static_idx.copy_(idx)
+        self._graph.replay()
+        return self._static_logits
+
     def _forward(self, idx: Tensor) -> Tensor:
         logits = self.model.decode_step(idx, self.pos)  # (B, 1, vocab)
         self.pos.add_(1)  # in the graph: the next replay decodes the next position
@@ -117,10 +150,14 @@ class CompiledDecode(nn.Module):
             cache.check_position(idx.shape[0], 1, input_pos)
         if self._pos_on_device != input_pos:
             self.pos.fill_(input_pos)
-        if self.compiled and self.mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
+        if self.graphs == "manual":
+            logits = self._replay(idx, input_pos)
+        else:
+            if self.compiled and self.mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self._step(idx)
         # The graph's output buffer is overwritten by the next replay: hand out a copy (B x vocab, negligible).
-        logits = self._step(idx).clone()
+        logits = logits.clone()
         self._pos_on_device = input_pos + 1
         for cache in caches:
             cache.next_token_pos = input_pos + 1

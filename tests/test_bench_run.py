@@ -63,11 +63,14 @@ def test_decode_attention_is_resolved_and_hashed_only_where_it_changes_the_step(
     for spec in specs.values():
         assert "flex_options" not in spec.identity()
         assert ("decode_attention" in spec.identity()) == (spec.decode_attention == "flex")
+        assert "cuda_graphs" not in spec.identity()  # trees (the default) or no graphs at all
+    assert specs["compile=true"].cuda_graphs == ("trees" if cuda else None)
     if cuda:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=["compile=true", "flex_options.num_stages=3"])
+            cfg = compose(config_name="config", overrides=["flex_options.num_stages=3", "cuda_graphs=manual"])
         spec = resolve(cfg, cuda_available=True)
         assert spec.flex_options == {"num_stages": 3} and spec.identity()["flex_options"] == {"num_stages": 3}
+        assert spec.cuda_graphs == "manual" and spec.identity()["cuda_graphs"] == "manual"
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))
@@ -158,6 +161,9 @@ BAD = {
     "flex_options.num_stages, flex_options.num_warps, flex_options.SPLIT_KV",
     "flex_options.num_stages=0": "flex_options.num_stages=0 is not valid; it must be an integer >= 1",
     "flex_options.num_stages=3": "flex_options apply to the compiled decode step with decode_attention=flex",
+    "cuda_graphs=manual": "cuda_graphs=manual captures the compiled decode step on CUDA; it needs compile=true and "
+    "device=cuda (valid choices here: trees)",
+    "cuda_graphs=yes": "cuda_graphs='yes' is not valid; valid choices: trees, manual",
     "hydra/launcher=xyz cache=dense,h2o -m": "hydra/launcher='xyz' is not valid; valid choices: basic, joblib, "
     "submitit_local, submitit_slurm",
 }

@@ -93,6 +93,29 @@ def test_the_int_api_is_checked_and_a_new_prefill_moves_the_device_position(mode
     model.clear_kv_caches()
 
 
+@pytest.mark.parametrize("case", ["dense", "last_recent", "dense_int8"])
+@torch.inference_mode()
+def test_a_step_repeated_at_its_position_changes_nothing(model, prompt, case):
+    """What graphs='manual' relies on (its warm-up runs the real step, then the first replay runs it again at the
+    same position): the step writes the same K/V to the same slot, so running it twice leaves the same caches and
+    the same logits as running it once. last_recent is past its buffer here (the ring evicts on every step)."""
+    cache, length, knobs = CASES[case]
+    model.set_kv_caches(BATCH, cache, length, **knobs)
+    token = model(prompt, input_pos=0)[:, -1:].argmax(-1)
+    decoder = CompiledDecode(model, compile=False)
+    for i in range(3):
+        token = decoder(token, input_pos=PROMPT + i)[:, -1:].argmax(-1)
+    position = PROMPT + 3
+    once = decoder._step(token)
+    state = [b.clone() for c in model.kv_caches for b in c.buffers()]
+    assert int(decoder.pos) == position + 1
+    decoder.pos.fill_(position)
+    twice = decoder._step(token)
+    assert torch.equal(once, twice) and int(decoder.pos) == position + 1
+    assert all(torch.equal(a, b) for a, b in zip(state, (b for c in model.kv_caches for b in c.buffers())))
+    model.clear_kv_caches()
+
+
 def test_what_compiled_decode_refuses(model):
     assert compiled_decode_caches() == ["dense", "last_recent"]
     model.set_kv_caches(1, "h2o", 64)
@@ -114,6 +137,10 @@ def test_what_compiled_decode_refuses(model):
     with pytest.raises(ValueError, match="flex_options apply to attention='flex' only"):
         CompiledDecode(model, attention="sdpa", flex_options={"num_stages": 3})
     assert CompiledDecode(model).attention == "sdpa"  # auto on the CPU
+    with pytest.raises(ValueError, match="graphs='manual' captures the compiled step in a CUDA graph"):
+        CompiledDecode(model, graphs="manual")
+    with pytest.raises(ValueError, match="valid choices: trees, manual"):
+        CompiledDecode(model, graphs="yes")
     decoder = CompiledDecode(model, compile=False, attention="flex", flex_options={"num_stages": 3})
     assert all(c.attn_opts.flex_kernel_options == {"num_stages": 3} for c in model.kv_caches)
     assert decoder.attention == "flex"
