@@ -18,6 +18,7 @@ The rules (DESIGN.md, "Attention rules"):
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -358,6 +359,21 @@ def static_decode_attention(
 FLEX_BLOCK = 128  # key slots per block of the flex block mask
 
 
+def _forward_only() -> dict:
+    """BlockMask.from_kv_blocks also transposes the block lists for a backward pass (a scatter, a sum and a sort,
+    in every layer of every decode step) unless told not to; torch versions without the flag always do."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return (
+        {"compute_q_blocks": False}
+        if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+        else {}
+    )
+
+
+_FORWARD_ONLY = _forward_only()
+
+
 def _flex_decode(
     query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, scale: float | None, kernel_options: dict | None = None
 ) -> Tensor:
@@ -377,8 +393,9 @@ def _flex_decode(
         return kv_idx < n_valid
 
     block_mask = BlockMask.from_kv_blocks(
-        kv_num_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=filled, seq_lengths=(query.shape[2], S)
-    )
+        kv_num_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=filled, seq_lengths=(query.shape[2], S),
+        **_FORWARD_ONLY,
+    )  # fmt: skip
     options = dict(kernel_options) if kernel_options else None  # inductor fills in its defaults in place
     return flex_attention(
         query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=options
