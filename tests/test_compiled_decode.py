@@ -147,3 +147,26 @@ def test_what_compiled_decode_refuses(model):
     model.clear_kv_caches()
     with pytest.raises(ValueError, match="set_kv_caches"):
         CompiledDecode(model)
+
+
+@torch.inference_mode()
+def test_the_flex_step_graph_builds_its_block_mask_for_the_forward_pass_only(model, prompt):
+    """What inductor gets on CUDA (traced here through AOT without compiling): one flex attention per layer, and
+    none of the block-list transpose a backward pass would need (a scatter, a sum and a sort per layer)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model.set_kv_caches(BATCH, "dense", PROMPT + 8)
+    token = model(prompt, input_pos=0)[:, -1:].argmax(-1)
+    decoder = CompiledDecode(model, compile=False, attention="flex")
+    torch._dynamo.reset()
+    torch.compile(decoder._forward, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(token)
+    ops = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    assert ops.count("flex_attention") == model.config.n_layer
+    assert not [op for op in ops if op.startswith(("aten.sort", "aten.index_put"))]
+    model.clear_kv_caches()
