@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md), about 9 minutes on an H200,
+# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md), an estimated 9-10 minutes on an H200 (not run yet),
 # most important first; results are packed into $OUT after every step, so a run cut short keeps what it did:
 #   1. benchmarks/flex_decode_tune.py: one layer's decode attention through FlexAttention for a grid of kernel
 #      options, against SDPA flash/cudnn; the fastest option set at 32k x 4 is used by the steps below;
@@ -14,15 +14,7 @@
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH || exit; bash benchmarks/gpu_decode.sh
-set -uo pipefail
-OUT=${OUT:-/tmp/out}
-MODEL=${MODEL:-llama-3.2-1b}
-mkdir -p "$OUT"
-R=/tmp/kvres
-mkdir -p "$R"
-QUIET="it/s\]\|warnings.warn\|UserWarning\|^$\|Online softmax\|split the reduction\|important use case\|^softmax"
-log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
-save() { tar -czf "$OUT/results.tar.gz" -C "$R" --exclude=hydra . 2>/dev/null; }
+source "$(dirname "$0")/gpu_common.sh"
 run_sweep() {  # limit, then bench.run overrides
   local limit=$1; shift
   log "python -m bench.run $*"

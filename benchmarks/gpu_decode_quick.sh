@@ -8,19 +8,12 @@
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH || exit; bash benchmarks/gpu_decode_quick.sh
-set -uo pipefail
-OUT=${OUT:-/tmp/out}
-MODEL=${MODEL:-llama-3.2-1b}
-mkdir -p "$OUT"
-R=/tmp/kvres
-mkdir -p "$R"
-log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
-save() { tar -czf "$OUT/results.tar.gz" -C "$R" --exclude=hydra . 2>/dev/null; }
+source "$(dirname "$0")/gpu_common.sh"
 run_one() {  # limit, then bench.run overrides
   local limit=$1; shift
   log "python -m bench.run $*"
   timeout "$limit" python3 -m bench.run model="$MODEL" cache=dense compile=true new_tokens=64 sweep=compiled_flex \
-    results_dir=$R "$@" 2>&1 | grep -v "it/s\]\|warnings.warn\|UserWarning" | tee -a "$OUT/log.txt"
+    results_dir=$R "$@" 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
   save
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/log.txt"
