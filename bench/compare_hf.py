@@ -343,6 +343,7 @@ def table(df) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from bench.spec import DTYPES, ConfigError, FlexOptions
+    from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION
     from model.config import CONFIGS, Config
 
     cuda = torch.cuda.is_available()
@@ -359,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, from: {', '.join(SYSTEMS)}",
     )
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="kvbench's compile knob")
-    ap.add_argument("--decode-attention", default="auto", choices=["auto", "flex", "sdpa"],
+    ap.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
                     help="kvbench's compiled decode attention (auto: flex on CUDA)")  # fmt: skip
-    ap.add_argument("--cuda-graphs", default="trees", choices=["trees", "manual"],
+    ap.add_argument("--cuda-graphs", default="trees", choices=CUDA_GRAPHS,
                     help="CUDA: kvbench's compiled step captured by torch.compile's graph trees or by us")  # fmt: skip
     ap.add_argument("--flex-option", action="append", metavar="KEY=N",
                     help="kvbench's flex decoding kernel option, repeatable (e.g. num_stages=3)")  # fmt: skip

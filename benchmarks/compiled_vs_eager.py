@@ -20,7 +20,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from bench.measure import sync
-from model.compiled_decode import CompiledDecode
+from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, CompiledDecode
 from model.config import Config
 from model.gpt import GPT
 
@@ -52,8 +52,8 @@ def main() -> None:
     ap.add_argument("--caches", default="dense,last_recent,dense-int8", help="comma-separated, from the default")
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float32"],
                     help="float32 separates a wrong token from bf16 rounding between near-tied logits")  # fmt: skip
-    ap.add_argument("--graphs", default="trees", choices=["trees", "manual"], help="CUDA: how the step is captured")
-    ap.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"], help="compiled step's attention")
+    ap.add_argument("--graphs", default="trees", choices=CUDA_GRAPHS, help="CUDA: how the step is captured")
+    ap.add_argument("--attention", default="auto", choices=DECODE_ATTENTION, help="compiled step's attention")
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype)

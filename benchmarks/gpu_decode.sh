@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md), an estimated 9-10 minutes on an H200 (not run yet),
-# most important first; results are packed into $OUT after every step, so a run cut short keeps what it did:
+# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md), an estimated 9-10 minutes
+# on an H200 (not run yet), most important first; results are packed into $OUT after every step, so a run cut short keeps what it did:
 #   1. benchmarks/flex_decode_tune.py: one layer's decode attention through FlexAttention for a grid of kernel
 #      options, against SDPA flash/cudnn; the fastest option set at 32k x 4 is used by the steps below;
 #   2. python -m bench.compare_hf: kvbench (compiled decode, CUDA graphs, flex) against HF transformers StaticCache

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.job import _prefill
 from bench.measure import measured_bandwidth, sync
 from bench.spec import DTYPES, parse_ctx
-from model.compiled_decode import CompiledDecode
+from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, CompiledDecode
 from model.config import CONFIGS, Config
 from model.gpt import GPT
 
@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=parse_ctx, default=32768)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--cache", default="dense")
-    ap.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"], help="compiled step's attention")
-    ap.add_argument("--graphs", default="trees", choices=["trees", "manual"], help="CUDA: how the step is captured")
+    ap.add_argument("--attention", default="auto", choices=DECODE_ATTENTION, help="compiled step's attention")
+    ap.add_argument("--graphs", default="trees", choices=CUDA_GRAPHS, help="CUDA: how the step is captured")
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(DTYPES))
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--top", type=int, default=15)

@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "eager")
+DECODE_FORMULATIONS = ("sdpa", "flex")  # how a compiled decode step attends (static_decode_attention)
 _SDP = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -66,8 +68,9 @@ class AttentionOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {self.backend!r}; valid choices: {', '.join(BACKENDS)}")
-        if self.decode_attention not in ("sdpa", "flex"):
-            raise ValueError(f"unknown decode_attention {self.decode_attention!r}; valid choices: sdpa, flex")
+        if self.decode_attention not in DECODE_FORMULATIONS:
+            raise ValueError(f"unknown decode_attention {self.decode_attention!r}; valid choices: "
+                             f"{', '.join(DECODE_FORMULATIONS)}")  # fmt: skip
 
 
 @dataclass
@@ -362,8 +365,6 @@ FLEX_BLOCK = 128  # key slots per block of the flex block mask
 def _forward_only() -> dict:
     """BlockMask.from_kv_blocks also transposes the block lists for a backward pass (a scatter, a sum and a sort,
     in every layer of every decode step) unless told not to; torch versions without the flag always do."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     return (
         {"compute_q_blocks": False}
         if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
@@ -381,7 +382,6 @@ def _flex_decode(
     inside the last one `kv_idx < n_valid` masks the empty slots. query (B, n_head, 1, hs) -> (B, n_head, 1, hs).
     kernel_options go to the compiled kernel (on CUDA the split-K decoding template: BLOCK_N, num_stages,
     num_warps, SPLIT_KV); None keeps inductor's defaults."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     S = key.shape[2]
     n_blocks = -(-S // FLEX_BLOCK)

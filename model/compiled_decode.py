@@ -35,7 +35,7 @@ def compiled_decode_caches() -> list[str]:
     return [name for name in cache_names() if cache_class(name).supports_compiled_decode]
 
 
-DECODE_ATTENTION = ("auto", "flex", "sdpa")
+DECODE_ATTENTION = ("auto", "flex", "sdpa")  # auto: flex on CUDA, sdpa elsewhere (resolve_decode_attention)
 CUDA_GRAPHS = ("trees", "manual")  # inductor's CUDA-graph trees (mode="reduce-overhead"), or one graph of our own
 
 
