@@ -245,11 +245,11 @@ def _mbu(row: dict, cfg, ctx: int, new_tokens: int, itemsize: int, device: torch
     row.update(mbu_columns(row["weights_bytes"] - embedding + kv, row["decode_ms_p50"], device))
 
 
-def run_kvbench(args, model: str, ctx: int, batch: int) -> dict:
-    """The harness's own job for the same shape (dense cache), as `python -m bench.run` would run it."""
+def kvbench_spec(args, model: str, ctx: int, batch: int):
+    """The harness's job spec for the same shape (dense cache), as `python -m bench.run` would resolve it
+    (raises ConfigError with the valid choices for a bad combination of knobs)."""
     from hydra import compose, initialize_config_dir
 
-    from bench.job import run_job
     from bench.run import CONF_DIR
     from bench.spec import resolve
 
@@ -266,12 +266,21 @@ def run_kvbench(args, model: str, ctx: int, batch: int) -> dict:
         f"compile={args.compile}",
         f"expandable_segments={args.expandable_segments}",
         f"decode_attention={args.decode_attention}",
+        f"sdpa={args.sdpa}",
+        f"prefill_chunk={args.prefill_chunk}",
         *(f"flex_options.{option}" for option in args.flex_option or []),
         f"cuda_graphs={args.cuda_graphs}",
         f"nvml_period_ms={args.nvml_period_ms}",
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        spec = resolve(compose(config_name="config", overrides=overrides))
+        return resolve(compose(config_name="config", overrides=overrides))
+
+
+def run_kvbench(args, model: str, ctx: int, batch: int) -> dict:
+    """The harness's own job for the same shape (dense cache), as `python -m bench.run` would run it."""
+    from bench.job import run_job
+
+    spec = kvbench_spec(args, model, ctx, batch)
     identity = {"system": "kvbench", **spec.identity()}
     row = run_job(spec, sweep_id=args.sweep, config_hash=results.config_hash(identity), progress=False)
     row.update(system="kvbench", isolation="none", launcher="compare_hf")
@@ -343,6 +352,7 @@ def table(df) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from bench.spec import DTYPES, ConfigError, FlexOptions
+    from model.attention import BACKENDS
     from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION
     from model.config import CONFIGS, Config
 
@@ -362,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="kvbench's compile knob")
     ap.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
                     help="kvbench's compiled decode attention (auto: flex on CUDA)")  # fmt: skip
+    ap.add_argument("--sdpa", default="auto", choices=[b for b in BACKENDS if b != "eager"],
+                    help="kvbench's SDPA kernel (prefill, and the compiled step's sdpa forms)")  # fmt: skip
+    ap.add_argument("--prefill-chunk", type=int, default=2048, help="kvbench's prefill chunk (tokens)")
     ap.add_argument("--cuda-graphs", default="trees", choices=CUDA_GRAPHS,
                     help="CUDA: kvbench's compiled step captured by torch.compile's graph trees or by us")  # fmt: skip
     ap.add_argument("--flex-option", action="append", metavar="KEY=N",
@@ -395,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
     if args.device == "cuda" and not cuda:
         return fail("--device cuda but no CUDA device is available; valid choices here: auto, cpu")
-    if args.new_tokens < 1 or args.repeats < 1:
-        return fail("--new-tokens and --repeats must be integers >= 1")
+    if args.new_tokens < 1 or args.repeats < 1 or args.prefill_chunk < 1:
+        return fail("--new-tokens, --repeats and --prefill-chunk must be integers >= 1")
     valid_options = list(FlexOptions.__dataclass_fields__)
     for option in args.flex_option or []:
         key, _, number = option.partition("=")
@@ -412,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         args.alloc_conf = measure.request_expandable_segments(args.expandable_segments == "true")
     dtype = DTYPES[args.dtype]
     cfg = Config.from_name(args.model)
+    if "kvbench" in systems:
+        try:  # the knobs checked before anything runs
+            kvbench_spec(args, args.model, *cases[0])
+        except ConfigError as err:
+            return fail(str(err))
     sweep_dir = Path(args.results_dir) / args.sweep
     ran = []
     for ctx, batch in cases:

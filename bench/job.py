@@ -196,6 +196,7 @@ def _timed(
         row["compile_mode"] = step.mode or "default"
         row["cuda_graphs"] = step.graphs
         row["decode_attention"] = step.attention
+        row["decode_kernel"] = step.kernel
         if step.flex_options:
             row["flex_options"] = ",".join(f"{k}={v}" for k, v in step.flex_options.items())
 

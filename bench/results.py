@@ -62,7 +62,8 @@ EXTRA: dict[str, str] = {
     "nvml_index": "Int64",  # CUDA: the GPU as NVML (nvidia-smi) numbers it
     "compile": "boolean",  # decode step compiled (model/compiled_decode.py)
     "compile_mode": "string",  # torch.compile mode: reduce-overhead (CUDA graphs) | default
-    "decode_attention": "string",  # compiled decode step's attention: flex (FlexAttention) | sdpa (masked SDPA)
+    "decode_attention": "string",  # compiled decode step's attention: flex | sdpa | sdpa_gqa (masked SDPA forms)
+    "decode_kernel": "string",  # what that attention runs: flex, or sdpa:<backend> as PyTorch chose it for the step
     "cuda_graphs": "string",  # compiled decode on CUDA: trees (torch.compile reduce-overhead) | manual (our graph)
     "flex_options": "string",  # decode_attention=flex: kernel options asked for, e.g. BLOCK_N=64,num_stages=3
     "compile_s": "float64",  # the warm-up's first decode steps, compilation and graph recording included

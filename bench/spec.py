@@ -86,7 +86,9 @@ class BenchConfig:
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)
     compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: on CUDA if it can
     expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
-    decode_attention: str = "auto"  # auto | flex | sdpa: how the compiled decode step attends (auto: flex on CUDA)
+    decode_attention: str = (
+        "auto"  # auto | flex | sdpa | sdpa_gqa: how the compiled decode step attends (auto: flex on CUDA)
+    )
     flex_options: FlexOptions = field(default_factory=FlexOptions)  # decode_attention=flex: kernel options
     cuda_graphs: str = "trees"  # trees | manual: how the compiled decode step is captured on CUDA
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -116,7 +118,9 @@ class JobSpec:
     inject: str
     compile: bool  # decode through model/compiled_decode.py
     expandable_segments: bool  # CUDA allocator with expandable segments (always False on CPU)
-    decode_attention: str | None = None  # compiled decode step's attention: flex | sdpa (None: compile=false)
+    decode_attention: str | None = (
+        None  # compiled decode step's attention: flex | sdpa | sdpa_gqa (None: compile=false)
+    )
     flex_options: dict | None = None  # flex kernel options (None: inductor's defaults)
     cuda_graphs: str | None = None  # trees | manual on CUDA with compile (None: no CUDA graphs)
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
@@ -241,7 +245,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         _positive("threads", threads)
     inject = _choice("inject", get("inject"), INJECT)
     compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa)
-    decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_)
+    decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_, sdpa)
     flex_options = _resolve_flex_options(get("flex_options"), decode_attention)
     cuda_graphs = _choice("cuda_graphs", str(get("cuda_graphs", "trees")).strip().lower(), CUDA_GRAPHS)
     if cuda_graphs == "manual" and not (compile_ and device == "cuda"):
@@ -265,7 +269,8 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
 
 def _resolve_compile(value: Any, device: str, cache: str, sdpa: str) -> bool:
     """compile=auto: on CUDA for the caches that have a compiled decode step, with sdpa=auto; true: asks for it
-    (refused where it cannot be); false: the eager decode step."""
+    (refused where it cannot be; a forced SDPA kernel then runs in the compiled step); false: the eager decode
+    step."""
     text = str(value).strip().lower()
     _choice("compile", text, ["auto", "true", "false"])
     supported = [n for n in cache_names() if cache_class(n).supports_compiled_decode]
@@ -276,19 +281,20 @@ def _resolve_compile(value: Any, device: str, cache: str, sdpa: str) -> bool:
     if cache not in supported:
         raise ConfigError(f"compile=true needs a cache with a compiled decode step; valid caches: "
                           f"{', '.join(supported)} (got cache={cache!r}; use compile=false or auto)")  # fmt: skip
-    if sdpa != "auto":
-        raise ConfigError(f"compile=true lets torch.compile choose the attention kernel; valid: sdpa=auto (got "
-                          f"sdpa={sdpa!r}; use compile=false to force a backend)")  # fmt: skip
+    if sdpa == "eager":
+        raise ConfigError("compile=true runs an SDPA kernel (or FlexAttention) in the decode step; valid: "
+                          "sdpa=auto, flash, efficient, cudnn, math (got sdpa='eager'; use compile=false for the eager "
+                          "path)")  # fmt: skip
     return True
 
 
-def _resolve_decode_attention(value: Any, device: str, compiled: bool) -> str | None:
+def _resolve_decode_attention(value: Any, device: str, compiled: bool, sdpa: str = "auto") -> str | None:
     """The compiled decode step's attention (model/compiled_decode.py): None when the decode step is eager."""
     text = _choice("decode_attention", str(value).strip().lower(), DECODE_ATTENTION)
     if not compiled:
         return None
     try:
-        return resolve_decode_attention(text, device, compiled=True)
+        return resolve_decode_attention(text, device, compiled=True, sdpa=sdpa)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

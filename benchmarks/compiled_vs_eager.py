@@ -54,6 +54,8 @@ def main() -> None:
                     help="float32 separates a wrong token from bf16 rounding between near-tied logits")  # fmt: skip
     ap.add_argument("--graphs", default="trees", choices=CUDA_GRAPHS, help="CUDA: how the step is captured")
     ap.add_argument("--attention", default="auto", choices=DECODE_ATTENTION, help="compiled step's attention")
+    ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
+                    help="the compiled step's SDPA kernel (the eager reference keeps auto)")  # fmt: skip
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -71,7 +73,9 @@ def main() -> None:
         model.set_kv_caches(args.batch, cache, length, **knobs)
         eager_tokens, eager_logits, eager_s = greedy(model, prompt, model, args.steps, device)
         skips = counters["inductor"]["cudagraph_skips"]
+        model.set_attention_backend(args.sdpa)
         decoder = CompiledDecode(model, attention=args.attention, graphs=args.graphs)
+        model.set_attention_backend("auto")  # the prefills stay as the eager reference's
         greedy(model, prompt[:, : min(args.ctx, 256)], decoder, 3, device)  # compile, record the graphs
         compiled_tokens, compiled_logits, compiled_s = greedy(model, prompt, decoder, args.steps, device)
         differs = (compiled_tokens != eager_tokens).any(0).nonzero()
@@ -79,7 +83,8 @@ def main() -> None:
         diff = (compiled_logits[:, :agree] - eager_logits[:, :agree]).abs().max().item() if agree else None
         print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
                           "ctx": args.ctx, "batch": args.batch, "cache": cache, **knobs, "mode": decoder.mode,
-                          "dtype": args.dtype, "attention": decoder.attention, "graphs": decoder.graphs,
+                          "dtype": args.dtype, "attention": decoder.attention, "kernel": decoder.kernel,
+                          "graphs": decoder.graphs,
                           "steps_agreeing": agree,
                           "of": args.steps, "max_logit_diff": diff,
                           "eager_ms_p50": statistics.median(eager_s) * 1e3,

@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--cache", default="dense")
     ap.add_argument("--attention", default="auto", choices=DECODE_ATTENTION, help="compiled step's attention")
+    ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
+                    help="the SDPA kernel (prefill, and the compiled step's sdpa forms)")  # fmt: skip
     ap.add_argument("--graphs", default="trees", choices=CUDA_GRAPHS, help="CUDA: how the step is captured")
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(DTYPES))
     ap.add_argument("--steps", type=int, default=32)
@@ -71,6 +73,7 @@ def main() -> None:
     length = args.ctx + 3 * args.steps + 16
     model.set_kv_caches(args.batch, args.cache, length if args.cache == "dense" else args.ctx // 4)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.ctx), device=device)  # (B, ctx)
+    model.set_attention_backend(args.sdpa)
     decoder = CompiledDecode(model, attention=args.attention, graphs=args.graphs)
     token = _prefill(model, ids, 2048, None)
     pos = args.ctx
@@ -114,7 +117,7 @@ def main() -> None:
     summary = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model, "ctx": args.ctx,
         "batch": args.batch, "cache": args.cache, "dtype": args.dtype, "mode": decoder.mode,
-        "attention": decoder.attention, "graphs": decoder.graphs, "compile_s": compile_s,
+        "attention": decoder.attention, "kernel": decoder.kernel, "graphs": decoder.graphs, "compile_s": compile_s,
         "synced_ms_p50": statistics.median(synced) * 1e3, "back_to_back_ms": back_to_back * 1e3,
         "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3 if cuda else None,
         "bytes_per_step": weights + kv, "bandwidth_bytes_s": bandwidth,

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "eager")
-DECODE_FORMULATIONS = ("sdpa", "flex")  # how a compiled decode step attends (static_decode_attention)
+DECODE_FORMULATIONS = ("sdpa", "sdpa_gqa", "flex")  # how a compiled decode step attends (static_decode_attention)
 _SDP = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -336,14 +336,18 @@ def static_decode_attention(
     compiled decode step. query (B, n_head, 1, hs); key, value (B, G, S, hs); n_valid a 0-d int64 tensor (the
     same for every sequence and head). Returns (B, 1, n_head * hs). K/V are read once per KV head, never expanded.
 
-    `opts.decode_attention` picks the formulation (torch.compile picks the kernel; the forced-backend rules of
-    `attention` do not apply: compiled decode requires sdpa=auto):
+    `opts.decode_attention` picks the formulation:
     * "flex": FlexAttention with a block mask over the filled blocks only (`kv_idx < n_valid`), which compiles
       to a split-K decoding kernel on CUDA.
     * "sdpa": SDPA under a boolean slot mask, with the query heads of each KV group as that group's rows:
-      query (B, G, n_head / G, hs) against key (B, G, S, hs), so no `enable_gqa` is needed. (With `enable_gqa`
-      and a mask, the compiled graph on an H200 with torch 2.11 decomposed SDPA into the math path, K/V expanded
-      to float32 every step: 44 ms/step at 32k x 4, results/baselines/h200/.)
+      query (B, G, n_head / G, hs) against key (B, G, S, hs), so no `enable_gqa` is needed.
+    * "sdpa_gqa": SDPA under the slot mask with query (B, n_head, 1, hs) and `enable_gqa` (DESIGN.md's minimal
+      static-cache model).
+    The SDPA forms run the kernel `opts.backend` names, and under "auto" the first of flash, cuDNN,
+    mem-efficient and math that can (`_AUTO_PRIORITY`), chosen when the step is traced. PyTorch's own order puts
+    cuDNN after math: with a mask and `enable_gqa` (flash and mem-efficient cannot), a compiled step traced
+    without this order decomposed SDPA into the math path, K/V expanded to float32 every step (H200, torch 2.11:
+    44 ms/step at 32k x 4, results/baselines/h200/).
     """
     B, H, T, hs = query.shape
     if T != 1:
@@ -352,11 +356,44 @@ def static_decode_attention(
         out = _flex_decode(query, key, value, n_valid, opts.scale, opts.flex_kernel_options)  # (B, n_head, 1, hs)
         return out.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, n_head * hs)
     G = key.shape[1]
-    grouped = query.reshape(B, G, H // G, hs)  # (B, G, q_per_kv, hs): head h is row h % q_per_kv of group h // q_per_kv
     visible = torch.arange(key.shape[2], device=key.device) < n_valid  # (S,)
     mask = visible.view(1, 1, 1, -1)  # (1, 1, 1, S)
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=opts.scale)  # (B, G, q_per_kv, hs)
+    with sdpa_kernel(*_decode_kernels(opts.backend)):
+        if opts.decode_attention == "sdpa_gqa":
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=opts.scale,
+                                                 enable_gqa=G != H)  # (B, n_head, 1, hs) # fmt: skip
+            return out.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, n_head * hs)
+        grouped = query.reshape(
+            B, G, H // G, hs
+        )  # (B, G, q_per_kv, hs): head h is row h % q_per_kv of group h // q_per_kv
+        out = F.scaled_dot_product_attention(
+            grouped, key, value, attn_mask=mask, scale=opts.scale
+        )  # (B, G, q_per_kv, hs)
     return out.reshape(B, 1, H * hs)  # (B, 1, n_head * hs), heads in order
+
+
+def _decode_kernels(backend: str) -> tuple[list[SDPBackend], bool]:
+    """sdpa_kernel's arguments for a decode step's SDPA: the forced kernel, or `_AUTO_PRIORITY` as the order."""
+    if backend not in _SDP and backend != "auto":
+        raise ValueError(f"a static decode step runs SDPA kernels only; valid choices: auto, {', '.join(_SDP)} "
+                         f"(got {backend!r})")  # fmt: skip
+    return (_AUTO_PRIORITY, True) if backend == "auto" else ([_SDP[backend]], False)
+
+
+def static_decode_kernel(query: Tensor, key: Tensor, opts: AttentionOptions) -> str:
+    """The kernel a static decode step's attention runs for query (B, n_head, 1, hs) and key (B, G, S, hs) (any
+    values; only shapes, strides, dtype and device count): "flex", or "sdpa:<backend>" as PyTorch chooses it
+    under the step's kernel order, which is what the compiled step is traced with. Raises UnsupportedBackend
+    when a forced SDPA kernel cannot run the step."""
+    if opts.decode_attention == "flex":
+        return "flex"
+    B, H, _, hs = query.shape
+    G = key.shape[1]
+    mask = torch.ones(1, 1, 1, key.shape[2], dtype=torch.bool, device=key.device)  # (1, 1, 1, S)
+    if opts.decode_attention == "sdpa_gqa":
+        return "sdpa:" + _choose_backend(query, key, key, mask, False, G != H, opts.backend)
+    grouped = query.reshape(B, G, H // G, hs)  # (B, G, q_per_kv, hs)
+    return "sdpa:" + _choose_backend(grouped, key, key, mask, False, False, opts.backend)
 
 
 FLEX_BLOCK = 128  # key slots per block of the flex block mask

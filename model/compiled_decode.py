@@ -15,7 +15,7 @@ A captured graph replays with the same arguments, so the position cannot be a ne
 against the caches (`check_position`) and only writes it to the device when it is not the one the step left
 there (after a new prefill, say), which costs no host synchronisation. Each cache's `decode_step` writes the
 new K/V at `pos` and attends the filled slots of its buffer (`static_decode_attention`: FlexAttention over the
-filled blocks, or SDPA under a slot mask; `enable_gqa` either way, K/V never expanded).
+filled blocks, or SDPA under a slot mask; K/V never expanded).
 
 Caches with a decode step: those whose storage does not depend on the tokens (`supports_compiled_decode`):
 dense and last_recent, on any buffer (float, int8, int4). Score-based caches evict by attention weights, which
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from caches import cache_class, cache_names
+from model.attention import DECODE_FORMULATIONS, static_decode_kernel
 
 
 def compiled_decode_caches() -> list[str]:
@@ -35,21 +36,25 @@ def compiled_decode_caches() -> list[str]:
     return [name for name in cache_names() if cache_class(name).supports_compiled_decode]
 
 
-DECODE_ATTENTION = ("auto", "flex", "sdpa")  # auto: flex on CUDA, sdpa elsewhere (resolve_decode_attention)
+DECODE_ATTENTION = ("auto", *DECODE_FORMULATIONS)  # auto: flex on CUDA, sdpa elsewhere (resolve_decode_attention)
 CUDA_GRAPHS = ("trees", "manual")  # inductor's CUDA-graph trees (mode="reduce-overhead"), or one graph of our own
 
 
-def resolve_decode_attention(attention: str, device_type: str, compiled: bool) -> str:
-    """auto: FlexAttention on CUDA (it compiles to a split-K decoding kernel), SDPA on the CPU. Compiled flex is
-    refused on the CPU: inductor's CPU lowering of FlexAttention fails inside the model's graph (torch 2.13: "No
-    choices to select" for a query computed in the graph); eagerly (compile=False) it runs anywhere."""
+def resolve_decode_attention(attention: str, device_type: str, compiled: bool, sdpa: str = "auto") -> str:
+    """auto: FlexAttention on CUDA (it compiles to a split-K decoding kernel), SDPA on the CPU or where an SDPA
+    kernel is forced (sdpa != auto). Compiled flex is refused on the CPU: inductor's CPU lowering of FlexAttention
+    fails inside the model's graph (torch 2.13: "No choices to select" for a query computed in the graph); eagerly
+    (compile=False) it runs anywhere. Flex runs no SDPA kernel, so a forced one is refused with it."""
     if attention not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention={attention!r} is not valid; valid choices: {', '.join(DECODE_ATTENTION)}")
     if attention == "auto":
-        return "flex" if device_type == "cuda" else "sdpa"
+        return "flex" if device_type == "cuda" and sdpa == "auto" else "sdpa"
     if attention == "flex" and compiled and device_type != "cuda":
-        raise ValueError(f"decode_attention=flex compiles on CUDA only; valid choices on {device_type}: auto, sdpa "
-                         "(or compile=false)")  # fmt: skip
+        raise ValueError(f"decode_attention=flex compiles on CUDA only; valid choices on {device_type}: auto, sdpa, "
+                         "sdpa_gqa (or compile=false)")  # fmt: skip
+    if attention == "flex" and sdpa != "auto":
+        raise ValueError(f"decode_attention=flex runs no SDPA kernel, so sdpa={sdpa!r} cannot apply; valid choices "
+                         "with a forced SDPA kernel: auto, sdpa, sdpa_gqa")  # fmt: skip
     return attention
 
 
@@ -58,8 +63,11 @@ class CompiledDecode(nn.Module):
 
     compile=False runs the same fixed-shape step eagerly (a reference for the compiled one). mode: torch.compile's
     mode; "auto" is "reduce-overhead" (CUDA graphs) on CUDA and the default (no graphs) elsewhere. attention: how
-    the step attends its buffer, "flex" (FlexAttention) or "sdpa" (masked SDPA); "auto" is flex on CUDA, sdpa
-    elsewhere. flex_options: kernel options of the flex kernel (e.g. {"BLOCK_N": 64, "num_stages": 3}).
+    the step attends its buffer, "flex" (FlexAttention), "sdpa" (masked SDPA, query heads as rows of their KV
+    group) or "sdpa_gqa" (masked SDPA with enable_gqa); "auto" is flex on CUDA, sdpa elsewhere. The SDPA forms
+    run the kernel the caches' attention backend names (`model.set_attention_backend`; "auto": flash, cuDNN,
+    mem-efficient, math, the first that can); `kernel` says which. flex_options: kernel options of the flex
+    kernel (e.g. {"BLOCK_N": 64, "num_stages": 3}).
     graphs (CUDA): "trees" captures through torch.compile's mode="reduce-overhead"; "manual" compiles without it
     and captures the step in one torch.cuda.CUDAGraph of its own, replayed without dynamo's guards (`_replay`).
     """
@@ -87,10 +95,10 @@ class CompiledDecode(nn.Module):
             raise ValueError("a start-of-layer hook runs Python in every layer: remove it to compile the decode step")
         if model.config.attn_softcap is not None or model.config.sliding_window is not None:
             raise ValueError("attention softcapping and model-level sliding windows run on the eager path only")
-        forced = sorted({c.attn_opts.backend for c in caches} - {"auto"})
-        if forced:
-            raise ValueError(f"sdpa={forced[0]!r}: the compiled decode step lets torch.compile choose the attention "
-                             "kernel; use sdpa=auto, or compile=false to force a backend")  # fmt: skip
+        backends = sorted({c.attn_opts.backend for c in caches})
+        if len(backends) > 1 or backends[0] == "eager":
+            raise ValueError(f"sdpa={backends[-1]!r}: the compiled decode step runs one SDPA kernel in every layer; "
+                             "valid choices: auto, flash, efficient, cudnn, math (or compile=false)")  # fmt: skip
         self.model = model
         device = model.lm_head.weight.device
         self.register_buffer("pos", torch.zeros((), dtype=torch.long, device=device), persistent=False)
@@ -103,7 +111,7 @@ class CompiledDecode(nn.Module):
         if self.graphs == "manual":
             self.mode = None  # inductor's code without its CUDA-graph trees: the graph is ours (_replay)
         self._graph = self._static_idx = self._static_logits = None
-        self.attention = resolve_decode_attention(attention, device.type, compile)
+        self.attention = resolve_decode_attention(attention, device.type, compile, backends[0])
         if flex_options and self.attention != "flex":
             raise ValueError(f"flex_options apply to attention='flex' only (this step attends with {self.attention!r})")
         self.flex_options = dict(flex_options) if flex_options else None
@@ -111,11 +119,25 @@ class CompiledDecode(nn.Module):
             cache.attn_opts.decode_attention = self.attention
             cache.attn_opts.flex_kernel_options = self.flex_options
         self.compiled = compile
+        self.kernel = self._kernel(model, caches[0])  # raises UnsupportedBackend for a forced kernel that cannot run
         if compile:  # tensors the graph mutates in place at fixed addresses (as HF's StaticCache marks its own)
             for tensor in [self.pos, *(b for c in caches for b in c.buffers())]:
                 torch._dynamo.mark_static_address(tensor)
         self._step = torch.compile(self._forward, mode=self.mode, fullgraph=True, dynamic=False) if compile else (
             self._forward)  # fmt: skip
+
+    @staticmethod
+    def _kernel(model: nn.Module, cache) -> str:
+        """What the step's attention runs (static_decode_kernel), asked with a query and key of the step's shapes
+        and strides: the float buffer's own K, or for a quantized buffer an empty tensor like the K it decodes."""
+        c, p = model.config, cache.params
+        dtype = model.lm_head.weight.dtype
+        query = torch.empty(p.batch_size, c.n_head, 1, c.head_size, dtype=dtype, device=p.device)
+        key = getattr(cache.buf, "k", None)
+        if key is None or key.dtype != dtype or key.shape[-1] != c.head_size:
+            key = torch.empty(p.batch_size, c.n_query_groups, cache.cache_length, c.head_size, dtype=dtype,
+                              device=p.device)  # fmt: skip
+        return static_decode_kernel(query, key[: p.batch_size], cache.attn_opts)
 
     def _replay(self, idx: Tensor, input_pos: int) -> Tensor:
         """graphs='manual': the compiled step captured once in a torch.cuda.CUDAGraph and replayed with nothing in

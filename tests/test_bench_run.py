@@ -65,6 +65,12 @@ def test_decode_attention_is_resolved_and_hashed_only_where_it_changes_the_step(
         assert ("decode_attention" in spec.identity()) == (spec.decode_attention == "flex")
         assert "cuda_graphs" not in spec.identity()  # trees (the default) or no graphs at all
     assert specs["compile=true"].cuda_graphs == ("trees" if cuda else None)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # a forced SDPA kernel: auto is sdpa
+        forced = resolve(compose(config_name="config", overrides=["compile=true", "sdpa=cudnn"]), cuda_available=cuda)
+        assert forced.compile and forced.decode_attention == "sdpa" and forced.sdpa == "cudnn"
+        with pytest.raises(ConfigError, match="sdpa='cudnn' cannot apply; valid choices with a forced SDPA kernel"):
+            resolve(compose(config_name="config", overrides=["compile=true", "sdpa=cudnn", "decode_attention=flex"]),
+                    cuda_available=True)  # fmt: skip
     if cuda:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=["flex_options.num_stages=3", "cuda_graphs=manual"])
@@ -151,12 +157,12 @@ BAD = {
     "eval=passkey weights=pretrained model=smollm2-135m eval.question=later": "eval.question='later' is not valid",
     "compile=true cache=h2o": "compile=true needs a cache with a compiled decode step; valid caches: dense, "
     "last_recent",
-    "compile=true sdpa=math": "valid: sdpa=auto (got sdpa='math'",
+    "compile=true sdpa=eager": "valid: sdpa=auto, flash, efficient, cudnn, math (got sdpa='eager'",
     "compile=maybe": "compile='maybe' is not valid; valid choices: auto, true, false",
     "expandable_segments=maybe": "expandable_segments=maybe is not valid; valid choices: true, false",
-    "decode_attention=cudnn": "decode_attention='cudnn' is not valid; valid choices: auto, flex, sdpa",
+    "decode_attention=cudnn": "decode_attention='cudnn' is not valid; valid choices: auto, sdpa, sdpa_gqa, flex",
     "compile=true decode_attention=flex": "decode_attention=flex compiles on CUDA only; valid choices on cpu: auto, "
-    "sdpa",
+    "sdpa, sdpa_gqa",
     "flex_options.BLOCK=64": "flex_options.BLOCK is not an option; valid: flex_options.BLOCK_N, "
     "flex_options.num_stages, flex_options.num_warps, flex_options.SPLIT_KV",
     "flex_options.num_stages=0": "flex_options.num_stages=0 is not valid; it must be an integer >= 1",
@@ -192,6 +198,7 @@ def test_compile_true_decodes_through_the_compiled_step(tmp_path):
     assert len(compiled) == 2 and set(compiled["sdpa_used_decode"]) == {"compiled"}
     assert set(compiled["compile_mode"]) == {"default"} and (compiled["compile_s"] > 0).all()  # no CUDA graphs
     assert set(df[~df["compile"].astype(bool)]["sdpa_used_decode"]) == {"flash"}
+    assert set(compiled["decode_kernel"]) == {"sdpa:flash"}  # CPU: the flash kernel of the CPU, under a mask
     # the tracked pass runs the same fixed-shape step eagerly: same cache bytes, a peak of the same order
     for cache, group in df.groupby("cache"):
         assert group["cache_bytes"].nunique() == 1, cache

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from model.attention import UnsupportedBackend
 from model.compiled_decode import CompiledDecode, compiled_decode_caches
 from model.gpt import GPT
 
@@ -31,10 +32,14 @@ def prompt(model):
 
 
 @torch.inference_mode()
-def greedy(model, prompt, case: str, step: str, attention: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens (B, STEPS), logits of every step (B, STEPS, vocab)); step: eager | static | compiled."""
+def greedy(
+    model, prompt, case: str, step: str, attention: str = "auto", backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B, STEPS), logits of every step (B, STEPS, vocab)); step: eager | static | compiled; backend: the
+    SDPA kernel of the step (the eager reference always runs its own default)."""
     cache, length, knobs = CASES[case]
     model.set_kv_caches(BATCH, cache, length, **knobs)
+    model.set_attention_backend("auto" if step == "eager" else backend)
     token = model(prompt, input_pos=0)[:, -1:].argmax(-1)  # (B, 1)
     decoder = model if step == "eager" else CompiledDecode(model, compile=step == "compiled", attention=attention)
     tokens, logits = [], []
@@ -47,21 +52,25 @@ def greedy(model, prompt, case: str, step: str, attention: str = "auto") -> tupl
     return torch.cat(tokens, 1), torch.cat(logits, 1)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_gqa", "flex"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_fixed_shape_step_equals_the_eager_step(model, prompt, case, attention):
-    """Both attention formulations of the fixed-shape step (flex runs eagerly here: what CUDA compiles)."""
+    """Every attention formulation of the fixed-shape step (flex runs eagerly here: what CUDA compiles)."""
     eager_tokens, eager_logits = greedy(model, prompt, case, "eager")
     static_tokens, static_logits = greedy(model, prompt, case, "static", attention)
     assert torch.equal(static_tokens, eager_tokens)
     assert (static_logits - eager_logits).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["dense", "last_recent", "dense_int8"])
-def test_compiled_decode_gives_the_eager_greedy_tokens(model, prompt, case):
+@pytest.mark.parametrize(
+    "case, attention, backend",
+    [("dense", "sdpa", "auto"), ("last_recent", "sdpa", "auto"), ("dense_int8", "sdpa", "auto"),
+     ("dense", "sdpa_gqa", "auto"), ("last_recent", "sdpa_gqa", "math")],
+)  # fmt: skip
+def test_compiled_decode_gives_the_eager_greedy_tokens(model, prompt, case, attention, backend):
     graphs = counters["stats"]["unique_graphs"]
     eager_tokens, eager_logits = greedy(model, prompt, case, "eager")
-    compiled_tokens, compiled_logits = greedy(model, prompt, case, "compiled")
+    compiled_tokens, compiled_logits = greedy(model, prompt, case, "compiled", attention, backend)
     assert torch.equal(compiled_tokens, eager_tokens)
     # inductor fuses the quantizer's divide-and-round differently: now and then a value lands one int8 level over
     tolerance = 1e-2 if "int8" in case else 1e-4
@@ -122,9 +131,14 @@ def test_what_compiled_decode_refuses(model):
     with pytest.raises(ValueError, match="cache 'h2o' has no compiled decode step; caches that have one: dense, "):
         CompiledDecode(model)
     model.set_kv_caches(1, "dense", 64)
-    model.set_attention_backend("math")
-    with pytest.raises(ValueError, match="sdpa='math'"):
+    model.set_attention_backend("eager")
+    with pytest.raises(ValueError, match="sdpa='eager': the compiled decode step runs one SDPA kernel"):
         CompiledDecode(model)
+    model.set_attention_backend("cudnn")  # flex runs no SDPA kernel; on this CPU cuDNN has none for the step
+    with pytest.raises(ValueError, match="sdpa='cudnn' cannot apply; valid choices with a forced SDPA kernel"):
+        CompiledDecode(model, compile=False, attention="flex")
+    with pytest.raises(UnsupportedBackend, match="cudnn has no kernel"):
+        CompiledDecode(model, compile=False)
     model.set_attention_backend("auto")
     model.set_start_of_layer_hook(lambda x, i, pos: None)
     with pytest.raises(ValueError, match="hook"):
@@ -132,7 +146,7 @@ def test_what_compiled_decode_refuses(model):
     model.set_start_of_layer_hook(None)
     with pytest.raises(ValueError, match="decode_attention=flex compiles on CUDA only; valid choices on cpu: auto"):
         CompiledDecode(model, attention="flex")
-    with pytest.raises(ValueError, match="valid choices: auto, flex, sdpa"):
+    with pytest.raises(ValueError, match="valid choices: auto, sdpa, sdpa_gqa, flex"):
         CompiledDecode(model, attention="cudnn")
     with pytest.raises(ValueError, match="flex_options apply to attention='flex' only"):
         CompiledDecode(model, attention="sdpa", flex_options={"num_stages": 3})
@@ -169,4 +183,38 @@ def test_the_flex_step_graph_builds_its_block_mask_for_the_forward_pass_only(mod
     ops = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
     assert ops.count("flex_attention") == model.config.n_layer
     assert not [op for op in ops if op.startswith(("aten.sort", "aten.index_put"))]
+    model.clear_kv_caches()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_gqa"])
+@pytest.mark.parametrize(
+    "backend, kernel, traced",
+    [("auto", "sdpa:flash", "_scaled_dot_product_flash_attention_for_cpu"), ("math", "sdpa:math", "aten.bmm")],
+)
+@torch.inference_mode()
+def test_the_sdpa_kernel_named_is_the_one_traced_into_the_step(model, prompt, attention, backend, kernel, traced):
+    """`kernel` reports what the step's SDPA runs, and the traced graph (what inductor compiles) has that kernel in
+    every layer: the kernel order is applied inside the step, not only around the eager call."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model.set_kv_caches(BATCH, "dense", PROMPT + 8)
+    token = model(prompt, input_pos=0)[:, -1:].argmax(-1)
+    model.set_attention_backend(backend)
+    decoder = CompiledDecode(model, compile=False, attention=attention)
+    assert decoder.kernel == kernel
+    torch._dynamo.reset()
+    torch.compile(decoder._forward, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(token)
+    ops = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    sdpa_ops = [op for op in ops if "scaled_dot_product" in op]
+    if traced == "aten.bmm":  # the math path: two batched matmuls per layer, no fused kernel
+        assert not sdpa_ops and ops.count("aten.bmm.default") == 2 * model.config.n_layer
+    else:
+        assert sdpa_ops == [f"aten.{traced}.default"] * model.config.n_layer
+    model.set_attention_backend("auto")
     model.clear_kv_caches()
