@@ -185,6 +185,7 @@ def run_hf(system: str, args, cfg, ctx: int, batch: int, device: torch.device, d
             if system == "hf_static_compiled":
                 row["compile_s"] = sum(warm_steps)
                 row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips_before
+            row["warmup_released_bytes"] = measure.release_warmup_memory(device)  # as the harness does (bench/job.py)
             nvml = None
             if device.type == "cuda" and args.nvml_period_ms > 0:
                 torch.cuda.synchronize(device)

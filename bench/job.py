@@ -218,6 +218,7 @@ def _timed(
 
     for c in model.kv_caches:  # the warm-up's backends are not the measured phases'
         c.backends_seen.clear()
+    row["warmup_released_bytes"] = measure.release_warmup_memory(device)
     nvml = None
     if device.type == "cuda" and spec.nvml_period_ms > 0:
         torch.cuda.synchronize(device)

@@ -66,6 +66,7 @@ EXTRA: dict[str, str] = {
     "decode_kernel": "string",  # what that attention runs: flex, or sdpa:<backend> as PyTorch chose it for the step
     "cuda_graphs": "string",  # compiled decode on CUDA: trees (torch.compile reduce-overhead) | manual (our graph)
     "flex_options": "string",  # decode_attention=flex: kernel options asked for, e.g. BLOCK_N=64,num_stages=3
+    "warmup_released_bytes": "Int64",  # CUDA: cached allocator memory handed back after the warm-up (measure.py)
     "compile_s": "float64",  # the warm-up's first decode steps, compilation and graph recording included
     "cudagraph_skips": "Int64",  # compile_mode=reduce-overhead: graphs inductor declined to capture (0 expected)
     "alloc_conf": "string",  # CUDA: the allocator options the job asked for (PYTORCH_CUDA_ALLOC_CONF syntax)
