@@ -269,7 +269,7 @@ def kvbench_spec(args, model: str, ctx: int, batch: int):
         f"decode_attention={args.decode_attention}",
         f"sdpa={args.sdpa}",
         f"prefill_chunk={args.prefill_chunk}",
-        *(f"flex_options.{option}" for option in args.flex_option or []),
+        *(f"kernel_options.{option}" for option in args.kernel_option or []),
         f"cuda_graphs={args.cuda_graphs}",
         f"nvml_period_ms={args.nvml_period_ms}",
     ]
@@ -352,7 +352,7 @@ def table(df) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.spec import DTYPES, ConfigError, FlexOptions
+    from bench.spec import DTYPES, ConfigError, KernelOptions
     from model.attention import BACKENDS
     from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION
     from model.config import CONFIGS, Config
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="kvbench's prefill chunk (tokens)")
     ap.add_argument("--cuda-graphs", default="trees", choices=CUDA_GRAPHS,
                     help="CUDA: kvbench's compiled step captured by torch.compile's graph trees or by us")  # fmt: skip
-    ap.add_argument("--flex-option", action="append", metavar="KEY=N",
+    ap.add_argument("--kernel-option", action="append", metavar="KEY=N",
                     help="kvbench's flex decoding kernel option, repeatable (e.g. num_stages=3)")  # fmt: skip
     ap.add_argument("--expandable-segments", default="true", choices=["true", "false"],
                     help="CUDA: the caching allocator's expandable segments, for every system of the run")  # fmt: skip
@@ -411,11 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--device cuda but no CUDA device is available; valid choices here: auto, cpu")
     if args.new_tokens < 1 or args.repeats < 1 or args.prefill_chunk < 1:
         return fail("--new-tokens, --repeats and --prefill-chunk must be integers >= 1")
-    valid_options = list(FlexOptions.__dataclass_fields__)
-    for option in args.flex_option or []:
+    valid_options = list(KernelOptions.__dataclass_fields__)
+    for option in args.kernel_option or []:
         key, _, number = option.partition("=")
         if key not in valid_options or not number.isdigit() or int(number) < 1:
-            return fail(f"--flex-option {option!r} is not valid; valid: KEY=N, N >= 1, KEY one of "
+            return fail(f"--kernel-option {option!r} is not valid; valid: KEY=N, N >= 1, KEY one of "
                         f"{', '.join(valid_options)}")  # fmt: skip
     device = torch.device("cuda" if (args.device == "auto" and cuda) or args.device == "cuda" else "cpu")
     args.device = device.type

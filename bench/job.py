@@ -190,15 +190,14 @@ def _timed(
     row["compile"] = spec.compile
     skips_before = counters["inductor"]["cudagraph_skips"]
     if spec.compile:  # the decode step compiled (and captured in CUDA graphs on CUDA); prefill stays eager
-        step = CompiledDecode(
-            model, attention=spec.decode_attention, flex_options=spec.flex_options, graphs=spec.cuda_graphs or "trees"
-        )
+        step = CompiledDecode(model, attention=spec.decode_attention, kernel_options=spec.kernel_options,
+                              graphs=spec.cuda_graphs or "trees")  # fmt: skip
         row["compile_mode"] = step.mode or "default"
         row["cuda_graphs"] = step.graphs
         row["decode_attention"] = step.attention
         row["decode_kernel"] = step.kernel
-        if step.flex_options:
-            row["flex_options"] = ",".join(f"{k}={v}" for k, v in step.flex_options.items())
+        if step.kernel_options:
+            row["kernel_options"] = ",".join(f"{k}={v}" for k, v in step.kernel_options.items())
 
     def decode(token: torch.Tensor, start: int, steps: int, times: list[float], desc: str | None) -> torch.Tensor:
         for i in tqdm(range(steps), desc=desc, leave=False, disable=None if desc else True):
@@ -309,8 +308,8 @@ def _tracked_pass(spec: JobSpec, model: GPT, ids: torch.Tensor, row: dict) -> No
     baseline += sum(b.numel() * b.element_size() for b in model.buffers() if not _is_cache_buffer(model, b))
     # compile=true: the same fixed-shape step, run eagerly (the tracker counts ops as they run; compiled code
     # would hide its intermediate buffers from it)
-    step = CompiledDecode(model, compile=False, attention=spec.decode_attention, flex_options=spec.flex_options) if (
-        spec.compile) else model  # fmt: skip
+    step = CompiledDecode(model, compile=False, attention=spec.decode_attention,
+                          kernel_options=spec.kernel_options) if spec.compile else model  # fmt: skip
     tracker = measure.TensorTracker(baseline=baseline)
     with tracker:
         token = _prefill(model, ids, spec.prefill_chunk, None)

@@ -62,10 +62,10 @@ EXTRA: dict[str, str] = {
     "nvml_index": "Int64",  # CUDA: the GPU as NVML (nvidia-smi) numbers it
     "compile": "boolean",  # decode step compiled (model/compiled_decode.py)
     "compile_mode": "string",  # torch.compile mode: reduce-overhead (CUDA graphs) | default
-    "decode_attention": "string",  # compiled decode step's attention: flex | sdpa | sdpa_gqa (masked SDPA forms)
-    "decode_kernel": "string",  # what that attention runs: flex, or sdpa:<backend> as PyTorch chose it for the step
+    "decode_attention": "string",  # compiled decode step's attention: sdpa | sdpa_gqa (masked SDPA) | flex | triton
+    "decode_kernel": "string",  # what it runs: flex, triton, or sdpa:<backend> as PyTorch chose it for the step
     "cuda_graphs": "string",  # compiled decode on CUDA: trees (torch.compile reduce-overhead) | manual (our graph)
-    "flex_options": "string",  # decode_attention=flex: kernel options asked for, e.g. BLOCK_N=64,num_stages=3
+    "kernel_options": "string",  # decode_attention=flex|triton: kernel options asked for, e.g. BLOCK_N=64,num_stages=3
     "warmup_released_bytes": "Int64",  # CUDA: cached allocator memory handed back after the warm-up (measure.py)
     "compile_s": "float64",  # the warm-up's first decode steps, compilation and graph recording included
     "cudagraph_skips": "Int64",  # compile_mode=reduce-overhead: graphs inductor declined to capture (0 expected)

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from bench import launch
-from bench.spec import BenchConfig, ConfigError, FlexOptions, resolve
+from bench.spec import BenchConfig, ConfigError, KernelOptions, resolve
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
@@ -92,10 +92,10 @@ def _one_line(err: Exception) -> str:
         listing = text.split("Available options")[1].split("Config search path")[0]
         options = [line.strip() for line in listing.splitlines()[1:] if line.strip()]
         return f"{group}={given!r} is not valid; valid choices: {', '.join(options)}"
-    if "not in 'FlexOptions'" in cause:
+    if "not in 'KernelOptions'" in cause:
         key = cause.split("'")[1]
-        valid = ", ".join(f"flex_options.{f.name}" for f in fields(FlexOptions))
-        return f"flex_options.{key} is not an option; valid: {valid}"
+        valid = ", ".join(f"kernel_options.{f.name}" for f in fields(KernelOptions))
+        return f"kernel_options.{key} is not an option; valid: {valid}"
     if "not in 'BenchConfig'" in cause:
         key = cause.split("'")[1]
         return f"{key!r} is not a setting; valid settings: {', '.join(f.name for f in fields(BenchConfig))}"

@@ -49,9 +49,10 @@ class EvalConfig:
 
 
 @dataclass
-class FlexOptions:
-    """Options of the flex decoding kernel (decode_attention=flex on CUDA), e.g. `flex_options.num_stages=3`;
-    null leaves inductor's choice."""
+class KernelOptions:
+    """Options of the compiled decode step's attention kernel, for decode_attention=flex (inductor's flex decoding
+    template) or triton (model/triton_decode.py), e.g. `kernel_options.num_stages=3`; null leaves the kernel's
+    own choice."""
 
     BLOCK_N: int | None = None  # keys per tile
     num_stages: int | None = None  # software pipelining depth of the K/V loads
@@ -89,7 +90,7 @@ class BenchConfig:
     decode_attention: str = (
         "auto"  # auto | flex | sdpa | sdpa_gqa: how the compiled decode step attends (auto: flex on CUDA)
     )
-    flex_options: FlexOptions = field(default_factory=FlexOptions)  # decode_attention=flex: kernel options
+    kernel_options: KernelOptions = field(default_factory=KernelOptions)  # decode_attention=flex|triton: options
     cuda_graphs: str = "trees"  # trees | manual: how the compiled decode step is captured on CUDA
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -121,7 +122,7 @@ class JobSpec:
     decode_attention: str | None = (
         None  # compiled decode step's attention: flex | sdpa | sdpa_gqa (None: compile=false)
     )
-    flex_options: dict | None = None  # flex kernel options (None: inductor's defaults)
+    kernel_options: dict | None = None  # flex or triton kernel options (None: the kernel's defaults)
     cuda_graphs: str | None = None  # trees | manual on CUDA with compile (None: no CUDA graphs)
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
@@ -136,8 +137,8 @@ class JobSpec:
             del identity["expandable_segments"]
         if self.decode_attention in (None, "sdpa"):
             del identity["decode_attention"]
-        if not self.flex_options:
-            del identity["flex_options"]
+        if not self.kernel_options:
+            del identity["kernel_options"]
         if self.cuda_graphs in (None, "trees"):
             del identity["cuda_graphs"]
         return identity
@@ -246,7 +247,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     inject = _choice("inject", get("inject"), INJECT)
     compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa)
     decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_, sdpa)
-    flex_options = _resolve_flex_options(get("flex_options"), decode_attention)
+    kernel_options = _resolve_kernel_options(get("kernel_options"), decode_attention)
     cuda_graphs = _choice("cuda_graphs", str(get("cuda_graphs", "trees")).strip().lower(), CUDA_GRAPHS)
     if cuda_graphs == "manual" and not (compile_ and device == "cuda"):
         raise ConfigError("cuda_graphs=manual captures the compiled decode step on CUDA; it needs compile=true and "
@@ -262,7 +263,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         warmup=bool(get("warmup")), threads=threads, track_tensors=bool(get("track_tensors")),
         nvml_period_ms=float(get("nvml_period_ms")), inject=inject, compile=compile_,
         expandable_segments=expandable and device == "cuda", decode_attention=decode_attention,
-        flex_options=flex_options, cuda_graphs=cuda_graphs if compile_ and device == "cuda" else None, evals=evals,
+        kernel_options=kernel_options, cuda_graphs=cuda_graphs if compile_ and device == "cuda" else None, evals=evals,
         eval_knobs=eval_knobs,
     )  # fmt: skip
 
@@ -299,19 +300,19 @@ def _resolve_decode_attention(value: Any, device: str, compiled: bool, sdpa: str
         raise ConfigError(str(err)) from None
 
 
-def _resolve_flex_options(value: Any, decode_attention: str | None) -> dict | None:
-    """flex_options.BLOCK_N=64 flex_options.num_stages=3 -> {"BLOCK_N": 64, "num_stages": 3}: the options set
+def _resolve_kernel_options(value: Any, decode_attention: str | None) -> dict | None:
+    """kernel_options.BLOCK_N=64 kernel_options.num_stages=3 -> {"BLOCK_N": 64, "num_stages": 3}: the options set
     (None when none are)."""
     get = value.get if hasattr(value, "get") else lambda k, d=None: getattr(value, k, d)
-    options = {k: get(k) for k in FlexOptions.__dataclass_fields__ if value is not None and get(k) is not None}
+    options = {k: get(k) for k in KernelOptions.__dataclass_fields__ if value is not None and get(k) is not None}
     if not options:
         return None
     for key, number in options.items():
         if not isinstance(number, int) or isinstance(number, bool) or number < 1:
-            raise ConfigError(f"flex_options.{key}={number!r} is not valid; it must be an integer >= 1 (or null)")
-    if decode_attention != "flex":
-        raise ConfigError(f"flex_options apply to the compiled decode step with decode_attention=flex; this job "
-                          f"decodes with {decode_attention or 'the eager step (compile=false)'}")  # fmt: skip
+            raise ConfigError(f"kernel_options.{key}={number!r} is not valid; it must be an integer >= 1 (or null)")
+    if decode_attention not in ("flex", "triton"):
+        raise ConfigError(f"kernel_options apply to the compiled decode step with decode_attention=flex or triton; "
+                          f"this job decodes with {decode_attention or 'the eager step (compile=false)'}")  # fmt: skip
     return options
 
 

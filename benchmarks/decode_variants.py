@@ -5,14 +5,16 @@ formulation, SDPA kernel, flex options and CUDA-graph capture make the fastest s
     python benchmarks/decode_variants.py --variant flex --variant sdpa_gqa:sdpa=cudnn:graphs=manual
     python benchmarks/decode_variants.py --model tiny --ctx 1024 --batch 2 --variant sdpa --variant sdpa_gqa:sdpa=math
 
-A variant is `ATTENTION[:KEY=VALUE]...`: ATTENTION one of flex, sdpa, sdpa_gqa (model/attention.py,
-`static_decode_attention`); keys `sdpa` (the SDPA kernel: auto, flash, efficient, cudnn, math), `graphs` (trees or
-manual, CUDA) and the flex kernel options BLOCK_N, num_stages, num_warps, SPLIT_KV. Each variant starts from the
-same prefilled caches at position ctx: compile and warm-up (3 steps), `--steps` steps each synchronised (what the
-harness reports), the same back to back with one synchronisation (device-bound rate), and a few steps under
-torch.profiler: device time per step, and the share of it in attention kernels. A variant that fails to compile or
-run is a row with its error. Prints one JSON line per variant (mbu as the harness computes it: weights read once
-plus the filled K/V slots, over the measured device-to-device bandwidth), then its top kernels with --top.
+A variant is `ATTENTION[:KEY=VALUE]...`: ATTENTION one of sdpa, sdpa_gqa, flex, triton (model/attention.py,
+`static_decode_attention`); keys `sdpa` (the SDPA kernel: auto, flash, efficient, cudnn, math), `graphs` (trees
+or manual, CUDA) and the kernel options BLOCK_N, num_stages, num_warps, SPLIT_KV (flex, triton). Each variant
+starts from the same prefilled caches at position ctx: compile and warm-up (3 steps); its logits at position ctx
+against the eager step's from the same caches (`max_logit_diff`, `same_argmax`); `--steps` steps each
+synchronised (what the harness reports), the same back to back with one synchronisation (the device-bound
+rate), and a few steps under torch.profiler (device time per step, and the share of it in attention kernels).
+A variant that fails to compile or run is a row with its error. Prints one JSON line per variant (mbu as the
+harness computes it: weights read once plus the filled K/V slots, over the measured device-to-device
+bandwidth), with its slowest kernels under --top.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.job import _prefill
 from bench.measure import measured_bandwidth, sync
-from bench.spec import DTYPES, FlexOptions, parse_ctx
+from bench.spec import DTYPES, KernelOptions, parse_ctx
 from model.attention import BACKENDS, DECODE_FORMULATIONS
 from model.compiled_decode import CUDA_GRAPHS, CompiledDecode
 from model.config import CONFIGS, Config
@@ -40,8 +42,9 @@ CUDA_VARIANTS = [
     "flex:graphs=manual",
     "sdpa_gqa:graphs=manual",
     "sdpa:graphs=manual",
+    "triton:graphs=manual",
+    "triton:graphs=manual:BLOCK_N=128:num_warps=8",
     "flex:graphs=manual:num_stages=3",
-    "flex:graphs=manual:num_stages=2:BLOCK_N=64",
 ]
 # kernel names that hold attention: flex (inductor's templates are "triton_tem_..."), SDPA's kernels, the softmax
 ATTENTION_KERNELS = ("flex", "tem_", "attention", "fmha", "flash", "cudnn", "sdpa", "softmax")
@@ -49,11 +52,11 @@ ATTENTION_KERNELS = ("flex", "tem_", "attention", "fmha", "flash", "cudnn", "sdp
 
 def parse_variant(text: str) -> dict:
     """`sdpa_gqa:sdpa=cudnn:graphs=manual` -> {"attention": "sdpa_gqa", "sdpa": "cudnn", "graphs": "manual",
-    "flex_options": None}; raises ValueError naming the valid choices."""
+    "kernel_options": None}; raises ValueError naming the valid choices."""
     attention, *pairs = text.split(":")
     if attention not in DECODE_FORMULATIONS:
         raise ValueError(f"variant {text!r}: {attention!r} is not valid; valid: {', '.join(DECODE_FORMULATIONS)}")
-    variant = {"attention": attention, "sdpa": "auto", "graphs": "trees", "flex_options": None}
+    variant = {"attention": attention, "sdpa": "auto", "graphs": "trees", "kernel_options": None}
     options = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
@@ -61,13 +64,13 @@ def parse_variant(text: str) -> dict:
             variant["sdpa"] = value
         elif key == "graphs" and value in CUDA_GRAPHS:
             variant["graphs"] = value
-        elif key in FlexOptions.__dataclass_fields__ and value.isdigit() and int(value) >= 1:
+        elif key in KernelOptions.__dataclass_fields__ and value.isdigit() and int(value) >= 1:
             options[key] = int(value)
         else:
             valid = ["sdpa=" + "|".join(b for b in BACKENDS if b != "eager"), "graphs=" + "|".join(CUDA_GRAPHS),
-                     *(f"{k}=N" for k in FlexOptions.__dataclass_fields__)]  # fmt: skip
+                     *(f"{k}=N" for k in KernelOptions.__dataclass_fields__)]  # fmt: skip
             raise ValueError(f"variant {text!r}: {pair!r} is not valid; valid: {', '.join(valid)}")
-    variant["flex_options"] = options or None
+    variant["kernel_options"] = options or None
     return variant
 
 
@@ -97,7 +100,7 @@ def run_variant(text: str, model: GPT, token: torch.Tensor, args, device: torch.
     try:
         variant = parse_variant(text)
         model.set_attention_backend(variant["sdpa"])
-        decoder = CompiledDecode(model, attention=variant["attention"], flex_options=variant["flex_options"],
+        decoder = CompiledDecode(model, attention=variant["attention"], kernel_options=variant["kernel_options"],
                                  graphs=variant["graphs"] if device.type == "cuda" else "trees")  # fmt: skip
         row.update(attention=decoder.attention, kernel=decoder.kernel, graphs=decoder.graphs, mode=decoder.mode)
         pos = args.ctx
@@ -108,6 +111,13 @@ def run_variant(text: str, model: GPT, token: torch.Tensor, args, device: torch.
             pos += 1
         sync(device)
         row["compile_s"] = time.perf_counter() - t0
+        rewind(model, args.ctx)  # the same step, compiled and eager, from the same caches
+        compiled = decoder(token, input_pos=args.ctx).float()  # (B, 1, vocab)
+        rewind(model, args.ctx)
+        eager = model(token, input_pos=args.ctx).float()
+        row["max_logit_diff"] = (compiled - eager).abs().max().item()
+        row["same_argmax"] = bool(torch.equal(compiled.argmax(-1), eager.argmax(-1)))
+        pos = args.ctx + 1
         synced = []
         for _ in range(args.steps):
             sync(device)

@@ -9,7 +9,7 @@ q (B, n_head, 1, hs) and a K/V buffer of ctx + 64 slots with ctx filled, for eac
 then 20 calls are captured in one CUDA graph and the replay timed, so launch overhead is not counted; the
 references are SDPA over the filled slots with `enable_gqa` (flash, cudnn), captured the same way. Prints one
 JSON line per variant: microseconds per call, the K/V bytes it must read, and that over the measured
-device-to-device bandwidth (`bw_frac`). Use the best options as `flex_options.*` in the harness.
+device-to-device bandwidth (`bw_frac`). Use the best options as `kernel_options.*` in the harness.
 """
 
 from __future__ import annotations

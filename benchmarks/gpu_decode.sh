@@ -38,8 +38,8 @@ print(" ".join(f"{k}={v}" for k, v in options.items()))
 PY
 )
 log "fastest flex options at 32k x 4: ${BEST:-the inductor defaults}"
-HF_OPTS=$(for o in $BEST; do printf -- "--flex-option %s " "$o"; done)
-RUN_OPTS=$(for o in $BEST; do printf "flex_options.%s " "$o"; done)
+HF_OPTS=$(for o in $BEST; do printf -- "--kernel-option %s " "$o"; done)
+RUN_OPTS=$(for o in $BEST; do printf "kernel_options.%s " "$o"; done)
 
 log "python -m bench.compare_hf --model $MODEL --case 8k:1 --case 32k:4 $HF_OPTS"
 timeout "${LIMIT_COMPARE:-240}" python3 -m bench.compare_hf --model "$MODEL" --case 8k:1 --case 32k:4 \

@@ -30,7 +30,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "eager")
-DECODE_FORMULATIONS = ("sdpa", "sdpa_gqa", "flex")  # how a compiled decode step attends (static_decode_attention)
+DECODE_FORMULATIONS = (
+    "sdpa",
+    "sdpa_gqa",
+    "flex",
+    "triton",
+)  # how a compiled decode step attends (static_decode_attention)
 _SDP = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -63,7 +68,7 @@ class AttentionOptions:
     sliding_window: int | None = None  # model-level window (eager path only)
     block_size: int = 256  # query rows per block in the eager path
     decode_attention: str = "sdpa"  # the compiled decode step's formulation: sdpa | flex (static_decode_attention)
-    flex_kernel_options: dict | None = None  # decode_attention=flex: Triton options (BLOCK_N, num_stages, ...)
+    kernel_options: dict | None = None  # decode_attention=flex or triton: kernel options (BLOCK_N, num_stages, ...)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -343,6 +348,7 @@ def static_decode_attention(
       query (B, G, n_head / G, hs) against key (B, G, S, hs), so no `enable_gqa` is needed.
     * "sdpa_gqa": SDPA under the slot mask with query (B, n_head, 1, hs) and `enable_gqa` (DESIGN.md's minimal
       static-cache model).
+    * "triton": our split-K grouped-query kernel over the filled slots (model/triton_decode.py).
     The SDPA forms run the kernel `opts.backend` names, and under "auto" the first of flash, cuDNN,
     mem-efficient and math that can (`_AUTO_PRIORITY`), chosen when the step is traced. PyTorch's own order puts
     cuDNN after math: with a mask and `enable_gqa` (flash and mem-efficient cannot), a compiled step traced
@@ -353,8 +359,12 @@ def static_decode_attention(
     if T != 1:
         raise ValueError(f"static_decode_attention takes one query per sequence, got T={T}")
     if opts.decode_attention == "flex":
-        out = _flex_decode(query, key, value, n_valid, opts.scale, opts.flex_kernel_options)  # (B, n_head, 1, hs)
+        out = _flex_decode(query, key, value, n_valid, opts.scale, opts.kernel_options)  # (B, n_head, 1, hs)
         return out.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, n_head * hs)
+    if opts.decode_attention == "triton":
+        from model import triton_decode
+
+        return triton_decode.decode_attention(query, key, value, n_valid, opts.scale, opts.kernel_options)
     G = key.shape[1]
     visible = torch.arange(key.shape[2], device=key.device) < n_valid  # (S,)
     mask = visible.view(1, 1, 1, -1)  # (1, 1, 1, S)
@@ -382,11 +392,13 @@ def _decode_kernels(backend: str) -> tuple[list[SDPBackend], bool]:
 
 def static_decode_kernel(query: Tensor, key: Tensor, opts: AttentionOptions) -> str:
     """The kernel a static decode step's attention runs for query (B, n_head, 1, hs) and key (B, G, S, hs) (any
-    values; only shapes, strides, dtype and device count): "flex", or "sdpa:<backend>" as PyTorch chooses it
-    under the step's kernel order, which is what the compiled step is traced with. Raises UnsupportedBackend
-    when a forced SDPA kernel cannot run the step."""
-    if opts.decode_attention == "flex":
-        return "flex"
+    values; only shapes, strides, dtype and device count): "flex", "triton:<launch options>", or "sdpa:<backend>" as
+    PyTorch chooses it under the step's kernel order, which is what the compiled step is traced with. Raises
+    UnsupportedBackend when a forced SDPA kernel cannot run the step."""
+    if opts.decode_attention == "triton" and opts.kernel_options:  # its launch options, as resolved
+        return "triton:" + ",".join(f"{k}={v}" for k, v in sorted(opts.kernel_options.items()))
+    if opts.decode_attention in ("flex", "triton"):
+        return opts.decode_attention
     B, H, _, hs = query.shape
     G = key.shape[1]
     mask = torch.ones(1, 1, 1, key.shape[2], dtype=torch.bool, device=key.device)  # (1, 1, 1, S)

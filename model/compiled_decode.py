@@ -44,17 +44,24 @@ def resolve_decode_attention(attention: str, device_type: str, compiled: bool, s
     """auto: FlexAttention on CUDA (it compiles to a split-K decoding kernel), SDPA on the CPU or where an SDPA
     kernel is forced (sdpa != auto). Compiled flex is refused on the CPU: inductor's CPU lowering of FlexAttention
     fails inside the model's graph (torch 2.13: "No choices to select" for a query computed in the graph); eagerly
-    (compile=False) it runs anywhere. Flex runs no SDPA kernel, so a forced one is refused with it."""
+    (compile=False) it runs anywhere. Our Triton kernel runs on CUDA, and eagerly on the CPU under Triton's
+    interpreter. Neither runs an SDPA kernel, so a forced one is refused with them."""
     if attention not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention={attention!r} is not valid; valid choices: {', '.join(DECODE_ATTENTION)}")
     if attention == "auto":
         return "flex" if device_type == "cuda" and sdpa == "auto" else "sdpa"
-    if attention == "flex" and compiled and device_type != "cuda":
-        raise ValueError(f"decode_attention=flex compiles on CUDA only; valid choices on {device_type}: auto, sdpa, "
-                         "sdpa_gqa (or compile=false)")  # fmt: skip
-    if attention == "flex" and sdpa != "auto":
-        raise ValueError(f"decode_attention=flex runs no SDPA kernel, so sdpa={sdpa!r} cannot apply; valid choices "
-                         "with a forced SDPA kernel: auto, sdpa, sdpa_gqa")  # fmt: skip
+    if attention in ("flex", "triton") and compiled and device_type != "cuda":
+        raise ValueError(f"decode_attention={attention} compiles on CUDA only; valid choices on {device_type}: auto, "
+                         "sdpa, sdpa_gqa (or compile=false)")  # fmt: skip
+    if attention in ("flex", "triton") and sdpa != "auto":
+        raise ValueError(f"decode_attention={attention} runs no SDPA kernel, so sdpa={sdpa!r} cannot apply; valid "
+                         "choices with a forced SDPA kernel: auto, sdpa, sdpa_gqa")  # fmt: skip
+    if attention == "triton":
+        from model.triton_decode import unavailable_reason
+
+        why = unavailable_reason(torch.device(device_type))
+        if why:
+            raise ValueError(f"decode_attention=triton: {why}; valid choices here: auto, sdpa, sdpa_gqa")
     return attention
 
 
@@ -64,9 +71,10 @@ class CompiledDecode(nn.Module):
     compile=False runs the same fixed-shape step eagerly (a reference for the compiled one). mode: torch.compile's
     mode; "auto" is "reduce-overhead" (CUDA graphs) on CUDA and the default (no graphs) elsewhere. attention: how
     the step attends its buffer, "flex" (FlexAttention), "sdpa" (masked SDPA, query heads as rows of their KV
-    group) or "sdpa_gqa" (masked SDPA with enable_gqa); "auto" is flex on CUDA, sdpa elsewhere. The SDPA forms
+    group), "sdpa_gqa" (masked SDPA with enable_gqa) or "triton" (model/triton_decode.py); "auto" is flex on CUDA,
+    sdpa elsewhere. The SDPA forms
     run the kernel the caches' attention backend names (`model.set_attention_backend`; "auto": flash, cuDNN,
-    mem-efficient, math, the first that can); `kernel` says which. flex_options: kernel options of the flex
+    mem-efficient, math, the first that can); `kernel` says which. kernel_options: options of the flex or triton
     kernel (e.g. {"BLOCK_N": 64, "num_stages": 3}).
     graphs (CUDA): "trees" captures through torch.compile's mode="reduce-overhead"; "manual" compiles without it
     and captures the step in one torch.cuda.CUDAGraph of its own, replayed without dynamo's guards (`_replay`).
@@ -78,7 +86,7 @@ class CompiledDecode(nn.Module):
         compile: bool = True,
         mode: str | None = "auto",
         attention: str = "auto",
-        flex_options: dict | None = None,
+        kernel_options: dict | None = None,
         graphs: str = "trees",
     ) -> None:
         super().__init__()
@@ -112,12 +120,19 @@ class CompiledDecode(nn.Module):
             self.mode = None  # inductor's code without its CUDA-graph trees: the graph is ours (_replay)
         self._graph = self._static_idx = self._static_logits = None
         self.attention = resolve_decode_attention(attention, device.type, compile, backends[0])
-        if flex_options and self.attention != "flex":
-            raise ValueError(f"flex_options apply to attention='flex' only (this step attends with {self.attention!r})")
-        self.flex_options = dict(flex_options) if flex_options else None
+        if kernel_options and self.attention not in ("flex", "triton"):
+            raise ValueError(f"kernel_options apply to attention='flex' or 'triton' only (this step attends with "
+                             f"{self.attention!r})")  # fmt: skip
+        self.kernel_options = dict(kernel_options) if kernel_options else None
+        launch = self.kernel_options
+        if self.attention == "triton":  # every launch option settled here: tracing the step queries no device
+            from model.triton_decode import resolve_options
+
+            p = caches[0].params
+            launch = resolve_options(p.batch_size, p.n_query_groups, caches[0].cache_length, device, launch)
         for cache in caches:  # how each cache's decode_step attends (model/attention.py, static_decode_attention)
             cache.attn_opts.decode_attention = self.attention
-            cache.attn_opts.flex_kernel_options = self.flex_options
+            cache.attn_opts.kernel_options = launch
         self.compiled = compile
         self.kernel = self._kernel(model, caches[0])  # raises UnsupportedBackend for a forced kernel that cannot run
         if compile:  # tensors the graph mutates in place at fixed addresses (as HF's StaticCache marks its own)

@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+if not torch.cuda.is_available():  # our Triton kernel (model/triton_decode.py) runs under Triton's CPU interpreter;
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported, so before anything imports it
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ def test_decode_attention_is_resolved_and_hashed_only_where_it_changes_the_step(
     assert specs["compile=true"].decode_attention == ("flex" if cuda else "sdpa")
     assert specs["compile=false"].decode_attention is None
     for spec in specs.values():
-        assert "flex_options" not in spec.identity()
+        assert "kernel_options" not in spec.identity()
         assert ("decode_attention" in spec.identity()) == (spec.decode_attention == "flex")
         assert "cuda_graphs" not in spec.identity()  # trees (the default) or no graphs at all
     assert specs["compile=true"].cuda_graphs == ("trees" if cuda else None)
@@ -73,9 +73,9 @@ def test_decode_attention_is_resolved_and_hashed_only_where_it_changes_the_step(
                     cuda_available=True)  # fmt: skip
     if cuda:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=["flex_options.num_stages=3", "cuda_graphs=manual"])
+            cfg = compose(config_name="config", overrides=["kernel_options.num_stages=3", "cuda_graphs=manual"])
         spec = resolve(cfg, cuda_available=True)
-        assert spec.flex_options == {"num_stages": 3} and spec.identity()["flex_options"] == {"num_stages": 3}
+        assert spec.kernel_options == {"num_stages": 3} and spec.identity()["kernel_options"] == {"num_stages": 3}
         assert spec.cuda_graphs == "manual" and spec.identity()["cuda_graphs"] == "manual"
 
 
@@ -160,13 +160,15 @@ BAD = {
     "compile=true sdpa=eager": "valid: sdpa=auto, flash, efficient, cudnn, math (got sdpa='eager'",
     "compile=maybe": "compile='maybe' is not valid; valid choices: auto, true, false",
     "expandable_segments=maybe": "expandable_segments=maybe is not valid; valid choices: true, false",
-    "decode_attention=cudnn": "decode_attention='cudnn' is not valid; valid choices: auto, sdpa, sdpa_gqa, flex",
+    "decode_attention=cudnn": "decode_attention='cudnn' is not valid; valid choices: auto, sdpa, sdpa_gqa, flex, "
+    "triton",
     "compile=true decode_attention=flex": "decode_attention=flex compiles on CUDA only; valid choices on cpu: auto, "
     "sdpa, sdpa_gqa",
-    "flex_options.BLOCK=64": "flex_options.BLOCK is not an option; valid: flex_options.BLOCK_N, "
-    "flex_options.num_stages, flex_options.num_warps, flex_options.SPLIT_KV",
-    "flex_options.num_stages=0": "flex_options.num_stages=0 is not valid; it must be an integer >= 1",
-    "flex_options.num_stages=3": "flex_options apply to the compiled decode step with decode_attention=flex",
+    "kernel_options.BLOCK=64": "kernel_options.BLOCK is not an option; valid: kernel_options.BLOCK_N, "
+    "kernel_options.num_stages, kernel_options.num_warps, kernel_options.SPLIT_KV",
+    "kernel_options.num_stages=0": "kernel_options.num_stages=0 is not valid; it must be an integer >= 1",
+    "kernel_options.num_stages=3": "kernel_options apply to the compiled decode step with decode_attention=flex or "
+    "triton",
     "cuda_graphs=manual": "cuda_graphs=manual captures the compiled decode step on CUDA; it needs compile=true and "
     "device=cuda (valid choices here: trees)",
     "cuda_graphs=yes": "cuda_graphs='yes' is not valid; valid choices: trees, manual",

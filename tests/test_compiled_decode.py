@@ -146,17 +146,17 @@ def test_what_compiled_decode_refuses(model):
     model.set_start_of_layer_hook(None)
     with pytest.raises(ValueError, match="decode_attention=flex compiles on CUDA only; valid choices on cpu: auto"):
         CompiledDecode(model, attention="flex")
-    with pytest.raises(ValueError, match="valid choices: auto, sdpa, sdpa_gqa, flex"):
+    with pytest.raises(ValueError, match="valid choices: auto, sdpa, sdpa_gqa, flex, triton"):
         CompiledDecode(model, attention="cudnn")
-    with pytest.raises(ValueError, match="flex_options apply to attention='flex' only"):
-        CompiledDecode(model, attention="sdpa", flex_options={"num_stages": 3})
+    with pytest.raises(ValueError, match="kernel_options apply to attention='flex' or 'triton' only"):
+        CompiledDecode(model, attention="sdpa", kernel_options={"num_stages": 3})
     assert CompiledDecode(model).attention == "sdpa"  # auto on the CPU
     with pytest.raises(ValueError, match="graphs='manual' captures the compiled step in a CUDA graph"):
         CompiledDecode(model, graphs="manual")
     with pytest.raises(ValueError, match="valid choices: trees, manual"):
         CompiledDecode(model, graphs="yes")
-    decoder = CompiledDecode(model, compile=False, attention="flex", flex_options={"num_stages": 3})
-    assert all(c.attn_opts.flex_kernel_options == {"num_stages": 3} for c in model.kv_caches)
+    decoder = CompiledDecode(model, compile=False, attention="flex", kernel_options={"num_stages": 3})
+    assert all(c.attn_opts.kernel_options == {"num_stages": 3} for c in model.kv_caches)
     assert decoder.attention == "flex"
     model.clear_kv_caches()
     with pytest.raises(ValueError, match="set_kv_caches"):

@@ -1,0 +1,189 @@
+"""Grouped-query decode attention as a split-K Triton kernel: one query per sequence over the filled slots of a
+fixed-size K/V buffer, each KV head's keys and values read once for all the query heads of its group.
+
+Decode attention reads the whole cache to produce one row per head, so it is memory-bound, and at batch 1-4 the
+batch x KV heads alone (8-32 for Llama-3.2-1B) are far too few programs to keep an H100/H200's 132 SMs reading.
+The filled slots are therefore split among SPLITS programs per (sequence, KV head) ("flash-decoding"): each
+computes a softmax-weighted partial output and the log-sum-exp of its share, and a small merge weighs the
+partials by those. The query heads of a group are the rows of one tile (padded to 16, what `tl.dot` needs), so
+K and V are never expanded. n_valid is read on the device: the same compiled kernel (and CUDA graph) serves
+every step. On the CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton ships with CUDA builds of torch; on the CPU it is only needed for the interpreter
+    triton = tl = None
+
+OPTIONS = ("BLOCK_N", "num_stages", "num_warps", "SPLIT_KV")  # what `kernel_options` may set
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the kernel cannot run on `device` here (None: it can)."""
+    if triton is None:
+        return "Triton is not installed (it comes with CUDA builds of torch; pip install triton for the CPU)"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton kernels run on CUDA, or on the CPU under its interpreter (TRITON_INTERPRET=1); got {device}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        Q, K, V, N_VALID, OUT, LSE,
+        stride_qb, stride_qh,
+        stride_kb, stride_kg, stride_ks,
+        stride_vb, stride_vg, stride_vs,
+        stride_ob, stride_og, stride_os, stride_om,
+        stride_lb, stride_lg, stride_ls,
+        scale_log2: tl.constexpr,
+        G: tl.constexpr, QPK: tl.constexpr, HS: tl.constexpr, SPLITS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Program (b * G + g, split): query heads g * QPK .. of sequence b against its share of slots
+        [lo, hi) of KV head g. Writes the normalised partial output (QPK, HS) and its log2-sum-exp (QPK,)."""
+        bg = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bg // G
+        g = bg % G
+        n_valid = tl.load(N_VALID).to(tl.int32)
+        share = tl.cdiv(tl.cdiv(n_valid, SPLITS), BLOCK_N) * BLOCK_N  # slots per split, whole blocks
+        lo = split * share
+        hi = tl.minimum(lo + share, n_valid)
+        rows = tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, HS)
+        cols = tl.arange(0, BLOCK_N)
+        q = tl.load(Q + b * stride_qb + (g * QPK + rows)[:, None] * stride_qh + dims[None, :],
+                    mask=rows[:, None] < QPK, other=0.0)  # (BLOCK_M, HS) # fmt: skip
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the log2-scaled scores
+        s_sum = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m)
+        acc = tl.zeros([BLOCK_M, HS], tl.float32)
+        k_base = K + b * stride_kb + g * stride_kg
+        v_base = V + b * stride_vb + g * stride_vg
+        for start in range(lo, hi, BLOCK_N):
+            idx = start + cols
+            inside = idx < hi
+            k = tl.load(k_base + idx[:, None] * stride_ks + dims[None, :], mask=inside[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(inside[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            s_sum = s_sum * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + idx[:, None] * stride_vs + dims[None, :], mask=inside[:, None], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        # a split left without slots (n_valid small): output 0 and log-sum-exp -inf, weight 0 in the merge
+        out = acc / tl.where(s_sum > 0, s_sum, 1.0)[:, None]
+        lse = tl.where(s_sum > 0, m + tl.log2(tl.where(s_sum > 0, s_sum, 1.0)), float("-inf"))
+        out_ptrs = OUT + b * stride_ob + g * stride_og + split * stride_os + rows[:, None] * stride_om + dims[None, :]
+        tl.store(out_ptrs, out, mask=rows[:, None] < QPK)
+        tl.store(LSE + b * stride_lb + g * stride_lg + split * stride_ls + rows, lse, mask=rows < QPK)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def default_splits(batch: int, groups: int, slots: int, block_n: int, device: torch.device) -> int:
+    """Enough programs for about two per SM on CUDA (4 on the CPU, to exercise the merge), and no fewer than
+    two blocks of slots per split."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNT:
+            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        wanted = -(-2 * _SM_COUNT[index] // (batch * groups))
+    else:
+        wanted = 4
+    return max(1, min(wanted, slots // (2 * block_n)))
+
+
+def resolve_options(batch: int, groups: int, slots: int, device: torch.device, options: dict | None) -> dict:
+    """Every launch option, the ones not given at their defaults: BLOCK_N 64 (slots per tile), SPLIT_KV
+    (`default_splits`), num_warps 4, num_stages 3. Resolved once outside a compiled step, so that tracing it
+    does not query the device."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown Triton decode option {unknown[0]!r}; valid: {', '.join(OPTIONS)}")
+    resolved = {"BLOCK_N": options.get("BLOCK_N") or 64, "num_warps": options.get("num_warps") or 4,
+                "num_stages": options.get("num_stages") or 3}  # fmt: skip
+    resolved["SPLIT_KV"] = options.get("SPLIT_KV") or default_splits(batch, groups, slots, resolved["BLOCK_N"], device)
+    return resolved
+
+
+if triton is not None:
+
+    @torch.library.custom_op("kvbench::triton_decode_split", mutates_args=())
+    def _split(
+        query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, scale: float, block_n: int, splits: int,
+        num_warps: int, num_stages: int,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """The split kernel as an opaque op for torch.compile (it reads q, K, V and n_valid, writes only its
+        outputs): (partial outputs (B, G, SPLITS, QPK, hs) float32, their log2-sum-exp (B, G, SPLITS, QPK))."""
+        B, H, _, hs = query.shape
+        G = key.shape[1]
+        qpk = H // G
+        q = query.view(B, H, hs)  # (B, n_head, hs): T = 1
+        partial = torch.empty(B, G, splits, qpk, hs, dtype=torch.float32, device=query.device)
+        lse = torch.empty(B, G, splits, qpk, dtype=torch.float32, device=query.device)
+        _split_kernel[(B * G, splits)](
+            q, key, value, n_valid, partial, lse,
+            q.stride(0), q.stride(1),
+            key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2),
+            partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            scale_log2=scale * math.log2(math.e),
+            G=G, QPK=qpk, HS=hs, SPLITS=splits,
+            BLOCK_M=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n, IEEE=query.dtype == torch.float32,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        return partial, lse
+
+    @_split.register_fake
+    def _(query, key, value, n_valid, scale, block_n, splits, num_warps, num_stages):
+        B, H, _, hs = query.shape
+        G = key.shape[1]
+        partial = query.new_empty(B, G, splits, H // G, hs, dtype=torch.float32)
+        return partial, query.new_empty(B, G, splits, H // G, dtype=torch.float32)
+
+
+def decode_attention(
+    query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, scale: float | None = None,
+    options: dict | None = None,
+) -> Tensor:  # fmt: skip
+    """query (B, n_head, 1, hs); key, value (B, G, S, hs), last dimension contiguous; n_valid a 0-d int64 tensor:
+    slots 0 .. n_valid - 1 are attended. Returns (B, 1, n_head * hs), heads in order. options: see
+    `resolve_options` (a compiled step passes them resolved)."""
+    B, H, T, hs = query.shape
+    G, S = key.shape[1], key.shape[2]
+    if T != 1:
+        raise ValueError(f"the Triton decode kernel takes one query per sequence, got T={T}")
+    if hs & (hs - 1):
+        raise ValueError(f"the Triton decode kernel needs a power-of-two head size, got {hs}")
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("the Triton decode kernel needs the head dimension contiguous")
+    if options is None or set(options) != set(OPTIONS):
+        options = resolve_options(B, G, S, query.device, options)
+    scale = scale if scale is not None else 1.0 / math.sqrt(hs)
+    partial, lse = _split(query, key, value, n_valid, scale, options["BLOCK_N"], options["SPLIT_KV"],
+                          options["num_warps"], options["num_stages"])  # fmt: skip
+    weights = torch.softmax(lse * math.log(2), dim=2)  # (B, G, SPLITS, QPK): each split's share of the softmax
+    out = (partial * weights.unsqueeze(-1)).sum(2)  # (B, G, QPK, hs)
+    return out.to(query.dtype).reshape(B, 1, H * hs)  # (B, 1, n_head * hs), head h = g * QPK + row

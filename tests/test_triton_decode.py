@@ -1,0 +1,143 @@
+"""Our split-K Triton decode kernel (model/triton_decode.py), run on the CPU under Triton's interpreter, against
+SDPA over the filled slots in float64; and the decode step through it against the eager step (same greedy
+tokens). The interpreter has no bfloat16 (NumPy has none): float32 and float16 here, bfloat16 on the GPU machine
+(benchmarks/decode_variants.py checks each variant's logits against the eager step)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter (tests/conftest.py)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    import model.triton_decode as module
+
+    why = module.unavailable_reason(DEVICE)
+    assert why is None, why  # on the CPU, tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported
+    return module
+
+
+CASES = [  # batch, n_head, KV heads, slots, head size, filled, dtype, options
+    (2, 8, 2, 300, 32, 137, torch.float32, None),  # 4 query heads per KV head, a partly filled buffer
+    (1, 9, 3, 256, 64, 1, torch.float32, None),  # SmolLM2's 3 per KV head; one filled slot (empty splits)
+    (3, 4, 4, 500, 64, 500, torch.float32, {"BLOCK_N": 32, "SPLIT_KV": 7}),  # no GQA; full; uneven splits
+    (2, 32, 8, 1000, 64, 999, torch.float32, {"SPLIT_KV": 1}),  # Llama-3.2-1B's heads, one split (no merge)
+    (2, 8, 2, 300, 32, 211, torch.float16, None),
+    *([(4, 32, 8, 4160, 64, 4097, torch.bfloat16, None)] if DEVICE.type == "cuda" else []),  # no bf16 in NumPy
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}h{c[2]}g-n{c[5]}-{str(c[6])[6:]}" for c in CASES])
+def test_the_kernel_matches_sdpa_over_the_filled_slots(kernel, case):
+    B, H, G, S, hs, n_valid, dtype, options = case
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(B, H, 1, hs, generator=gen).to(DEVICE, dtype)
+    buffers = [torch.randn(B + 1, G, S, hs, generator=gen).to(DEVICE, dtype) for _ in range(2)]
+    key, value = (b[:B] for b in buffers)  # a batch slice of a larger buffer, as a cache hands it over
+    out = kernel.decode_attention(query, key, value, torch.tensor(n_valid, device=DEVICE), None, options)
+    expected = F.scaled_dot_product_attention(
+        query.double(), key[:, :, :n_valid].double(), value[:, :, :n_valid].double(), enable_gqa=True
+    )  # (B, H, 1, hs)
+    expected = expected.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, H * hs)
+    assert out.shape == (B, 1, H * hs) and out.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    assert (out.double() - expected).abs().max() <= tolerance
+
+
+def test_bad_input_is_refused_with_the_valid_choices(kernel):
+    q, kv = torch.zeros(1, 4, 1, 24, device=DEVICE), torch.zeros(1, 2, 64, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="power-of-two head size, got 24"):
+        kernel.decode_attention(q, kv, kv, torch.tensor(8))
+    q, kv = torch.zeros(1, 4, 1, 32, device=DEVICE), torch.zeros(1, 2, 64, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="unknown Triton decode option 'BLOCK'; valid: BLOCK_N, num_stages"):
+        kernel.decode_attention(q, kv, kv, torch.tensor(8), options={"BLOCK": 64})
+    with pytest.raises(ValueError, match="one query per sequence, got T=2"):
+        kernel.decode_attention(torch.zeros(1, 4, 2, 32, device=DEVICE), kv, kv, torch.tensor(8))
+
+
+STEP_CASES = [  # cache, slots, knobs, kernel options, the launch options the step settles on
+    ("dense", 600, {}, None, "BLOCK_N=64,SPLIT_KV=4,num_stages=3,num_warps=4"),  # 4 splits: the CPU's default
+    ("last_recent", 48, {"sink_tokens": 4}, {"BLOCK_N": 16, "SPLIT_KV": 3}, "BLOCK_N=16,SPLIT_KV=3,num_stages=3,"
+     "num_warps=4"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cache, length, knobs, options, launch", STEP_CASES, ids=["dense", "last_recent"])
+@torch.inference_mode()
+def test_the_decode_step_through_the_kernel_gives_the_eager_tokens(kernel, cache, length, knobs, options, launch):
+    """The fixed-shape step with decode_attention=triton (run eagerly: compiling it needs CUDA) against the eager
+    step, 32 greedy steps; last_recent is past its buffer (eviction, sinks)."""
+    from model.compiled_decode import CompiledDecode
+    from model.gpt import GPT
+
+    model = GPT.from_name("tiny").to(DEVICE).eval()
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 100), generator=gen).to(DEVICE)
+    runs = []
+    for attention in (None, "triton"):
+        model.set_kv_caches(2, cache, length, **knobs)
+        token = model(prompt, input_pos=0)[:, -1:].argmax(-1)  # (B, 1)
+        step = model if attention is None else CompiledDecode(model, compile=False, attention=attention,
+                                                              kernel_options=options)  # fmt: skip
+        if attention:
+            assert step.kernel == f"triton:{launch}"
+        tokens, logits = [], []
+        for i in range(32):
+            out = step(token, input_pos=100 + i)  # (B, 1, vocab)
+            token = out[:, -1:].argmax(-1)
+            tokens.append(token)
+            logits.append(out)
+        runs.append((torch.cat(tokens, 1), torch.cat(logits, 1)))
+    (eager_tokens, eager_logits), (triton_tokens, triton_logits) = runs
+    assert torch.equal(triton_tokens, eager_tokens)
+    assert (triton_logits - eager_logits).abs().max() <= 1e-4
+
+
+def test_triton_is_refused_where_it_cannot_run(monkeypatch):
+    from model.compiled_decode import resolve_decode_attention
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="decode_attention=triton compiles on CUDA only; valid choices on cpu"):
+        resolve_decode_attention("triton", "cpu", compiled=True)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1.*valid choices here: auto, sdpa, sdpa_gqa"):
+        resolve_decode_attention("triton", "cpu", compiled=False)
+    with pytest.raises(ValueError, match="sdpa='math' cannot apply"):
+        resolve_decode_attention("triton", "cuda", compiled=True, sdpa="math")
+
+
+@torch.inference_mode()
+def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel):
+    """What torch.compile gets on CUDA (traced here through AOT, run on the interpreter): one graph, the kernel as
+    a custom op that reads K/V and writes only its own outputs (so inductor neither copies K/V nor looks inside),
+    once per layer, and the same logits as the uncompiled step."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from model.compiled_decode import CompiledDecode
+    from model.gpt import GPT
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = GPT.from_name("tiny").to(DEVICE).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(2))
+    model.set_kv_caches(2, "dense", 600)
+    token = model(prompt.to(DEVICE), input_pos=0)[:, -1:].argmax(-1)
+    decoder = CompiledDecode(model, compile=False, attention="triton")
+    decoder.pos.fill_(100)  # the device position, which the int API would set
+    expected = decoder._step(token)
+    decoder.pos.fill_(100)
+    torch._dynamo.reset()
+    logits = torch.compile(decoder._forward, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(token)
+    ops = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    assert ops.count("kvbench.triton_decode_split.default") == model.config.n_layer
+    assert not [op for op in ops if "scaled_dot_product" in op or op.startswith("aten.clone")]
+    assert (logits - expected).abs().max() <= 1e-5
+    model.clear_kv_caches()
