@@ -216,5 +216,5 @@ def test_flex_decode_reads_only_the_filled_blocks(monkeypatch):
 
 
 def test_unknown_decode_attention_lists_choices():
-    with pytest.raises(ValueError, match="valid choices: sdpa, flex"):
+    with pytest.raises(ValueError, match="valid choices: sdpa, sdpa_gqa, flex, triton"):
         AttentionOptions(decode_attention="cudnn")
