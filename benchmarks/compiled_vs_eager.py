@@ -56,7 +56,17 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", choices=DECODE_ATTENTION, help="compiled step's attention")
     ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
                     help="the compiled step's SDPA kernel (the eager reference keeps auto)")  # fmt: skip
+    ap.add_argument("--variant", help="instead of --attention, --sdpa, --graphs: a benchmarks/decode_variants.py "
+                    "variant, e.g. triton:graphs=manual:BLOCK_N=128 (kernel options included)")  # fmt: skip
     args = ap.parse_args()
+    variant = {"attention": args.attention, "sdpa": args.sdpa, "graphs": args.graphs, "kernel_options": None}
+    if args.variant:
+        from decode_variants import parse_variant  # benchmarks/, beside this script
+
+        try:
+            variant = parse_variant(args.variant)
+        except ValueError as err:
+            ap.error(str(err))
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
@@ -73,8 +83,9 @@ def main() -> None:
         model.set_kv_caches(args.batch, cache, length, **knobs)
         eager_tokens, eager_logits, eager_s = greedy(model, prompt, model, args.steps, device)
         skips = counters["inductor"]["cudagraph_skips"]
-        model.set_attention_backend(args.sdpa)
-        decoder = CompiledDecode(model, attention=args.attention, graphs=args.graphs)
+        model.set_attention_backend(variant["sdpa"])
+        decoder = CompiledDecode(model, attention=variant["attention"], kernel_options=variant["kernel_options"],
+                                 graphs=variant["graphs"])  # fmt: skip
         model.set_attention_backend("auto")  # the prefills stay as the eager reference's
         greedy(model, prompt[:, : min(args.ctx, 256)], decoder, 3, device)  # compile, record the graphs
         compiled_tokens, compiled_logits, compiled_s = greedy(model, prompt, decoder, args.steps, device)
@@ -83,8 +94,8 @@ def main() -> None:
         diff = (compiled_logits[:, :agree] - eager_logits[:, :agree]).abs().max().item() if agree else None
         print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
                           "ctx": args.ctx, "batch": args.batch, "cache": cache, **knobs, "mode": decoder.mode,
-                          "dtype": args.dtype, "attention": decoder.attention, "kernel": decoder.kernel,
-                          "graphs": decoder.graphs,
+                          "dtype": args.dtype, "variant": args.variant, "attention": decoder.attention,
+                          "kernel": decoder.kernel, "graphs": decoder.graphs,
                           "steps_agreeing": agree,
                           "of": args.steps, "max_logit_diff": diff,
                           "eager_ms_p50": statistics.median(eager_s) * 1e3,

@@ -9,7 +9,7 @@ A variant is `ATTENTION[:KEY=VALUE]...`: ATTENTION one of sdpa, sdpa_gqa, flex, 
 `static_decode_attention`); keys `sdpa` (the SDPA kernel: auto, flash, efficient, cudnn, math), `graphs` (trees
 or manual, CUDA) and the kernel options BLOCK_N, num_stages, num_warps, SPLIT_KV (flex, triton). Each variant
 starts from the same prefilled caches at position ctx: compile and warm-up (3 steps); its logits at position ctx
-against the eager step's from the same caches (`max_logit_diff`, `same_argmax`); `--steps` steps each
+against the eager step's from the same caches (`max_logit_diff`, `logit_scale`, `same_argmax`); `--steps` steps each
 synchronised (what the harness reports), the same back to back with one synchronisation (the device-bound
 rate), and a few steps under torch.profiler (device time per step, and the share of it in attention kernels).
 A variant that fails to compile or run is a row with its error. Prints one JSON line per variant (mbu as the
@@ -116,6 +116,7 @@ def run_variant(text: str, model: GPT, token: torch.Tensor, args, device: torch.
         rewind(model, args.ctx)
         eager = model(token, input_pos=args.ctx).float()
         row["max_logit_diff"] = (compiled - eager).abs().max().item()
+        row["logit_scale"] = eager.abs().max().item()
         row["same_argmax"] = bool(torch.equal(compiled.argmax(-1), eager.argmax(-1)))
         pos = args.ctx + 1
         synced = []
@@ -179,7 +180,19 @@ def main() -> None:
     ap.add_argument("--variant", action="append", help="repeatable; default: a set for CUDA, or sdpa,sdpa_gqa")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--top", type=int, default=0, help="also list each variant's N slowest kernels")
+    ap.add_argument("--pick", metavar="JSONL", help="only print the fastest agreeing variant of an earlier run's "
+                    "output: as bench.compare_hf arguments (line 1), as bench.run overrides (line 2), and itself "
+                    "(line 3; empty lines if none ran)")  # fmt: skip
     args = ap.parse_args()
+    if args.pick:
+        rows = [json.loads(line) for line in open(args.pick) if line.startswith("{")]
+        best = best_variant(rows)
+        print(
+            "\n".join(
+                [*pick_arguments(parse_variant(best["variant"]) if best else None), best["variant"] if best else ""]
+            )
+        )
+        return
     variants = args.variant or (CUDA_VARIANTS if cuda else ["sdpa", "sdpa_gqa"])
     for text in variants:
         try:
@@ -209,6 +222,25 @@ def main() -> None:
     }  # fmt: skip
     for text in variants:
         print(json.dumps(run_variant(text, model, token, args, device, base)), flush=True)
+
+
+def best_variant(rows: list[dict], tolerance: float = 0.05) -> dict | None:
+    """The fastest variant (synchronised ms/step) whose logits agree with the eager step's to `tolerance` of
+    their scale; None if none ran."""
+    ok = [r for r in rows if r.get("status") == "ok" and r["max_logit_diff"] <= tolerance * r["logit_scale"]]
+    return min(ok, key=lambda r: r["ms_p50"], default=None)
+
+
+def pick_arguments(variant: dict | None) -> list[str]:
+    """[bench.compare_hf arguments, bench.run overrides] that run `variant` (None: the defaults, two empty lines)."""
+    if variant is None:
+        return ["", ""]
+    options = (variant["kernel_options"] or {}).items()
+    cli = [f"--decode-attention {variant['attention']}", f"--sdpa {variant['sdpa']}",
+           f"--cuda-graphs {variant['graphs']}", *(f"--kernel-option {k}={n}" for k, n in options)]  # fmt: skip
+    overrides = [f"decode_attention={variant['attention']}", f"sdpa={variant['sdpa']}",
+                 f"cuda_graphs={variant['graphs']}", *(f"kernel_options.{k}={n}" for k, n in options)]  # fmt: skip
+    return [" ".join(cli), " ".join(overrides)]
 
 
 if __name__ == "__main__":

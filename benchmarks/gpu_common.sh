@@ -4,7 +4,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 MODEL=${MODEL:-llama-3.2-1b}
 mkdir -p "$OUT"
-R=/tmp/kvres
+R=${R:-/tmp/kvres}
 mkdir -p "$R"
 # noise the logs leave out: progress bars, inductor's warnings
 QUIET="it/s\]\|warnings.warn\|UserWarning\|^$\|Online softmax\|split the reduction\|important use case\|^softmax"

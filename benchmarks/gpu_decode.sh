@@ -1,67 +1,57 @@
 #!/usr/bin/env bash
-# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md), an estimated 9-10 minutes
-# on an H200 (not run yet), most important first; results are packed into $OUT after every step, so a run cut short keeps what it did:
-#   1. benchmarks/flex_decode_tune.py: one layer's decode attention through FlexAttention for a grid of kernel
-#      options, against SDPA flash/cudnn; the fastest option set at 32k x 4 is used by the steps below;
-#   2. python -m bench.compare_hf: kvbench (compiled decode, CUDA graphs, flex) against HF transformers StaticCache
-#      + compile, Llama-3.2-1B shape, bf16, ctx 8k batch 1 and ctx 32k batch 4, one process (the 3x must-show);
-#   3. the harness, dense 32k x 4, each job a fresh process (peaks, NVML, mbu): cuda_graphs=trees and manual;
-#   4. benchmarks/profile_decode.py: kernels and host time of the compiled step at 32k x 4;
-#   5. benchmarks/compiled_vs_eager.py with cuda_graphs=manual: the same tokens (float32);
-#   6. the harness at 8k x 1 (trees, manual), dense 32k x 4 with prefill_chunk=1024 (NVML), and last_recent and
-#      int8 at 32k x 4, compiled.
+# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md): about 9 minutes on an H200
+# (an estimate from earlier runs' step and compile times), most important first; results are packed into $OUT after
+# every step, so a run cut short keeps what it did:
+#   1. benchmarks/decode_variants.py: the whole compiled step at 32k x 4 for each attention formulation (flex,
+#      SDPA with cuDNN first, our Triton kernel) and capture (graph trees, manual), in one process: ms/step, mbu,
+#      attention's share of device time, logits against the eager step; the fastest agreeing one is used below;
+#   2. python -m bench.compare_hf: kvbench with that variant against HF transformers StaticCache + compile,
+#      Llama-3.2-1B shape, bf16, ctx 8k batch 1 and ctx 32k batch 4, one process, prefill chunks of 1024 tokens:
+#      speed against HF from the same run, mbu, peak allocated and NVML memory (every must-show but the tokens);
+#   3. benchmarks/compiled_vs_eager.py with that variant: the same greedy tokens (float32, 64 steps);
+#   4. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options;
+#   5. the harness: last_recent and int8 at 32k x 4 with that variant.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH || exit; bash benchmarks/gpu_decode.sh
 source "$(dirname "$0")/gpu_common.sh"
-run_sweep() {  # limit, then bench.run overrides
-  local limit=$1; shift
-  log "python -m bench.run $*"
-  timeout "$limit" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir=$R "$@" -m 2>&1 \
-    | grep -v "$QUIET" | tee -a "$OUT/log.txt"
-  save
-}
+BIG=${BIG:-32k:4}  # CTX:BATCH of the must-shows (a CPU dry run: MODEL=tiny BIG=1k:2 SMALL=512:1)
+SMALL=${SMALL:-8k:1}
+BIG_CTX=${BIG%:*}
+BIG_BATCH=${BIG#*:}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/log.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/log.txt"
 
-log "python benchmarks/flex_decode_tune.py --model $MODEL"
-timeout "${LIMIT_TUNE:-120}" python3 benchmarks/flex_decode_tune.py --model "$MODEL" 2>&1 | grep "^{" \
-  | tee -a "$OUT/log.txt" "$OUT/flex_decode_tune.jsonl"
-# the fastest flex option set at 32k x 4 (none if the default won or nothing ran)
-BEST=$(python3 - "$OUT/flex_decode_tune.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-rows = [r for r in rows if r["ctx"] == 32768 and r["variant"].startswith("flex") and "us" in r]
-best = min(rows, key=lambda r: r["us"], default=None)
-options = (best or {}).get("options") or {}
-print(" ".join(f"{k}={v}" for k, v in options.items()))
-PY
-)
-log "fastest flex options at 32k x 4: ${BEST:-the inductor defaults}"
-HF_OPTS=$(for o in $BEST; do printf -- "--kernel-option %s " "$o"; done)
-RUN_OPTS=$(for o in $BEST; do printf "kernel_options.%s " "$o"; done)
+log "python benchmarks/decode_variants.py --model $MODEL --ctx $BIG_CTX --batch $BIG_BATCH --steps 32 --top 5"
+timeout "${LIMIT_VARIANTS:-200}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$BIG_CTX" --batch "$BIG_BATCH" \
+  --steps 32 --top 5 2>&1 | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_variants.jsonl"
+pick=$(python3 benchmarks/decode_variants.py --pick "$OUT/decode_variants.jsonl")
+HF_ARGS=$(sed -n 1p <<< "$pick")
+RUN_ARGS=$(sed -n 2p <<< "$pick")
+VARIANT=$(sed -n 3p <<< "$pick")
+log "fastest agreeing variant: ${VARIANT:-none ran: the defaults}"
 
-log "python -m bench.compare_hf --model $MODEL --case 8k:1 --case 32k:4 $HF_OPTS"
-timeout "${LIMIT_COMPARE:-240}" python3 -m bench.compare_hf --model "$MODEL" --case 8k:1 --case 32k:4 \
-  --systems kvbench,hf_static_compiled --new-tokens 64 --repeats 2 --results-dir $R $HF_OPTS 2>&1 \
-  | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+log "python -m bench.compare_hf --model $MODEL --case $SMALL --case $BIG --prefill-chunk 1024 $HF_ARGS"
+# shellcheck disable=SC2086
+timeout "${LIMIT_COMPARE:-240}" python3 -m bench.compare_hf --model "$MODEL" --case "$SMALL" --case "$BIG" \
+  --systems kvbench,hf_static_compiled --new-tokens 64 --repeats 2 --prefill-chunk 1024 --results-dir $R $HF_ARGS \
+  2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
 
-# shellcheck disable=SC2086
-run_sweep "${LIMIT_RUN:-100}" ctx=32k batch=4 cache=dense compile=true cuda_graphs=trees,manual $RUN_OPTS
+log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --caches dense --dtype float32 --variant ${VARIANT:-flex}"
+timeout "${LIMIT_CHECK:-70}" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 \
+  --caches dense --dtype float32 --variant "${VARIANT:-flex}" 2>&1 | grep "^{" \
+  | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
 
-log "python benchmarks/profile_decode.py --model $MODEL --ctx 32k --batch 4"
-timeout "${LIMIT_PROFILE:-70}" python3 benchmarks/profile_decode.py --model "$MODEL" --ctx 32k --batch 4 2>&1 \
-  | grep "^{" | tee -a "$OUT/log.txt" "$OUT/profile_decode.jsonl"
+log "python benchmarks/decode_attention_tune.py --case $BIG"
+timeout "${LIMIT_TUNE:-70}" python3 benchmarks/decode_attention_tune.py --model "$MODEL" --case "$BIG" 2>&1 \
+  | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_attention_tune.jsonl"
 
-log "python benchmarks/compiled_vs_eager.py --model $MODEL --ctx 2048 --batch 2 --caches dense --dtype float32 --graphs manual"
-timeout "${LIMIT_CHECK:-60}" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 \
-  --caches dense --dtype float32 --graphs manual 2>&1 | grep "^{" | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
-
+log "python -m bench.run ctx=$BIG_CTX batch=$BIG_BATCH cache=last_recent,dense cache.buffer=float,int8 compile=true $RUN_ARGS"
 # shellcheck disable=SC2086
-run_sweep "${LIMIT_8K:-80}" ctx=8k batch=1 cache=dense compile=true cuda_graphs=trees,manual $RUN_OPTS
-# shellcheck disable=SC2086
-run_sweep "${LIMIT_CHUNK:-50}" ctx=32k batch=4 cache=dense compile=true prefill_chunk=1024 $RUN_OPTS
-# shellcheck disable=SC2086
-run_sweep "${LIMIT_MORE:-150}" ctx=32k batch=4 cache=last_recent,dense cache.buffer=float,int8 compile=true $RUN_OPTS
+timeout "${LIMIT_MORE:-150}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir=$R \
+  ctx="$BIG_CTX" batch="$BIG_BATCH" cache=last_recent,dense cache.buffer=float,int8 compile=true prefill_chunk=1024 $RUN_ARGS -m 2>&1 \
+  | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+save
 log done

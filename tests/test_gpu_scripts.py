@@ -1,0 +1,56 @@
+"""What the one-call GPU script (benchmarks/gpu_decode.sh) relies on, checked on the CPU: the variant it picks from
+benchmarks/decode_variants.py's output, and that the arguments it derives run the same variant through
+bench.compare_hf and resolve to it in bench.run."""
+
+import sys
+
+import pytest
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+
+from bench.run import CONF_DIR
+from bench.spec import resolve
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from decode_variants import best_variant, parse_variant, pick_arguments  # noqa: E402
+
+ROWS = [
+    {"variant": "flex", "status": "ok", "ms_p50": 3.9, "max_logit_diff": 0.01, "logit_scale": 1.0},
+    {"variant": "triton:graphs=manual:BLOCK_N=128", "status": "ok", "ms_p50": 2.5, "max_logit_diff": 0.02,
+     "logit_scale": 1.0},
+    {"variant": "sdpa_gqa:graphs=manual", "status": "ok", "ms_p50": 2.0, "max_logit_diff": 0.5, "logit_scale": 1.0},
+    {"variant": "sdpa", "status": "error", "error": "RuntimeError: no kernel"},
+]  # fmt: skip
+
+
+def test_the_pick_is_the_fastest_variant_whose_logits_agree():
+    assert best_variant(ROWS)["variant"] == "triton:graphs=manual:BLOCK_N=128"  # sdpa_gqa is faster but disagrees
+    assert best_variant(ROWS[3:]) is None
+    assert pick_arguments(None) == ["", ""]
+    with pytest.raises(ValueError, match="'bogus' is not valid; valid: sdpa, sdpa_gqa, flex, triton"):
+        parse_variant("bogus")
+    with pytest.raises(ValueError, match="'graphs=all' is not valid; valid: sdpa=auto"):
+        parse_variant("flex:graphs=all")
+
+
+def test_the_picked_overrides_resolve_to_the_variant():
+    cli, overrides = pick_arguments(parse_variant(best_variant(ROWS)["variant"]))
+    assert cli == "--decode-attention triton --sdpa auto --cuda-graphs manual --kernel-option BLOCK_N=128"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["compile=true", *overrides.split()])
+    spec = resolve(cfg, cuda_available=True)
+    assert (spec.decode_attention, spec.sdpa, spec.cuda_graphs) == ("triton", "auto", "manual")
+    assert spec.kernel_options == {"BLOCK_N": 128}
+
+
+def test_compare_hf_runs_a_picked_variant(tmp_path):
+    """On the CPU with a formulation the CPU compiles (sdpa_gqa, math kernel): the kvbench row says what ran."""
+    from bench import compare_hf, results
+
+    cli, _ = pick_arguments(parse_variant("sdpa_gqa:sdpa=math"))
+    argv = ["--systems", "kvbench", "--case", "512:1", "--compile", "true", "--new-tokens", "4", "--repeats", "1",
+            "--results-dir", str(tmp_path), "--prefill-chunk", "256", *cli.split()]  # fmt: skip
+    assert compare_hf.main(argv) == 0
+    row = results.load(tmp_path / "compare_hf").iloc[0]
+    assert row["status"] == "ok", row.get("error")
+    assert (row["decode_attention"], row["decode_kernel"], row["prefill_chunk"]) == ("sdpa_gqa", "sdpa:math", 256)
