@@ -101,13 +101,16 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def default_splits(batch: int, groups: int, slots: int, block_n: int, device: torch.device) -> int:
-    """Enough programs for about two per SM on CUDA (4 on the CPU, to exercise the merge), and no fewer than
-    two blocks of slots per split."""
+    """About four programs per SM on CUDA (4 splits on the CPU, to exercise the merge), and no fewer than two
+    blocks of slots per split. Why four (a reasoned default, not yet measured against others): a program keeps
+    two K and V tiles in flight (num_stages=3: 32 KB at BLOCK_N=64, head size 64, bf16), and an H100/H200 SM
+    needs roughly 20-30 KB in flight to cover the memory latency at full bandwidth; several programs per SM
+    also even out the ends of their loops. `SPLIT_KV` overrides it."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SM_COUNT:
             _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        wanted = -(-2 * _SM_COUNT[index] // (batch * groups))
+        wanted = -(-4 * _SM_COUNT[index] // (batch * groups))
     else:
         wanted = 4
     return max(1, min(wanted, slots // (2 * block_n)))

@@ -141,3 +141,27 @@ def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel
     assert not [op for op in ops if "scaled_dot_product" in op or op.startswith("aten.clone")]
     assert (logits - expected).abs().max() <= 1e-5
     model.clear_kv_caches()
+
+
+@pytest.mark.parametrize("dtype, block_n, num_warps", [("bf16", 64, 4), ("bf16", 128, 8), ("fp16", 32, 2)])
+def test_the_kernel_compiles_for_sm90_with_pipelined_vector_loads(dtype, block_n, num_warps):
+    """The GPU build, here on the CPU: Triton compiles the kernel for sm_90 (H100/H200) with its bundled ptxas, with
+    the specialisation its launcher applies on a GPU (pointers and strides divisible by 16). K and V must arrive
+    through asynchronous 16-byte copies, several tiles in flight (cp.async, num_stages=3), not as scalar loads:
+    that is what a memory-bound kernel's bandwidth rests on. In a process of its own: this one runs Triton's
+    interpreter (tests/conftest.py), which compiles nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_sm90.py"), dtype, str(block_n), str(num_warps)],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ptx = json.loads(proc.stdout.splitlines()[-1])
+    assert ptx["cp.async.cg.shared.global"] >= 2 and ptx["cp.async.wait_group"] >= 1  # K and V, pipelined
+    assert ptx["mma.sync"] >= 2  # tensor cores for both products
+    assert ptx["ld.global.b16"] == 0  # no element-wise loads of K/V

@@ -1,0 +1,41 @@
+"""Compile our Triton decode kernel (model/triton_decode.py) for sm_90 on any machine, with the specialisation
+Triton's launcher applies on a GPU (pointers and strides divisible by 16), and count PTX instructions of interest.
+
+    python tests/triton_sm90.py bf16 64 4      # dtype, BLOCK_N, num_warps -> one JSON line of counts
+
+Used by tests/test_triton_decode.py in a process of its own (without TRITON_INTERPRET)."""
+
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.triton_decode import _split_kernel  # noqa: E402
+
+COUNTED = ("cp.async.cg.shared.global", "cp.async.wait_group", "mma.sync", "ld.global.b16", "ld.global.v4")
+
+
+def main() -> None:
+    dtype, block_n, num_warps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    names = list(inspect.signature(_split_kernel.fn).parameters)
+    constexprs = {"scale_log2": 0.125 * math.log2(math.e), "G": 8, "QPK": 4, "HS": 64, "SPLITS": 9, "BLOCK_M": 16,
+                  "BLOCK_N": block_n, "IEEE": False}  # fmt: skip
+    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "N_VALID": "*i64", "OUT": "*fp32", "LSE": "*fp32"}
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and n != "N_VALID"}
+    source = ASTSource(fn=_split_kernel, signature=signature, attrs=attrs,
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()})  # fmt: skip
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": 3})  # fmt: skip
+    ptx = compiled.asm["ptx"]
+    print(json.dumps({name: ptx.count(name) for name in COUNTED}))
+
+
+if __name__ == "__main__":
+    main()
