@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8's GPU checks as one script for the lent device (../shared/device/README.md): about 9 minutes on an H200
-# (an estimate from earlier runs' step and compile times), most important first; results are packed into $OUT after
-# every step, so a run cut short keeps what it did:
+# (an estimate from earlier runs' step and compile times), most important first; results are packed into $OUT
+# after every step, so a run cut short keeps what it did:
 #   1. benchmarks/decode_variants.py: the whole compiled step at 32k x 4 for each attention formulation (flex,
 #      SDPA with cuDNN first, our Triton kernel) and capture (graph trees, manual), in one process: ms/step, mbu,
 #      attention's share of device time, logits against the eager step; the fastest agreeing one is used below;
@@ -9,23 +9,26 @@
 #      Llama-3.2-1B shape, bf16, ctx 8k batch 1 and ctx 32k batch 4, one process, prefill chunks of 1024 tokens:
 #      speed against HF from the same run, mbu, peak allocated and NVML memory (every must-show but the tokens);
 #   3. benchmarks/compiled_vs_eager.py with that variant: the same greedy tokens (float32, 64 steps);
-#   4. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options;
-#   5. the harness: last_recent and int8 at 32k x 4 with that variant.
+#   4. benchmarks/decode_variants.py on an int8 buffer: our Triton kernel reading the codes against that variant;
+#   5. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options;
+#   6. the harness: last_recent and int8 at 32k x 4 with that variant.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH || exit; bash benchmarks/gpu_decode.sh
+# A CPU dry run of the whole flow: MODEL=tiny BIG=1k:2 SMALL=512:1 OUT=/tmp/out R=/tmp/res bash benchmarks/gpu_decode.sh
 source "$(dirname "$0")/gpu_common.sh"
-BIG=${BIG:-32k:4}  # CTX:BATCH of the must-shows (a CPU dry run: MODEL=tiny BIG=1k:2 SMALL=512:1)
+BIG=${BIG:-32k:4}  # CTX:BATCH of the must-shows
 SMALL=${SMALL:-8k:1}
-BIG_CTX=${BIG%:*}
-BIG_BATCH=${BIG#*:}
+CTX=${BIG%:*}
+BATCH=${BIG#*:}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/log.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/log.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee -a "$OUT/log.txt"
 
-log "python benchmarks/decode_variants.py --model $MODEL --ctx $BIG_CTX --batch $BIG_BATCH --steps 32 --top 5"
-timeout "${LIMIT_VARIANTS:-200}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$BIG_CTX" --batch "$BIG_BATCH" \
-  --steps 32 --top 5 2>&1 | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_variants.jsonl"
+log "python benchmarks/decode_variants.py --model $MODEL --ctx $CTX --batch $BATCH --steps 32 --top 5"
+timeout "${LIMIT_VARIANTS:-200}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" \
+  --batch "$BATCH" --steps 32 --top 5 2>&1 | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_variants.jsonl"
 pick=$(python3 benchmarks/decode_variants.py --pick "$OUT/decode_variants.jsonl")
 HF_ARGS=$(sed -n 1p <<< "$pick")
 RUN_ARGS=$(sed -n 2p <<< "$pick")
@@ -35,23 +38,28 @@ log "fastest agreeing variant: ${VARIANT:-none ran: the defaults}"
 log "python -m bench.compare_hf --model $MODEL --case $SMALL --case $BIG --prefill-chunk 1024 $HF_ARGS"
 # shellcheck disable=SC2086
 timeout "${LIMIT_COMPARE:-240}" python3 -m bench.compare_hf --model "$MODEL" --case "$SMALL" --case "$BIG" \
-  --systems kvbench,hf_static_compiled --new-tokens 64 --repeats 2 --prefill-chunk 1024 --results-dir $R $HF_ARGS \
-  2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+  --systems kvbench,hf_static_compiled --new-tokens 64 --repeats 2 --prefill-chunk 1024 --results-dir "$R" \
+  $HF_ARGS 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
 
-log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --caches dense --dtype float32 --variant ${VARIANT:-flex}"
+log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --dtype float32 --variant ${VARIANT:-flex}"
 timeout "${LIMIT_CHECK:-70}" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 \
   --caches dense --dtype float32 --variant "${VARIANT:-flex}" 2>&1 | grep "^{" \
   | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
+
+log "python benchmarks/decode_variants.py --buffer int8 --ctx $CTX --batch $BATCH"
+timeout "${LIMIT_INT8:-80}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" --batch "$BATCH" \
+  --buffer int8 --steps 32 --variant triton:graphs=manual --variant "${VARIANT:-flex}" 2>&1 | grep "^{" \
+  | tee -a "$OUT/log.txt" "$OUT/decode_variants_int8.jsonl"
 
 log "python benchmarks/decode_attention_tune.py --case $BIG"
 timeout "${LIMIT_TUNE:-70}" python3 benchmarks/decode_attention_tune.py --model "$MODEL" --case "$BIG" 2>&1 \
   | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_attention_tune.jsonl"
 
-log "python -m bench.run ctx=$BIG_CTX batch=$BIG_BATCH cache=last_recent,dense cache.buffer=float,int8 compile=true $RUN_ARGS"
+log "python -m bench.run ctx=$CTX batch=$BATCH cache=last_recent,dense cache.buffer=float,int8 compile=true $RUN_ARGS"
 # shellcheck disable=SC2086
-timeout "${LIMIT_MORE:-150}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir=$R \
-  ctx="$BIG_CTX" batch="$BIG_BATCH" cache=last_recent,dense cache.buffer=float,int8 compile=true prefill_chunk=1024 $RUN_ARGS -m 2>&1 \
-  | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+timeout "${LIMIT_MORE:-150}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
+  ctx="$CTX" batch="$BATCH" cache=last_recent,dense cache.buffer=float,int8 compile=true prefill_chunk=1024 \
+  $RUN_ARGS -m 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
 log done

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from model.attention import AttentionOptions, static_decode_attention
+
 BUFFERS = ("float", "int8", "int4")
 
 
@@ -85,6 +87,12 @@ class KVBuffer(nn.Module):
         """K and V of slots 0 .. n-1, (B, G, n, hs) in the cache's dtype (views at full precision)."""
         return self.decode({name: getattr(self, name)[:B, :, :n] for name in self.names})
 
+    def attend_all(self, query: Tensor, B: int, n_valid: Tensor, opts: AttentionOptions) -> Tensor:
+        """A fixed-shape decode step's attention (query (B, n_head, 1, hs)) over every slot of the buffer, the
+        first `n_valid` filled (`static_decode_attention`). Returns (B, 1, n_head * hs)."""
+        k, v = self.read(B, getattr(self, self.names[0]).shape[2])  # (B, G, slots, hs)
+        return static_decode_attention(query, k, v, n_valid, opts)
+
 
 class QuantizedKVBuffer(KVBuffer):
     bits: int = 8
@@ -143,6 +151,20 @@ class QuantizedKVBuffer(KVBuffer):
 
     def decode(self, stored: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return tuple(self._dequantize(stored[f"{p}_q"], stored[f"{p}_scale"], stored[f"{p}_zero"]) for p in "kv")
+
+    def attend_all(self, query: Tensor, B: int, n_valid: Tensor, opts: AttentionOptions) -> Tensor:
+        """As KVBuffer's, but with decode_attention=triton the kernel reads the codes, scales and zeros and
+        dequantizes tile by tile (1 byte per value at int8, not the 2 of a dequantized copy written and read
+        again); the other formulations attend a dequantized copy of the whole buffer."""
+        if opts.decode_attention != "triton":
+            return super().attend_all(query, B, n_valid, opts)
+        from model import triton_decode
+
+        stored = {name: getattr(self, name)[:B] for name in self.names}
+        quantized = {"bits": self.bits, "group_size": self.group_size,
+                     **{n: stored[n] for n in ("k_scale", "k_zero", "v_scale", "v_zero")}}  # fmt: skip
+        return triton_decode.decode_attention(query, stored["k_q"], stored["v_q"], n_valid, opts.scale,
+                                              opts.kernel_options, quantized=quantized)  # fmt: skip
 
     def error(self, key: Tensor, value: Tensor) -> Tensor:
         k, v = self.decode(self.encode(key, value))

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams, register
 from caches.buffers import buffer_nbytes, make_buffer
-from model.attention import Visibility, static_decode_attention
+from model.attention import Visibility
 
 
 @register("dense")
@@ -61,8 +61,7 @@ class DenseCache(KVCache):
     def decode_step(self, query: Tensor, key: Tensor, value: Tensor, pos: Tensor) -> Tensor:
         B = key.shape[0]
         self.buf.write_slots(B, pos.view(1), key, value)
-        k, v = self.buf.read(B, self.cache_length)  # (B, G, cache_length, hs)
-        return static_decode_attention(query, k, v, pos + 1, self.attn_opts)  # slot i holds position i
+        return self.buf.attend_all(query, B, pos + 1, self.attn_opts)  # slot i holds position i
 
     def token_positions(self) -> Tensor:
         n = self.next_token_pos or 0

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams, register
 from caches.buffers import buffer_nbytes, make_buffer
-from model.attention import Visibility, static_decode_attention
+from model.attention import Visibility
 
 
 @register("last_recent")
@@ -80,9 +80,8 @@ class LastRecentCache(KVCache):
         slot = torch.where(pos < s, pos, s + (pos - s).remainder(self.window)).view(1)  # (1,)
         self.buf.write_slots(B, slot, key, value)
         self.pos.index_copy_(0, slot, pos.view(1))
-        k, v = self.buf.read(B, self.cache_length)  # (B, G, cache_length, hs)
         filled = torch.clamp(pos + 1, max=self.cache_length)  # filled slots form a prefix of the buffer
-        return static_decode_attention(query, k, v, filled, self.attn_opts)
+        return self.buf.attend_all(query, B, filled, self.attn_opts)
 
     def _chunk(self, query: Tensor, key: Tensor, value: Tensor, p: int) -> Tensor:
         B, _, T, _ = key.shape

@@ -30,12 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "eager")
-DECODE_FORMULATIONS = (
-    "sdpa",
-    "sdpa_gqa",
-    "flex",
-    "triton",
-)  # how a compiled decode step attends (static_decode_attention)
+# how a compiled decode step attends (static_decode_attention)
+DECODE_FORMULATIONS = ("sdpa", "sdpa_gqa", "flex", "triton")
 _SDP = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -67,7 +63,7 @@ class AttentionOptions:
     softcap: float | None = None  # tanh softcapping of the logits (eager path only)
     sliding_window: int | None = None  # model-level window (eager path only)
     block_size: int = 256  # query rows per block in the eager path
-    decode_attention: str = "sdpa"  # the compiled decode step's formulation: sdpa | flex (static_decode_attention)
+    decode_attention: str = "sdpa"  # the compiled decode step's formulation (DECODE_FORMULATIONS)
     kernel_options: dict | None = None  # decode_attention=flex or triton: kernel options (BLOCK_N, num_stages, ...)
 
     def __post_init__(self) -> None:
@@ -370,15 +366,12 @@ def static_decode_attention(
     mask = visible.view(1, 1, 1, -1)  # (1, 1, 1, S)
     with sdpa_kernel(*_decode_kernels(opts.backend)):
         if opts.decode_attention == "sdpa_gqa":
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=opts.scale,
-                                                 enable_gqa=G != H)  # (B, n_head, 1, hs) # fmt: skip
+            # (B, n_head, 1, hs)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=opts.scale, enable_gqa=G != H)
             return out.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, n_head * hs)
-        grouped = query.reshape(
-            B, G, H // G, hs
-        )  # (B, G, q_per_kv, hs): head h is row h % q_per_kv of group h // q_per_kv
-        out = F.scaled_dot_product_attention(
-            grouped, key, value, attn_mask=mask, scale=opts.scale
-        )  # (B, G, q_per_kv, hs)
+        # head h is row h % q_per_kv of group h // q_per_kv
+        grouped = query.reshape(B, G, H // G, hs)  # (B, G, q_per_kv, hs)
+        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=opts.scale)  # (B, G, qpk, hs)
     return out.reshape(B, 1, H * hs)  # (B, 1, n_head * hs), heads in order
 
 
@@ -390,11 +383,11 @@ def _decode_kernels(backend: str) -> tuple[list[SDPBackend], bool]:
     return (_AUTO_PRIORITY, True) if backend == "auto" else ([_SDP[backend]], False)
 
 
-def static_decode_kernel(query: Tensor, key: Tensor, opts: AttentionOptions) -> str:
+def static_decode_kernel(query: Tensor | None, key: Tensor | None, opts: AttentionOptions) -> str:
     """The kernel a static decode step's attention runs for query (B, n_head, 1, hs) and key (B, G, S, hs) (any
     values; only shapes, strides, dtype and device count): "flex", "triton:<launch options>", or "sdpa:<backend>" as
-    PyTorch chooses it under the step's kernel order, which is what the compiled step is traced with. Raises
-    UnsupportedBackend when a forced SDPA kernel cannot run the step."""
+    PyTorch chooses it under the step's kernel order, which is what the compiled step is traced with (query and
+    key may be None for flex and triton). Raises UnsupportedBackend when a forced SDPA kernel cannot run the step."""
     if opts.decode_attention == "triton" and opts.kernel_options:  # its launch options, as resolved
         return "triton:" + ",".join(f"{k}={v}" for k, v in sorted(opts.kernel_options.items()))
     if opts.decode_attention in ("flex", "triton"):

@@ -72,10 +72,9 @@ class CompiledDecode(nn.Module):
     mode; "auto" is "reduce-overhead" (CUDA graphs) on CUDA and the default (no graphs) elsewhere. attention: how
     the step attends its buffer, "flex" (FlexAttention), "sdpa" (masked SDPA, query heads as rows of their KV
     group), "sdpa_gqa" (masked SDPA with enable_gqa) or "triton" (model/triton_decode.py); "auto" is flex on CUDA,
-    sdpa elsewhere. The SDPA forms
-    run the kernel the caches' attention backend names (`model.set_attention_backend`; "auto": flash, cuDNN,
-    mem-efficient, math, the first that can); `kernel` says which. kernel_options: options of the flex or triton
-    kernel (e.g. {"BLOCK_N": 64, "num_stages": 3}).
+    sdpa elsewhere. The SDPA forms run the kernel the caches' attention backend names
+    (`model.set_attention_backend`; "auto": flash, cuDNN, mem-efficient, math, the first that can); `kernel` says
+    which. kernel_options: options of the flex or triton kernel (e.g. {"BLOCK_N": 64, "num_stages": 3}).
     graphs (CUDA): "trees" captures through torch.compile's mode="reduce-overhead"; "manual" compiles without it
     and captures the step in one torch.cuda.CUDAGraph of its own, replayed without dynamo's guards (`_replay`).
     """
@@ -145,6 +144,8 @@ class CompiledDecode(nn.Module):
     def _kernel(model: nn.Module, cache) -> str:
         """What the step's attention runs (static_decode_kernel), asked with a query and key of the step's shapes
         and strides: the float buffer's own K, or for a quantized buffer an empty tensor like the K it decodes."""
+        if cache.attn_opts.decode_attention in ("flex", "triton"):  # no SDPA kernel to choose
+            return static_decode_kernel(None, None, cache.attn_opts)
         c, p = model.config, cache.params
         dtype = model.lm_head.weight.dtype
         query = torch.empty(p.batch_size, c.n_head, 1, c.head_size, dtype=dtype, device=p.device)

@@ -39,19 +39,49 @@ def unavailable_reason(device: torch.device) -> str | None:
 if triton is not None:
 
     @triton.jit
+    def _load_tile(base, scale_base, zero_base, idx, inside, stride_s, stride_qs,
+                   HS: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+        """Rows `idx` of one KV head's K or V, (BLOCK_N, HS) in DTYPE: stored as is (BITS 0), or dequantized from
+        8- or 4-bit codes (4-bit: channel 2i in the low nibble of byte i, 2i + 1 in the high one) as code * scale
+        + zero, per group of GS channels with float16 scale and zero, as caches/buffers.py stores them. Every load
+        is a contiguous row segment (vector loads); nibbles and group scales are spread in registers."""
+        BLOCK_N: tl.constexpr = idx.shape[0]
+        if BITS == 0:
+            dims = tl.arange(0, HS)
+            tile = tl.load(base + idx[:, None] * stride_s + dims[None, :], mask=inside[:, None], other=0.0)
+        else:
+            if BITS == 8:
+                dims = tl.arange(0, HS)
+                code = tl.load(base + idx[:, None] * stride_s + dims[None, :], mask=inside[:, None], other=0)
+            else:
+                half = tl.arange(0, HS // 2)
+                byte = tl.load(base + idx[:, None] * stride_s + half[None, :], mask=inside[:, None], other=0)
+                code = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, HS))  # (BLOCK_N, HS // 2, 2) -> rows
+            groups = tl.arange(0, HS // GS)
+            scale = tl.load(scale_base + idx[:, None] * stride_qs + groups[None, :], mask=inside[:, None], other=0.0)
+            zero = tl.load(zero_base + idx[:, None] * stride_qs + groups[None, :], mask=inside[:, None], other=0.0)
+            grouped = tl.reshape(code.to(tl.float32), (BLOCK_N, HS // GS, GS))  # (BLOCK_N, groups, GS)
+            grouped = grouped * scale.to(tl.float32)[:, :, None] + zero.to(tl.float32)[:, :, None]
+            tile = tl.reshape(grouped, (BLOCK_N, HS))
+        return tile.to(DTYPE)
+
+    @triton.jit
     def _split_kernel(
-        Q, K, V, N_VALID, OUT, LSE,
+        Q, K, V, K_SCALE, K_ZERO, V_SCALE, V_ZERO, N_VALID, OUT, LSE,
         stride_qb, stride_qh,
         stride_kb, stride_kg, stride_ks,
         stride_vb, stride_vg, stride_vs,
+        stride_qsb, stride_qsg, stride_qss,
         stride_ob, stride_og, stride_os, stride_om,
         stride_lb, stride_lg, stride_ls,
         scale_log2: tl.constexpr,
         G: tl.constexpr, QPK: tl.constexpr, HS: tl.constexpr, SPLITS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
     ):  # fmt: skip
         """Program (b * G + g, split): query heads g * QPK .. of sequence b against its share of slots
-        [lo, hi) of KV head g. Writes the normalised partial output (QPK, HS) and its log2-sum-exp (QPK,)."""
+        [lo, hi) of KV head g. Writes the normalised partial output (QPK, HS) and its log2-sum-exp (QPK,).
+        BITS 8 or 4: K and V are codes, with scales and zeros (B, G, S, HS / GS) at K_SCALE .. V_ZERO, which
+        share strides; BITS 0: K and V are the values, and the four scale pointers are not read."""
         bg = tl.program_id(0)
         split = tl.program_id(1)
         b = bg // G
@@ -70,10 +100,12 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HS], tl.float32)
         k_base = K + b * stride_kb + g * stride_kg
         v_base = V + b * stride_vb + g * stride_vg
+        quant = b * stride_qsb + g * stride_qsg  # offset of this KV head's scales and zeros
         for start in range(lo, hi, BLOCK_N):
             idx = start + cols
             inside = idx < hi
-            k = tl.load(k_base + idx[:, None] * stride_ks + dims[None, :], mask=inside[:, None], other=0.0)
+            k = _load_tile(k_base, K_SCALE + quant, K_ZERO + quant, idx, inside, stride_ks, stride_qss,
+                           HS, BITS, GS, Q.dtype.element_ty)  # (BLOCK_N, HS) # fmt: skip
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
             else:
@@ -83,7 +115,8 @@ if triton is not None:
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             s_sum = s_sum * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + idx[:, None] * stride_vs + dims[None, :], mask=inside[:, None], other=0.0)
+            v = _load_tile(v_base, V_SCALE + quant, V_ZERO + quant, idx, inside, stride_vs, stride_qss,
+                           HS, BITS, GS, Q.dtype.element_ty)  # (BLOCK_N, HS) # fmt: skip
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -134,11 +167,12 @@ if triton is not None:
 
     @torch.library.custom_op("kvbench::triton_decode_split", mutates_args=())
     def _split(
-        query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, scale: float, block_n: int, splits: int,
+        query: Tensor, key: Tensor, value: Tensor, k_scale: Tensor, k_zero: Tensor, v_scale: Tensor,
+        v_zero: Tensor, n_valid: Tensor, scale: float, bits: int, group_size: int, block_n: int, splits: int,
         num_warps: int, num_stages: int,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """The split kernel as an opaque op for torch.compile (it reads q, K, V and n_valid, writes only its
-        outputs): (partial outputs (B, G, SPLITS, QPK, hs) float32, their log2-sum-exp (B, G, SPLITS, QPK))."""
+        """The split kernel as an opaque op for torch.compile (it reads its inputs, writes only its outputs):
+        (partial outputs (B, G, SPLITS, QPK, hs) float32, their log2-sum-exp (B, G, SPLITS, QPK))."""
         B, H, _, hs = query.shape
         G = key.shape[1]
         qpk = H // G
@@ -146,21 +180,23 @@ if triton is not None:
         partial = torch.empty(B, G, splits, qpk, hs, dtype=torch.float32, device=query.device)
         lse = torch.empty(B, G, splits, qpk, dtype=torch.float32, device=query.device)
         _split_kernel[(B * G, splits)](
-            q, key, value, n_valid, partial, lse,
+            q, key, value, k_scale, k_zero, v_scale, v_zero, n_valid, partial, lse,
             q.stride(0), q.stride(1),
             key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
+            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
             partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
             lse.stride(0), lse.stride(1), lse.stride(2),
             scale_log2=scale * math.log2(math.e),
             G=G, QPK=qpk, HS=hs, SPLITS=splits,
             BLOCK_M=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n, IEEE=query.dtype == torch.float32,
-            num_warps=num_warps, num_stages=num_stages,
+            BITS=bits, GS=group_size, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         return partial, lse
 
     @_split.register_fake
-    def _(query, key, value, n_valid, scale, block_n, splits, num_warps, num_stages):
+    def _(query, key, value, k_scale, k_zero, v_scale, v_zero, n_valid, scale, bits, group_size, block_n, splits,
+          num_warps, num_stages):  # fmt: skip
         B, H, _, hs = query.shape
         G = key.shape[1]
         partial = query.new_empty(B, G, splits, H // G, hs, dtype=torch.float32)
@@ -169,11 +205,14 @@ if triton is not None:
 
 def decode_attention(
     query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, scale: float | None = None,
-    options: dict | None = None,
+    options: dict | None = None, quantized: dict | None = None,
 ) -> Tensor:  # fmt: skip
     """query (B, n_head, 1, hs); key, value (B, G, S, hs), last dimension contiguous; n_valid a 0-d int64 tensor:
     slots 0 .. n_valid - 1 are attended. Returns (B, 1, n_head * hs), heads in order. options: see
-    `resolve_options` (a compiled step passes them resolved)."""
+    `resolve_options` (a compiled step passes them resolved). quantized: K and V are 8- or 4-bit codes
+    (B, G, S, hs * bits / 8) uint8, dequantized tile by tile inside the kernel (never as a whole buffer), given
+    {"bits", "group_size", "k_scale", "k_zero", "v_scale", "v_zero"} (scales and zeros (B, G, S, hs / group_size)
+    float16, one layout for all four: caches/buffers.py)."""
     B, H, T, hs = query.shape
     G, S = key.shape[1], key.shape[2]
     if T != 1:
@@ -185,8 +224,18 @@ def decode_attention(
     if options is None or set(options) != set(OPTIONS):
         options = resolve_options(B, G, S, query.device, options)
     scale = scale if scale is not None else 1.0 / math.sqrt(hs)
-    partial, lse = _split(query, key, value, n_valid, scale, options["BLOCK_N"], options["SPLIT_KV"],
-                          options["num_warps"], options["num_stages"])  # fmt: skip
+    if quantized is None:
+        bits, group_size, extras = 0, hs, (key, key, key, key)  # the scale pointers go unread
+    else:
+        bits, group_size = quantized["bits"], quantized["group_size"]
+        if bits not in (8, 4) or hs % group_size or group_size & (group_size - 1):
+            raise ValueError(f"quantized K/V need bits 8 or 4 and a power-of-two group size dividing {hs}; got "
+                             f"bits={bits}, group_size={group_size}")  # fmt: skip
+        extras = tuple(quantized[name] for name in ("k_scale", "k_zero", "v_scale", "v_zero"))
+        if len({t.stride() for t in extras}) != 1:
+            raise ValueError("quantized K/V: scales and zeros must share one layout")
+    partial, lse = _split(query, key, value, *extras, n_valid, scale, bits, group_size, options["BLOCK_N"],
+                          options["SPLIT_KV"], options["num_warps"], options["num_stages"])  # fmt: skip
     weights = torch.softmax(lse * math.log(2), dim=2)  # (B, G, SPLITS, QPK): each split's share of the softmax
     out = (partial * weights.unsqueeze(-1)).sum(2)  # (B, G, QPK, hs)
     return out.to(query.dtype).reshape(B, 1, H * hs)  # (B, 1, n_head * hs), head h = g * QPK + row

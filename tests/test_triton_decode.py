@@ -49,6 +49,31 @@ def test_the_kernel_matches_sdpa_over_the_filled_slots(kernel, case):
     assert (out.double() - expected).abs().max() <= tolerance
 
 
+@pytest.mark.parametrize("buffer", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantized_buffers_are_dequantized_in_the_kernel(kernel, buffer, dtype):
+    """K/V as a quantized buffer stores them (codes, float16 scales and zeros per group of channels), read by the
+    kernel tile by tile: the same output as SDPA over the buffer's own dequantized K/V."""
+    from caches.buffers import buffer_class
+
+    B, H, G, S, hs, n_valid = 2, 8, 2, 300, 64, 233
+    gen = torch.Generator().manual_seed(3)
+    buf = buffer_class(buffer)(B, G, S, hs, DEVICE, dtype, group_size=32)
+    buf.write_range(B, 0, *(torch.randn(B, G, S, hs, generator=gen).to(DEVICE, dtype) for _ in range(2)))
+    query = torch.randn(B, H, 1, hs, generator=gen).to(DEVICE, dtype)
+    quantized = {"bits": buf.bits, "group_size": 32, **{n: getattr(buf, n) for n in ("k_scale", "k_zero", "v_scale",
+                                                                                    "v_zero")}}  # fmt: skip
+    out = kernel.decode_attention(query, buf.k_q, buf.v_q, torch.tensor(n_valid, device=DEVICE),
+                                  options={"SPLIT_KV": 3}, quantized=quantized)  # fmt: skip
+    key, value = buf.read(B, n_valid)  # (B, G, n_valid, hs) in dtype, as the eager path reads them
+    expected = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), enable_gqa=True)
+    expected = expected.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, H * hs)
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    assert (out.double() - expected).abs().max() <= tolerance
+    with pytest.raises(ValueError, match="bits 8 or 4 and a power-of-two group size dividing 64; got bits=2"):
+        kernel.decode_attention(query, buf.k_q, buf.v_q, torch.tensor(n_valid), quantized={**quantized, "bits": 2})
+
+
 def test_bad_input_is_refused_with_the_valid_choices(kernel):
     q, kv = torch.zeros(1, 4, 1, 24, device=DEVICE), torch.zeros(1, 2, 64, 24, device=DEVICE)
     with pytest.raises(ValueError, match="power-of-two head size, got 24"):
@@ -64,14 +89,18 @@ STEP_CASES = [  # cache, slots, knobs, kernel options, the launch options the st
     ("dense", 600, {}, None, "BLOCK_N=64,SPLIT_KV=4,num_stages=3,num_warps=4"),  # 4 splits: the CPU's default
     ("last_recent", 48, {"sink_tokens": 4}, {"BLOCK_N": 16, "SPLIT_KV": 3}, "BLOCK_N=16,SPLIT_KV=3,num_stages=3,"
      "num_warps=4"),
+    ("dense", 600, {"buffer": "int8"}, None, "BLOCK_N=64,SPLIT_KV=4,num_stages=3,num_warps=4"),  # codes read
+    ("last_recent", 48, {"buffer": "int4"}, {"BLOCK_N": 16}, "BLOCK_N=16,SPLIT_KV=1,num_stages=3,num_warps=4"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("cache, length, knobs, options, launch", STEP_CASES, ids=["dense", "last_recent"])
+@pytest.mark.parametrize("cache, length, knobs, options, launch", STEP_CASES,
+                         ids=["dense", "last_recent", "dense_int8", "last_recent_int4"])  # fmt: skip
 @torch.inference_mode()
 def test_the_decode_step_through_the_kernel_gives_the_eager_tokens(kernel, cache, length, knobs, options, launch):
     """The fixed-shape step with decode_attention=triton (run eagerly: compiling it needs CUDA) against the eager
-    step, 32 greedy steps; last_recent is past its buffer (eviction, sinks)."""
+    step, 32 greedy steps; last_recent is past its buffer (eviction, sinks); on quantized buffers the kernel reads
+    the codes (the eager step, a dequantized copy)."""
     from model.compiled_decode import CompiledDecode
     from model.gpt import GPT
 
@@ -110,11 +139,13 @@ def test_triton_is_refused_where_it_cannot_run(monkeypatch):
         resolve_decode_attention("triton", "cuda", compiled=True, sdpa="math")
 
 
+@pytest.mark.parametrize("buffer", ["float", "int8"])
 @torch.inference_mode()
-def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel):
+def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel, buffer):
     """What torch.compile gets on CUDA (traced here through AOT, run on the interpreter): one graph, the kernel as
     a custom op that reads K/V and writes only its own outputs (so inductor neither copies K/V nor looks inside),
-    once per layer, and the same logits as the uncompiled step."""
+    once per layer, and the same logits as the uncompiled step. On an int8 buffer the op reads the codes: the
+    graph dequantizes nothing."""
     from torch._dynamo.backends.common import aot_autograd
 
     from model.compiled_decode import CompiledDecode
@@ -128,7 +159,7 @@ def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel
 
     model = GPT.from_name("tiny").to(DEVICE).eval()
     prompt = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(2))
-    model.set_kv_caches(2, "dense", 600)
+    model.set_kv_caches(2, "dense", 600, buffer=buffer)
     token = model(prompt.to(DEVICE), input_pos=0)[:, -1:].argmax(-1)
     decoder = CompiledDecode(model, compile=False, attention="triton")
     decoder.pos.fill_(100)  # the device position, which the int API would set
@@ -136,15 +167,20 @@ def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel
     decoder.pos.fill_(100)
     torch._dynamo.reset()
     logits = torch.compile(decoder._forward, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(token)
-    ops = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    nodes = [n for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    ops = [str(n.target) for n in nodes]
     assert ops.count("kvbench.triton_decode_split.default") == model.config.n_layer
     assert not [op for op in ops if "scaled_dot_product" in op or op.startswith("aten.clone")]
+    kernel_inputs = {n.args[1].meta["val"].dtype for n in nodes if str(n.target).startswith("kvbench.")}
+    assert kernel_inputs == {torch.uint8 if buffer == "int8" else torch.float32}
     assert (logits - expected).abs().max() <= 1e-5
     model.clear_kv_caches()
 
 
-@pytest.mark.parametrize("dtype, block_n, num_warps", [("bf16", 64, 4), ("bf16", 128, 8), ("fp16", 32, 2)])
-def test_the_kernel_compiles_for_sm90_with_pipelined_vector_loads(dtype, block_n, num_warps):
+@pytest.mark.parametrize("dtype, block_n, num_warps, bits", [("bf16", 64, 4, 0), ("bf16", 128, 8, 0),
+                                                             ("fp16", 32, 2, 0), ("bf16", 64, 4, 8),
+                                                             ("bf16", 64, 4, 4)])  # fmt: skip
+def test_the_kernel_compiles_for_sm90_with_pipelined_vector_loads(dtype, block_n, num_warps, bits):
     """The GPU build, here on the CPU: Triton compiles the kernel for sm_90 (H100/H200) with its bundled ptxas, with
     the specialisation its launcher applies on a GPU (pointers and strides divisible by 16). K and V must arrive
     through asynchronous 16-byte copies, several tiles in flight (cp.async, num_stages=3), not as scalar loads:
@@ -158,10 +194,11 @@ def test_the_kernel_compiles_for_sm90_with_pipelined_vector_loads(dtype, block_n
     from conftest import ROOT
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_sm90.py"), dtype, str(block_n), str(num_warps)],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    script = [sys.executable, str(ROOT / "tests" / "triton_sm90.py"), dtype, str(block_n), str(num_warps), str(bits)]
+    proc = subprocess.run(script, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ptx = json.loads(proc.stdout.splitlines()[-1])
     assert ptx["cp.async.cg.shared.global"] >= 2 and ptx["cp.async.wait_group"] >= 1  # K and V, pipelined
     assert ptx["mma.sync"] >= 2  # tensor cores for both products
-    assert ptx["ld.global.b16"] == 0  # no element-wise loads of K/V
+    # no element-wise loads of K/V (the quantized ones: each row's float16 scale and zero per group, K and V)
+    assert ptx["ld.global.b16"] == (0 if bits == 0 else 4)

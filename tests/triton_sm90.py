@@ -1,7 +1,7 @@
 """Compile our Triton decode kernel (model/triton_decode.py) for sm_90 on any machine, with the specialisation
 Triton's launcher applies on a GPU (pointers and strides divisible by 16), and count PTX instructions of interest.
 
-    python tests/triton_sm90.py bf16 64 4      # dtype, BLOCK_N, num_warps -> one JSON line of counts
+    python tests/triton_sm90.py bf16 64 4 0    # dtype, BLOCK_N, num_warps, bits (0: float K/V) -> a JSON line
 
 Used by tests/test_triton_decode.py in a process of its own (without TRITON_INTERPRET)."""
 
@@ -22,11 +22,13 @@ COUNTED = ("cp.async.cg.shared.global", "cp.async.wait_group", "mma.sync", "ld.g
 
 
 def main() -> None:
-    dtype, block_n, num_warps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    dtype, block_n, num_warps, bits = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     names = list(inspect.signature(_split_kernel.fn).parameters)
     constexprs = {"scale_log2": 0.125 * math.log2(math.e), "G": 8, "QPK": 4, "HS": 64, "SPLITS": 9, "BLOCK_M": 16,
-                  "BLOCK_N": block_n, "IEEE": False}  # fmt: skip
-    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "N_VALID": "*i64", "OUT": "*fp32", "LSE": "*fp32"}
+                  "BLOCK_N": block_n, "IEEE": False, "BITS": bits, "GS": 32}  # fmt: skip
+    kv = f"*{dtype}" if bits == 0 else "*u8"
+    pointers = {"Q": f"*{dtype}", "K": kv, "V": kv, "N_VALID": "*i64", "OUT": "*fp32", "LSE": "*fp32",
+                **{name: "*fp16" for name in ("K_SCALE", "K_ZERO", "V_SCALE", "V_ZERO")}}  # fmt: skip
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and n != "N_VALID"}
     source = ASTSource(fn=_split_kernel, signature=signature, attrs=attrs,
