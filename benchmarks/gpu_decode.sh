@@ -22,7 +22,7 @@ BIG=${BIG:-32k:4}  # CTX:BATCH of the must-shows
 SMALL=${SMALL:-8k:1}
 CTX=${BIG%:*}
 BATCH=${BIG#*:}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/log.txt"
+machine
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/log.txt"
 

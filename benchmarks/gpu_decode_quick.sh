@@ -11,7 +11,7 @@
 source "$(dirname "$0")/gpu_common.sh"
 BIG=${BIG:-32k:4}  # CTX:BATCH (a CPU dry run: MODEL=tiny BIG=1k:2 VARIANTS="--variant sdpa --variant sdpa_gqa")
 VARIANTS=${VARIANTS:---variant flex:graphs=manual --variant sdpa_gqa:graphs=manual --variant triton:graphs=manual}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/log.txt"
+machine
 
 log "python benchmarks/decode_variants.py --ctx ${BIG%:*} --batch ${BIG#*:} $VARIANTS"
 # shellcheck disable=SC2086
