@@ -26,7 +26,7 @@ import statistics
 import time
 
 import torch
-from profile_decode import kernel_table  # benchmarks/, beside this script
+from profile_decode import kernel_table, random_model, time_steps  # benchmarks/, beside this script
 from torch.profiler import ProfilerActivity, profile
 
 from bench.job import _prefill
@@ -34,7 +34,7 @@ from bench.measure import measured_bandwidth, sync
 from bench.spec import DTYPES, KernelOptions, parse_ctx
 from model.attention import BACKENDS, DECODE_FORMULATIONS
 from model.compiled_decode import CUDA_GRAPHS, CompiledDecode
-from model.config import CONFIGS, Config
+from model.config import CONFIGS
 from model.gpt import GPT
 
 CUDA_VARIANTS = [
@@ -118,21 +118,8 @@ def run_variant(text: str, model: GPT, token: torch.Tensor, args, device: torch.
         row["max_logit_diff"] = (compiled - eager).abs().max().item()
         row["logit_scale"] = eager.abs().max().item()
         row["same_argmax"] = bool(torch.equal(compiled.argmax(-1), eager.argmax(-1)))
-        pos = args.ctx + 1
-        synced = []
-        for _ in range(args.steps):
-            sync(device)
-            t = time.perf_counter()
-            token = decoder(token, input_pos=pos)[:, -1:].argmax(-1)
-            pos += 1
-            sync(device)
-            synced.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            token = decoder(token, input_pos=pos)[:, -1:].argmax(-1)
-            pos += 1
-        sync(device)
-        row["back_to_back_ms"] = (time.perf_counter() - t) / args.steps * 1e3
+        token, pos, synced, back_to_back = time_steps(decoder, token, args.ctx + 1, args.steps, device)
+        row["back_to_back_ms"] = back_to_back * 1e3
         profiled = 8
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
@@ -201,12 +188,8 @@ def main() -> None:
             ap.error(str(err))
     device = torch.device("cuda" if cuda else "cpu")
     dtype = DTYPES[args.dtype]
-    cfg = Config.from_name(args.model)
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = GPT(cfg).eval().requires_grad_(False)
-    torch.set_default_dtype(torch.float32)
+    model = random_model(args.model, dtype, device)
+    cfg = model.config
     room = 3 + 2 * args.steps + 8  # the positions each variant decodes
     length = args.ctx + room if args.cache == "dense" else args.ctx // 4
     model.set_kv_caches(args.batch, args.cache, length, buffer=args.buffer)

@@ -46,6 +46,37 @@ def kernel_table(prof, device: torch.device, steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
+def random_model(name: str, dtype: torch.dtype, device: torch.device) -> GPT:
+    """Random weights of a named shape, built in `dtype` on `device` (seed 0)."""
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return GPT(Config.from_name(name)).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def time_steps(decoder, token: torch.Tensor, pos: int, steps: int, device: torch.device):
+    """`steps` decode steps each synchronised (what the harness reports), then `steps` back to back with one
+    synchronisation (the device-bound rate). Returns (token, next position, seconds of each synchronised step,
+    seconds per back-to-back step)."""
+    synced = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        token = decoder(token, input_pos=pos)[:, -1:].argmax(-1)  # (B, 1)
+        pos += 1
+        sync(device)
+        synced.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(steps):
+        token = decoder(token, input_pos=pos)[:, -1:].argmax(-1)
+        pos += 1
+    sync(device)
+    return token, pos, synced, (time.perf_counter() - t) / steps
+
+
 @torch.inference_mode()
 def main() -> None:
     cuda = torch.cuda.is_available()
@@ -64,12 +95,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = DTYPES[args.dtype]
-    cfg = Config.from_name(args.model)
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = GPT(cfg).eval().requires_grad_(False)
-    torch.set_default_dtype(torch.float32)
+    model = random_model(args.model, dtype, device)
+    cfg = model.config
     length = args.ctx + 3 * args.steps + 16
     model.set_kv_caches(args.batch, args.cache, length if args.cache == "dense" else args.ctx // 4)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.ctx), device=device)  # (B, ctx)
@@ -84,21 +111,7 @@ def main() -> None:
     sync(device)
     compile_s = time.perf_counter() - t0
 
-    synced = []
-    for _ in range(args.steps):
-        sync(device)
-        t = time.perf_counter()
-        token = decoder(token, input_pos=pos)[:, -1:].argmax(-1)
-        pos += 1
-        sync(device)
-        synced.append(time.perf_counter() - t)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        token = decoder(token, input_pos=pos)[:, -1:].argmax(-1)
-        pos += 1
-    sync(device)
-    back_to_back = (time.perf_counter() - t) / args.steps
+    token, pos, synced, back_to_back = time_steps(decoder, token, pos, args.steps, device)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     profiled = args.steps // 4

@@ -6,6 +6,7 @@ eagerly, and compiled with CUDA graphs on the GPU machine (benchmarks/gpu_decode
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from traced import call_targets, traced_step
 
 from model.attention import UnsupportedBackend
 from model.compiled_decode import CompiledDecode, compiled_decode_caches
@@ -167,20 +168,9 @@ def test_what_compiled_decode_refuses(model):
 def test_the_flex_step_graph_builds_its_block_mask_for_the_forward_pass_only(model, prompt):
     """What inductor gets on CUDA (traced here through AOT without compiling): one flex attention per layer, and
     none of the block-list transpose a backward pass would need (a scatter, a sum and a sort per layer)."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     model.set_kv_caches(BATCH, "dense", PROMPT + 8)
     token = model(prompt, input_pos=0)[:, -1:].argmax(-1)
-    decoder = CompiledDecode(model, compile=False, attention="flex")
-    torch._dynamo.reset()
-    torch.compile(decoder._forward, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(token)
-    ops = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    ops = call_targets(traced_step(CompiledDecode(model, compile=False, attention="flex"), token)[0])
     assert ops.count("flex_attention") == model.config.n_layer
     assert not [op for op in ops if op.startswith(("aten.sort", "aten.index_put"))]
     model.clear_kv_caches()
@@ -195,22 +185,12 @@ def test_the_flex_step_graph_builds_its_block_mask_for_the_forward_pass_only(mod
 def test_the_sdpa_kernel_named_is_the_one_traced_into_the_step(model, prompt, attention, backend, kernel, traced):
     """`kernel` reports what the step's SDPA runs, and the traced graph (what inductor compiles) has that kernel in
     every layer: the kernel order is applied inside the step, not only around the eager call."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     model.set_kv_caches(BATCH, "dense", PROMPT + 8)
     token = model(prompt, input_pos=0)[:, -1:].argmax(-1)
     model.set_attention_backend(backend)
     decoder = CompiledDecode(model, compile=False, attention=attention)
     assert decoder.kernel == kernel
-    torch._dynamo.reset()
-    torch.compile(decoder._forward, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(token)
-    ops = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    ops = call_targets(traced_step(decoder, token)[0])
     sdpa_ops = [op for op in ops if "scaled_dot_product" in op]
     if traced == "aten.bmm":  # the math path: two batched matmuls per layer, no fused kernel
         assert not sdpa_ops and ops.count("aten.bmm.default") == 2 * model.config.n_layer

@@ -146,16 +146,10 @@ def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel
     a custom op that reads K/V and writes only its own outputs (so inductor neither copies K/V nor looks inside),
     once per layer, and the same logits as the uncompiled step. On an int8 buffer the op reads the codes: the
     graph dequantizes nothing."""
-    from torch._dynamo.backends.common import aot_autograd
+    from traced import call_targets, traced_step
 
     from model.compiled_decode import CompiledDecode
     from model.gpt import GPT
-
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
 
     model = GPT.from_name("tiny").to(DEVICE).eval()
     prompt = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(2))
@@ -165,10 +159,9 @@ def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel
     decoder.pos.fill_(100)  # the device position, which the int API would set
     expected = decoder._step(token)
     decoder.pos.fill_(100)
-    torch._dynamo.reset()
-    logits = torch.compile(decoder._forward, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(token)
-    nodes = [n for n in graphs[-1].graph.nodes if n.op == "call_function"]
-    ops = [str(n.target) for n in nodes]
+    graph, logits = traced_step(decoder, token)
+    ops = call_targets(graph)
+    nodes = [n for n in graph.graph.nodes if n.op == "call_function"]
     assert ops.count("kvbench.triton_decode_split.default") == model.config.n_layer
     assert not [op for op in ops if "scaled_dot_product" in op or op.startswith("aten.clone")]
     kernel_inputs = {n.args[1].meta["val"].dtype for n in nodes if str(n.target).startswith("kvbench.")}
