@@ -11,7 +11,8 @@
 #   3. benchmarks/compiled_vs_eager.py with that variant: the same greedy tokens (float32, 64 steps);
 #   4. benchmarks/decode_variants.py on an int8 buffer: our Triton kernel reading the codes against that variant;
 #   5. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options;
-#   6. the harness: last_recent and int8 at 32k x 4 with that variant.
+#   6. benchmarks/decode_gemm_layout.py: the step's weight products alone, (in, out) as stored against (out, in);
+#   7. the harness: last_recent and int8 at 32k x 4 with that variant.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -55,6 +56,10 @@ timeout "${LIMIT_INT8:-80}" python3 benchmarks/decode_variants.py --model "$MODE
 log "python benchmarks/decode_attention_tune.py --case $BIG"
 timeout "${LIMIT_TUNE:-70}" python3 benchmarks/decode_attention_tune.py --model "$MODEL" --case "$BIG" 2>&1 \
   | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_attention_tune.jsonl"
+
+log "python benchmarks/decode_gemm_layout.py --model $MODEL"
+timeout "${LIMIT_GEMM:-45}" python3 benchmarks/decode_gemm_layout.py --model "$MODEL" 2>&1 | grep "^{" \
+  | tee -a "$OUT/log.txt" "$OUT/decode_gemm_layout.jsonl"
 
 log "python -m bench.run ctx=$CTX batch=$BATCH cache=last_recent,dense cache.buffer=float,int8 compile=true $RUN_ARGS"
 # shellcheck disable=SC2086
