@@ -37,14 +37,14 @@ from model.compiled_decode import CUDA_GRAPHS, CompiledDecode
 from model.config import CONFIGS
 from model.gpt import GPT
 
-CUDA_VARIANTS = [
+CUDA_VARIANTS = [  # graph trees for flex and triton too, in case manual capture fails
     "flex",
     "flex:graphs=manual",
     "sdpa_gqa:graphs=manual",
     "sdpa:graphs=manual",
+    "triton",
     "triton:graphs=manual",
     "triton:graphs=manual:BLOCK_N=128:num_warps=8",
-    "flex:graphs=manual:num_stages=3",
 ]
 # kernel names that hold attention: flex (inductor's templates are "triton_tem_..."), SDPA's kernels, the softmax
 ATTENTION_KERNELS = ("flex", "tem_", "attention", "fmha", "flash", "cudnn", "sdpa", "softmax")
