@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda-graphs", default="trees", choices=CUDA_GRAPHS,
                     help="CUDA: kvbench's compiled step captured by torch.compile's graph trees or by us")  # fmt: skip
     ap.add_argument("--kernel-option", action="append", metavar="KEY=N",
-                    help="kvbench's flex decoding kernel option, repeatable (e.g. num_stages=3)")  # fmt: skip
+                    help="kvbench's flex or triton decode kernel option, repeatable (e.g. num_stages=3)")  # fmt: skip
     ap.add_argument("--expandable-segments", default="true", choices=["true", "false"],
                     help="CUDA: the caching allocator's expandable segments, for every system of the run")  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=64)

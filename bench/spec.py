@@ -87,9 +87,7 @@ class BenchConfig:
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)
     compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: on CUDA if it can
     expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
-    decode_attention: str = (
-        "auto"  # auto | flex | sdpa | sdpa_gqa: how the compiled decode step attends (auto: flex on CUDA)
-    )
+    decode_attention: str = "auto"  # auto | sdpa | sdpa_gqa | flex | triton: the compiled step's attention
     kernel_options: KernelOptions = field(default_factory=KernelOptions)  # decode_attention=flex|triton: options
     cuda_graphs: str = "trees"  # trees | manual: how the compiled decode step is captured on CUDA
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -119,9 +117,7 @@ class JobSpec:
     inject: str
     compile: bool  # decode through model/compiled_decode.py
     expandable_segments: bool  # CUDA allocator with expandable segments (always False on CPU)
-    decode_attention: str | None = (
-        None  # compiled decode step's attention: flex | sdpa | sdpa_gqa (None: compile=false)
-    )
+    decode_attention: str | None = None  # the compiled decode step's attention (None: compile=false)
     kernel_options: dict | None = None  # flex or triton kernel options (None: the kernel's defaults)
     cuda_graphs: str | None = None  # trees | manual on CUDA with compile (None: no CUDA graphs)
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
