@@ -164,8 +164,15 @@ def resolve_options(batch: int, groups: int, slots: int, device: torch.device, o
 
 
 if triton is not None:
-
-    @torch.library.custom_op("kvbench::triton_decode_split", mutates_args=())
+    # The schema spelled out: no inference from annotations (which this module's `from __future__ import
+    # annotations` turns into strings, and which older torch versions did not resolve).
+    @torch.library.custom_op(
+        "kvbench::triton_decode_split",
+        mutates_args=(),
+        schema="(Tensor query, Tensor key, Tensor value, Tensor k_scale, Tensor k_zero, Tensor v_scale, "
+        "Tensor v_zero, Tensor n_valid, float scale, int bits, int group_size, int block_n, int splits, "
+        "int num_warps, int num_stages) -> (Tensor, Tensor)",
+    )
     def _split(
         query: Tensor, key: Tensor, value: Tensor, k_scale: Tensor, k_zero: Tensor, v_scale: Tensor,
         v_zero: Tensor, n_valid: Tensor, scale: float, bits: int, group_size: int, block_n: int, splits: int,
