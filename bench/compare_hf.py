@@ -17,9 +17,11 @@ tokens per sequence, one call with logits for the last position only; `--new-tok
 timed after a device synchronisation). HF's models get their own random weights (timings and memory do not
 depend on the values). transformers is an optional dependency (`pip install -e ".[dev]"`).
 
-Memory: on CUDA each system's allocated peak is its own (the allocator's peak is reset, and its cache emptied,
-between systems). On the CPU the figure is the process's peak RSS, and a later system's includes whatever the
-process kept resident from the earlier ones: compare CPU memory with `python -m bench.run` (a process per job).
+Memory: on CUDA each system's allocated peak is its own: between systems the compiled code is dropped (its guards
+and CUDA graphs can keep a model alive), the allocator's cache emptied and its peak reset, and `alloc_before_bytes`
+records what was still allocated when a system started (0 unless something leaked). On the CPU the figure is the
+process's peak RSS, and a later system's includes whatever the process kept resident from the earlier ones:
+compare CPU memory with `python -m bench.run` (a process per job).
 """
 
 from __future__ import annotations
@@ -288,6 +290,18 @@ def run_kvbench(args, model: str, ctx: int, batch: int) -> dict:
     return row
 
 
+def clear_previous_system(device: torch.device) -> int | None:
+    """Drop what an earlier system left: compiled code (whose guards and CUDA graphs can hold its model alive),
+    then the allocator's cache. Returns the bytes still allocated (CUDA), which the next system's allocated peak
+    includes: 0 unless something leaked."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated(device)
+
+
 def parse_case(text: str) -> tuple[int, int]:
     from bench.spec import parse_ctx
 
@@ -436,10 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     for ctx, batch in cases:
         for system in systems:
             print(f"== {system} {args.model} ctx={ctx} batch={batch} {args.dtype} {device.type}", flush=True)
+            left = clear_previous_system(device)
             if system == "kvbench":
                 row = run_kvbench(args, args.model, ctx, batch)
             else:
                 row = run_hf(system, args, cfg, ctx, batch, device, dtype)
+            row["alloc_before_bytes"] = left
             results.write_row(sweep_dir, row)
             ran.append(row["config_hash"])
             detail = row.get("error") or f"{row.get('decode_ms_p50', float('nan')):.2f} ms/step"

@@ -72,6 +72,7 @@ EXTRA: dict[str, str] = {
     "alloc_conf": "string",  # CUDA: the allocator options the job asked for (PYTORCH_CUDA_ALLOC_CONF syntax)
     "expandable_segments": "boolean",  # CUDA: the allocator's segments were expandable (seen in its snapshot)
     "system": "string",  # bench.compare_hf: kvbench | hf_static_compiled | hf_static | hf_dynamic
+    "alloc_before_bytes": "Int64",  # bench.compare_hf, CUDA: bytes still allocated when the system started (0)
     "transformers_version": "string",
     "eval": "string",  # quality evaluations run: fidelity+passkey+ppl
     "eval_question": "string",  # passkey: in_prefill | after_prefill
