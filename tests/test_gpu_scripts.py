@@ -54,3 +54,34 @@ def test_compare_hf_runs_a_picked_variant(tmp_path):
     row = results.load(tmp_path / "compare_hf").iloc[0]
     assert row["status"] == "ok", row.get("error")
     assert (row["decode_attention"], row["decode_kernel"], row["prefill_chunk"]) == ("sdpa_gqa", "sdpa:math", 256)
+
+
+@pytest.mark.parametrize("script", ["gpu_decode.sh", "gpu_decode_quick.sh", "gpu_harness.sh", "gpu_nvml_overhead.sh"])
+def test_the_gpu_scripts_parse(script):
+    """A syntax error would cost a whole device session: bash reads each script without running it."""
+    import subprocess
+
+    proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_the_quick_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """benchmarks/gpu_decode_quick.sh with a tiny model and context, and the formulations the CPU compiles: the
+    variants, the pick, compare_hf with it and the token check all run and leave their files in $OUT."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "MODEL": "tiny", "BIG": "512:2", "VARIANTS": "--variant sdpa --variant sdpa_gqa:sdpa=math",
+           "OUT": str(tmp_path / "out"), "R": str(tmp_path / "results")}  # fmt: skip
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_decode_quick.sh")], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "fastest agreeing variant: sdpa" in log and log.rstrip().endswith("done"), log[-2000:]
+    variants = (tmp_path / "out" / "decode_variants.jsonl").read_text().splitlines()
+    assert len(variants) == 2 and all('"status": "ok"' in line for line in variants)
+    tokens = (tmp_path / "out" / "compiled_vs_eager.jsonl").read_text()
+    assert '"steps_agreeing": 64, "of": 64' in tokens
+    assert (tmp_path / "out" / "results.tar.gz").stat().st_size > 0
