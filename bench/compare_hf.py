@@ -271,6 +271,7 @@ def kvbench_spec(args, model: str, ctx: int, batch: int):
         f"decode_attention={args.decode_attention}",
         f"sdpa={args.sdpa}",
         f"prefill_chunk={args.prefill_chunk}",
+        f"weight_layout={args.weight_layout}",
         *(f"kernel_options.{option}" for option in args.kernel_option or []),
         f"cuda_graphs={args.cuda_graphs}",
         f"nvml_period_ms={args.nvml_period_ms}",
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.attention import BACKENDS
     from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION
     from model.config import CONFIGS, Config
+    from model.gpt import WEIGHT_LAYOUTS
 
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="python -m bench.compare_hf", description=__doc__.splitlines()[0])
@@ -390,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sdpa", default="auto", choices=[b for b in BACKENDS if b != "eager"],
                     help="kvbench's SDPA kernel (prefill, and the compiled step's sdpa forms)")  # fmt: skip
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="kvbench's prefill chunk (tokens)")
+    ap.add_argument("--weight-layout", default="in_out", choices=WEIGHT_LAYOUTS,
+                    help="kvbench's weight storage: in_out (x @ W) or out_in (F.linear)")  # fmt: skip
     ap.add_argument("--cuda-graphs", default="trees", choices=CUDA_GRAPHS,
                     help="CUDA: kvbench's compiled step captured by torch.compile's graph trees or by us")  # fmt: skip
     ap.add_argument("--kernel-option", action="append", metavar="KEY=N",

@@ -156,6 +156,8 @@ def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> 
         nvml_baseline = nvml_sampler.device_used(row["nvml_index"])  # the level before the run
     torch.manual_seed(spec.seed)
     model, tokenizer = build_model(spec, device)
+    model.set_weight_layout(spec.weight_layout)
+    row["weight_layout"] = spec.weight_layout
     cfg = model.config
     itemsize = torch.empty((), dtype=spec.torch_dtype).element_size()
     row["n_params"] = sum(p.numel() for p in model.parameters())

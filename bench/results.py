@@ -64,6 +64,7 @@ EXTRA: dict[str, str] = {
     "compile_mode": "string",  # torch.compile mode: reduce-overhead (CUDA graphs) | default
     "decode_attention": "string",  # compiled decode step's attention: sdpa | sdpa_gqa (masked SDPA) | flex | triton
     "decode_kernel": "string",  # what it runs: flex, triton, or sdpa:<backend> as PyTorch chose it for the step
+    "weight_layout": "string",  # in_out (x @ W) | out_in (F.linear): how the Linear weights were stored
     "cuda_graphs": "string",  # compiled decode on CUDA: trees (torch.compile reduce-overhead) | manual (our graph)
     "kernel_options": "string",  # decode_attention=flex|triton: kernel options asked for, e.g. BLOCK_N=64,num_stages=3
     "warmup_released_bytes": "Int64",  # CUDA: cached allocator memory handed back after the warm-up (measure.py)

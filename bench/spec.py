@@ -15,6 +15,7 @@ from caches import KVCacheParams, cache_class, cache_names
 from model.attention import BACKENDS
 from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, resolve_decode_attention
 from model.config import CONFIGS
+from model.gpt import WEIGHT_LAYOUTS
 from model.load import PRETRAINED
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -90,6 +91,7 @@ class BenchConfig:
     decode_attention: str = "auto"  # auto | sdpa | sdpa_gqa | flex | triton: the compiled step's attention
     kernel_options: KernelOptions = field(default_factory=KernelOptions)  # decode_attention=flex|triton: options
     cuda_graphs: str = "trees"  # trees | manual: how the compiled decode step is captured on CUDA
+    weight_layout: str = "in_out"  # in_out (x @ W) | out_in (F.linear): how every Linear stores its weight
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -120,6 +122,7 @@ class JobSpec:
     decode_attention: str | None = None  # the compiled decode step's attention (None: compile=false)
     kernel_options: dict | None = None  # flex or triton kernel options (None: the kernel's defaults)
     cuda_graphs: str | None = None  # trees | manual on CUDA with compile (None: no CUDA graphs)
+    weight_layout: str = "in_out"  # model/gpt.py, Linear.set_layout
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
 
@@ -137,6 +140,8 @@ class JobSpec:
             del identity["kernel_options"]
         if self.cuda_graphs in (None, "trees"):
             del identity["cuda_graphs"]
+        if self.weight_layout == "in_out":  # the storage every job had before the knob
+            del identity["weight_layout"]
         return identity
 
     @property
@@ -248,6 +253,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     if cuda_graphs == "manual" and not (compile_ and device == "cuda"):
         raise ConfigError("cuda_graphs=manual captures the compiled decode step on CUDA; it needs compile=true and "
                           "device=cuda (valid choices here: trees)")  # fmt: skip
+    weight_layout = _choice("weight_layout", str(get("weight_layout", "in_out")).strip().lower(), WEIGHT_LAYOUTS)
     expandable = get("expandable_segments", True)
     if not isinstance(expandable, bool):
         raise ConfigError(f"expandable_segments={expandable!r} is not valid; valid choices: true, false")
@@ -259,7 +265,8 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         warmup=bool(get("warmup")), threads=threads, track_tensors=bool(get("track_tensors")),
         nvml_period_ms=float(get("nvml_period_ms")), inject=inject, compile=compile_,
         expandable_segments=expandable and device == "cuda", decode_attention=decode_attention,
-        kernel_options=kernel_options, cuda_graphs=cuda_graphs if compile_ and device == "cuda" else None, evals=evals,
+        kernel_options=kernel_options, cuda_graphs=cuda_graphs if compile_ and device == "cuda" else None,
+        weight_layout=weight_layout, evals=evals,
         eval_knobs=eval_knobs,
     )  # fmt: skip
 

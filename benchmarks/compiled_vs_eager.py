@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 from bench.measure import sync
 from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, CompiledDecode
 from model.config import Config
-from model.gpt import GPT
+from model.gpt import GPT, WEIGHT_LAYOUTS
 
 
 @torch.inference_mode()
@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", choices=DECODE_ATTENTION, help="compiled step's attention")
     ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
                     help="the compiled step's SDPA kernel (the eager reference keeps auto)")  # fmt: skip
+    ap.add_argument(
+        "--weight-layout", default="in_out", choices=WEIGHT_LAYOUTS, help="how the Linear weights are stored"
+    )
     ap.add_argument("--variant", help="instead of --attention, --sdpa, --graphs: a benchmarks/decode_variants.py "
                     "variant, e.g. triton:graphs=manual:BLOCK_N=128 (kernel options included)")  # fmt: skip
     args = ap.parse_args()
@@ -73,6 +76,7 @@ def main() -> None:
     with torch.device(device):
         model = GPT(Config.from_name(args.model)).eval().requires_grad_(False)
     torch.set_default_dtype(torch.float32)
+    model.set_weight_layout(args.weight_layout)  # both paths: the tokens compare the decode steps, not layouts
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.ctx), generator=gen).to(device)
     cases = {"dense": ("dense", args.ctx + args.steps + 8, {}),
@@ -94,7 +98,8 @@ def main() -> None:
         diff = (compiled_logits[:, :agree] - eager_logits[:, :agree]).abs().max().item() if agree else None
         print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
                           "ctx": args.ctx, "batch": args.batch, "cache": cache, **knobs, "mode": decoder.mode,
-                          "dtype": args.dtype, "variant": args.variant, "attention": decoder.attention,
+                          "dtype": args.dtype, "variant": args.variant, "weight_layout": args.weight_layout,
+                          "attention": decoder.attention,
                           "kernel": decoder.kernel, "graphs": decoder.graphs,
                           "steps_agreeing": agree,
                           "of": args.steps, "max_logit_diff": diff,

@@ -39,6 +39,25 @@ def weight_shapes(cfg: Config) -> dict[str, tuple[int, int]]:
     }
 
 
+LAYOUT_OF = {"x @ W (in, out)": "in_out", "F.linear (out, in)": "out_in", "compiled x @ W": "in_out",
+             "compiled F.linear": "out_in"}  # fmt: skip
+
+
+def faster_layout(rows: list[dict]) -> str:
+    """The layout whose products take less time in all, at the most rows measured, compiled where measured (what
+    the compiled step runs); "in_out" (the storage as loaded) on a tie or when nothing ran."""
+    timed = [r for r in rows if "us" in r]
+    if not timed:
+        return "in_out"
+    rows_max = max(r["rows"] for r in timed)
+    compiled = any(r["variant"].startswith("compiled") for r in timed)
+    total = {"in_out": 0.0, "out_in": 0.0}
+    for r in timed:
+        if r["rows"] == rows_max and r["variant"].startswith("compiled") == compiled:
+            total[LAYOUT_OF[r["variant"]]] += r["us"]
+    return "out_in" if total["out_in"] < total["in_out"] else "in_out"
+
+
 def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x @ weight  # (M, out): the model's Linear
 
@@ -50,7 +69,12 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.2-1b" if cuda else "tiny", choices=list(CONFIGS))
     ap.add_argument("--rows", default="1,4", help="M values (the batch), comma-separated")
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(DTYPES))
+    ap.add_argument("--pick", metavar="JSONL", help="only print the faster layout of an earlier run's output "
+                    "(in_out or out_in; in_out if nothing ran)")  # fmt: skip
     args = ap.parse_args()
+    if args.pick:
+        print(faster_layout([json.loads(line) for line in open(args.pick) if line.startswith("{")]))
+        return
     device = torch.device("cuda" if cuda else "cpu")
     dtype = DTYPES[args.dtype]
     bandwidth = measured_bandwidth(device)

@@ -35,7 +35,7 @@ from bench.spec import DTYPES, KernelOptions, parse_ctx
 from model.attention import BACKENDS, DECODE_FORMULATIONS
 from model.compiled_decode import CUDA_GRAPHS, CompiledDecode
 from model.config import CONFIGS
-from model.gpt import GPT
+from model.gpt import GPT, WEIGHT_LAYOUTS
 
 CUDA_VARIANTS = [  # graph trees for flex and triton too, in case manual capture fails
     "flex",
@@ -164,6 +164,9 @@ def main() -> None:
     ap.add_argument("--cache", default="dense", choices=["dense", "last_recent"])
     ap.add_argument("--buffer", default="float", choices=["float", "int8", "int4"])
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(DTYPES))
+    ap.add_argument(
+        "--weight-layout", default="in_out", choices=WEIGHT_LAYOUTS, help="how the Linear weights are stored"
+    )
     ap.add_argument("--variant", action="append", help="repeatable; default: a set for CUDA, or sdpa,sdpa_gqa")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--top", type=int, default=0, help="also list each variant's N slowest kernels")
@@ -189,6 +192,7 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = DTYPES[args.dtype]
     model = random_model(args.model, dtype, device)
+    model.set_weight_layout(args.weight_layout)
     cfg = model.config
     room = 3 + 2 * args.steps + 8  # the positions each variant decodes
     length = args.ctx + room if args.cache == "dense" else args.ctx // 4
@@ -200,6 +204,7 @@ def main() -> None:
     base = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "model": args.model,
         "ctx": args.ctx, "batch": args.batch, "cache": args.cache, "buffer": args.buffer, "dtype": args.dtype,
+        "weight_layout": args.weight_layout,
         "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()) - embedding,
         "bandwidth_bytes_s": measured_bandwidth(device),
     }  # fmt: skip

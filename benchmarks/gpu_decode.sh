@@ -2,6 +2,8 @@
 # Issue 8's GPU checks as one script for the lent device (../shared/device/README.md): about 9 minutes on an H200
 # (an estimate from earlier runs' step and compile times), most important first; results are packed into $OUT
 # after every step, so a run cut short keeps what it did:
+#   0. benchmarks/decode_gemm_layout.py --rows 4: the step's weight products alone, stored (in, out) as loaded or
+#      (out, in) for F.linear; the faster layout is used below;
 #   1. benchmarks/decode_variants.py: the whole compiled step at 32k x 4 for each attention formulation (flex,
 #      SDPA with cuDNN first, our Triton kernel) and capture (graph trees, manual), in one process: ms/step, mbu,
 #      attention's share of device time, logits against the eager step; the fastest agreeing one is used below;
@@ -11,8 +13,7 @@
 #   3. benchmarks/compiled_vs_eager.py with that variant: the same greedy tokens (float32, 64 steps);
 #   4. benchmarks/decode_variants.py on an int8 buffer: our Triton kernel reading the codes against that variant;
 #   5. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options;
-#   6. benchmarks/decode_gemm_layout.py: the step's weight products alone, (in, out) as stored against (out, in);
-#   7. the harness: last_recent and int8 at 32k x 4 with that variant.
+#   6. the harness: last_recent and int8 at 32k x 4 with that variant.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -27,44 +28,48 @@ machine
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/log.txt"
 
-log "python benchmarks/decode_variants.py --model $MODEL --ctx $CTX --batch $BATCH --steps 32 --top 5"
+log "python benchmarks/decode_gemm_layout.py --model $MODEL --rows 4"
+timeout "${LIMIT_GEMM:-60}" python3 benchmarks/decode_gemm_layout.py --model "$MODEL" --rows 4 2>&1 | grep "^{" \
+  | tee -a "$OUT/log.txt" "$OUT/decode_gemm_layout.jsonl"
+LAYOUT=$(python3 benchmarks/decode_gemm_layout.py --pick "$OUT/decode_gemm_layout.jsonl")
+log "faster weight layout: $LAYOUT"
+
+log "python benchmarks/decode_variants.py --ctx $CTX --batch $BATCH --steps 32 --top 5 --weight-layout $LAYOUT"
 timeout "${LIMIT_VARIANTS:-200}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" \
-  --batch "$BATCH" --steps 32 --top 5 2>&1 | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_variants.jsonl"
+  --batch "$BATCH" --steps 32 --top 5 --weight-layout "$LAYOUT" 2>&1 | grep "^{" \
+  | tee -a "$OUT/log.txt" "$OUT/decode_variants.jsonl"
 pick=$(python3 benchmarks/decode_variants.py --pick "$OUT/decode_variants.jsonl")
 HF_ARGS=$(sed -n 1p <<< "$pick")
 RUN_ARGS=$(sed -n 2p <<< "$pick")
 VARIANT=$(sed -n 3p <<< "$pick")
 log "fastest agreeing variant: ${VARIANT:-none ran: the defaults}"
 
-log "python -m bench.compare_hf --model $MODEL --case $SMALL --case $BIG --prefill-chunk 1024 $HF_ARGS"
+log "python -m bench.compare_hf --case $SMALL --case $BIG --prefill-chunk 1024 --weight-layout $LAYOUT $HF_ARGS"
 # shellcheck disable=SC2086
 timeout "${LIMIT_COMPARE:-240}" python3 -m bench.compare_hf --model "$MODEL" --case "$SMALL" --case "$BIG" \
   --systems kvbench,hf_static_compiled --new-tokens 64 --repeats 2 --prefill-chunk 1024 --results-dir "$R" \
-  $HF_ARGS 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+  --weight-layout "$LAYOUT" $HF_ARGS 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
 
 log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --dtype float32 --variant ${VARIANT:-flex}"
 timeout "${LIMIT_CHECK:-70}" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 \
-  --caches dense --dtype float32 --variant "${VARIANT:-flex}" 2>&1 | grep "^{" \
+  --caches dense --dtype float32 --variant "${VARIANT:-flex}" --weight-layout "$LAYOUT" 2>&1 | grep "^{" \
   | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
 
 log "python benchmarks/decode_variants.py --buffer int8 --ctx $CTX --batch $BATCH"
 timeout "${LIMIT_INT8:-80}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" --batch "$BATCH" \
-  --buffer int8 --steps 32 --variant triton:graphs=manual --variant "${VARIANT:-flex}" 2>&1 | grep "^{" \
+  --buffer int8 --steps 32 --weight-layout "$LAYOUT" --variant triton:graphs=manual --variant "${VARIANT:-flex}" \
+  2>&1 | grep "^{" \
   | tee -a "$OUT/log.txt" "$OUT/decode_variants_int8.jsonl"
 
 log "python benchmarks/decode_attention_tune.py --case $BIG"
 timeout "${LIMIT_TUNE:-70}" python3 benchmarks/decode_attention_tune.py --model "$MODEL" --case "$BIG" 2>&1 \
   | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_attention_tune.jsonl"
 
-log "python benchmarks/decode_gemm_layout.py --model $MODEL"
-timeout "${LIMIT_GEMM:-45}" python3 benchmarks/decode_gemm_layout.py --model "$MODEL" 2>&1 | grep "^{" \
-  | tee -a "$OUT/log.txt" "$OUT/decode_gemm_layout.jsonl"
-
 log "python -m bench.run ctx=$CTX batch=$BATCH cache=last_recent,dense cache.buffer=float,int8 compile=true $RUN_ARGS"
 # shellcheck disable=SC2086
 timeout "${LIMIT_MORE:-150}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
   ctx="$CTX" batch="$BATCH" cache=last_recent,dense cache.buffer=float,int8 compile=true prefill_chunk=1024 \
-  $RUN_ARGS -m 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+  weight_layout="$LAYOUT" $RUN_ARGS -m 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
 log done

@@ -172,6 +172,7 @@ BAD = {
     "cuda_graphs=manual": "cuda_graphs=manual captures the compiled decode step on CUDA; it needs compile=true and "
     "device=cuda (valid choices here: trees)",
     "cuda_graphs=yes": "cuda_graphs='yes' is not valid; valid choices: trees, manual",
+    "weight_layout=col": "weight_layout='col' is not valid; valid choices: in_out, out_in",
     "hydra/launcher=xyz cache=dense,h2o -m": "hydra/launcher='xyz' is not valid; valid choices: basic, joblib, "
     "submitit_local, submitit_slurm",
 }
@@ -206,3 +207,18 @@ def test_compile_true_decodes_through_the_compiled_step(tmp_path):
         assert group["cache_bytes"].nunique() == 1, cache
         on, off = (group[group["compile"].astype(bool) == flag]["peak_tracked_bytes"].item() for flag in (True, False))
         assert 0.5 < on / off < 2, (cache, on, off)
+
+
+def test_weight_layout_is_a_sweep_axis_recorded_and_hashed_when_not_the_default(tmp_path):
+    """Both storages run (compiled decode on the CPU), the row says which, and only out_in enters the hash (rows
+    from before the knob keep resuming)."""
+    proc = bench(tmp_path, "weight_layout=in_out,out_in", "compile=true", "ctx=512", "-m", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = rows(tmp_path)
+    assert sorted(df["weight_layout"]) == ["in_out", "out_in"] and (df["status"] == "ok").all(), df.get("error")
+    assert df["cache_bytes"].nunique() == 1 and df["config_hash"].nunique() == 2
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        specs = {
+            v: resolve(compose(config_name="config", overrides=[f"weight_layout={v}"])) for v in ("in_out", "out_in")
+        }
+    assert "weight_layout" not in specs["in_out"].identity() and specs["out_in"].identity()["weight_layout"] == "out_in"
