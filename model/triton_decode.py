@@ -84,7 +84,7 @@ if triton is not None:
         share strides; BITS 0: K and V are the values, and the four scale pointers are not read."""
         bg = tl.program_id(0)
         split = tl.program_id(1)
-        b = bg // G
+        b = (bg // G).to(tl.int64)  # 64-bit offsets: a batch of long buffers passes 2**31 elements
         g = bg % G
         n_valid = tl.load(N_VALID).to(tl.int32)
         share = tl.cdiv(tl.cdiv(n_valid, SPLITS), BLOCK_N) * BLOCK_N  # slots per split, whole blocks

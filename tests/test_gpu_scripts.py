@@ -3,6 +3,7 @@ benchmarks/decode_variants.py's output, and that the arguments it derives run th
 bench.compare_hf and resolve to it in bench.run."""
 
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -74,6 +75,7 @@ def test_the_quick_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
 
     env = {**os.environ, "MODEL": "tiny", "BIG": "512:2", "VARIANTS": "--variant sdpa --variant sdpa_gqa:sdpa=math",
            "OUT": str(tmp_path / "out"), "R": str(tmp_path / "results")}  # fmt: skip
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # its `python3`: this one
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_decode_quick.sh")], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)  # fmt: skip
