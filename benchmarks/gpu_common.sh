@@ -16,3 +16,25 @@ machine() {
   { grep -m1 "model name" /proc/cpuinfo; echo "cpus $(nproc), load $(cut -d' ' -f1-3 /proc/loadavg)"; } \
     | tee -a "$OUT/log.txt"
 }
+# the faster weight layout of the step's products (benchmarks/decode_gemm_layout.py): sets LAYOUT
+pick_layout() {  # time limit
+  log "python benchmarks/decode_gemm_layout.py --model $MODEL --rows 4"
+  timeout "$1" python3 benchmarks/decode_gemm_layout.py --model "$MODEL" --rows 4 2>&1 | grep "^{" \
+    | tee -a "$OUT/log.txt" "$OUT/decode_gemm_layout.jsonl"
+  LAYOUT=$(python3 benchmarks/decode_gemm_layout.py --pick "$OUT/decode_gemm_layout.jsonl")
+  log "faster weight layout: $LAYOUT"
+}
+# the whole step per variant at CTX x BATCH (benchmarks/decode_variants.py), then the fastest agreeing one: sets
+# HF_ARGS (bench.compare_hf arguments), RUN_ARGS (bench.run overrides) and VARIANT (empty if none ran)
+pick_variant() {  # time limit, then decode_variants.py arguments
+  local limit=$1; shift
+  log "python benchmarks/decode_variants.py --ctx $CTX --batch $BATCH --weight-layout $LAYOUT $*"
+  timeout "$limit" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" --batch "$BATCH" \
+    --steps 32 --weight-layout "$LAYOUT" "$@" 2>&1 | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_variants.jsonl"
+  local pick
+  pick=$(python3 benchmarks/decode_variants.py --pick "$OUT/decode_variants.jsonl")
+  HF_ARGS=$(sed -n 1p <<< "$pick")
+  RUN_ARGS=$(sed -n 2p <<< "$pick")
+  VARIANT=$(sed -n 3p <<< "$pick")
+  log "fastest agreeing variant: ${VARIANT:-none ran: the defaults}"
+}

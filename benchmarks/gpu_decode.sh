@@ -28,21 +28,8 @@ machine
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/log.txt"
 
-log "python benchmarks/decode_gemm_layout.py --model $MODEL --rows 4"
-timeout "${LIMIT_GEMM:-60}" python3 benchmarks/decode_gemm_layout.py --model "$MODEL" --rows 4 2>&1 | grep "^{" \
-  | tee -a "$OUT/log.txt" "$OUT/decode_gemm_layout.jsonl"
-LAYOUT=$(python3 benchmarks/decode_gemm_layout.py --pick "$OUT/decode_gemm_layout.jsonl")
-log "faster weight layout: $LAYOUT"
-
-log "python benchmarks/decode_variants.py --ctx $CTX --batch $BATCH --steps 32 --top 5 --weight-layout $LAYOUT"
-timeout "${LIMIT_VARIANTS:-200}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" \
-  --batch "$BATCH" --steps 32 --top 5 --weight-layout "$LAYOUT" 2>&1 | grep "^{" \
-  | tee -a "$OUT/log.txt" "$OUT/decode_variants.jsonl"
-pick=$(python3 benchmarks/decode_variants.py --pick "$OUT/decode_variants.jsonl")
-HF_ARGS=$(sed -n 1p <<< "$pick")
-RUN_ARGS=$(sed -n 2p <<< "$pick")
-VARIANT=$(sed -n 3p <<< "$pick")
-log "fastest agreeing variant: ${VARIANT:-none ran: the defaults}"
+pick_layout "${LIMIT_GEMM:-60}"
+pick_variant "${LIMIT_VARIANTS:-200}" --top 5
 
 log "python -m bench.compare_hf --case $SMALL --case $BIG --prefill-chunk 1024 --weight-layout $LAYOUT $HF_ARGS"
 # shellcheck disable=SC2086

@@ -11,29 +11,20 @@
 #     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH || exit; bash benchmarks/gpu_decode_quick.sh
 source "$(dirname "$0")/gpu_common.sh"
 BIG=${BIG:-32k:4}  # CTX:BATCH (a CPU dry run: MODEL=tiny BIG=1k:2 VARIANTS="--variant sdpa --variant sdpa_gqa")
+CTX=${BIG%:*}
+BATCH=${BIG#*:}
 VARIANTS=${VARIANTS:---variant flex:graphs=manual --variant sdpa_gqa:graphs=manual --variant triton:graphs=manual}
 machine
 
-log "python benchmarks/decode_gemm_layout.py --model $MODEL --rows 4"
-timeout "${LIMIT_GEMM:-45}" python3 benchmarks/decode_gemm_layout.py --model "$MODEL" --rows 4 2>&1 | grep "^{" \
-  | tee -a "$OUT/log.txt" "$OUT/decode_gemm_layout.jsonl"
-LAYOUT=$(python3 benchmarks/decode_gemm_layout.py --pick "$OUT/decode_gemm_layout.jsonl")
-log "faster weight layout: $LAYOUT"
-
-log "python benchmarks/decode_variants.py --ctx ${BIG%:*} --batch ${BIG#*:} --weight-layout $LAYOUT $VARIANTS"
+pick_layout "${LIMIT_GEMM:-45}"
 # shellcheck disable=SC2086
-timeout "${LIMIT_VARIANTS:-110}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "${BIG%:*}" \
-  --batch "${BIG#*:}" --steps 32 --weight-layout "$LAYOUT" $VARIANTS 2>&1 | grep "^{" \
-  | tee -a "$OUT/log.txt" "$OUT/decode_variants.jsonl"
-pick=$(python3 benchmarks/decode_variants.py --pick "$OUT/decode_variants.jsonl")
-VARIANT=$(sed -n 3p <<< "$pick")
-log "fastest agreeing variant: ${VARIANT:-none ran: the defaults}"
+pick_variant "${LIMIT_VARIANTS:-110}" $VARIANTS
 
-log "python -m bench.compare_hf --case $BIG --prefill-chunk 1024 --weight-layout $LAYOUT $(sed -n 1p <<< "$pick")"
-# shellcheck disable=SC2046
+log "python -m bench.compare_hf --case $BIG --prefill-chunk 1024 --weight-layout $LAYOUT $HF_ARGS"
+# shellcheck disable=SC2086
 timeout "${LIMIT_COMPARE:-110}" python3 -m bench.compare_hf --model "$MODEL" --case "$BIG" \
   --systems kvbench,hf_static_compiled --new-tokens 64 --repeats 2 --prefill-chunk 1024 --results-dir "$R" \
-  --weight-layout "$LAYOUT" $(sed -n 1p <<< "$pick") 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+  --weight-layout "$LAYOUT" $HF_ARGS 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
 
 log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --dtype float32 --variant ${VARIANT:-flex}"
