@@ -38,3 +38,20 @@ pick_variant() {  # time limit, then decode_variants.py arguments
   VARIANT=$(sed -n 3p <<< "$pick")
   log "fastest agreeing variant: ${VARIANT:-none ran: the defaults}"
 }
+# kvbench with the picked variant and layout against HF StaticCache + compile, one process (bench.compare_hf)
+compare_with_hf() {  # time limit, then --case CTX:BATCH ...
+  local limit=$1; shift
+  log "python -m bench.compare_hf $* --prefill-chunk 1024 --weight-layout $LAYOUT $HF_ARGS"
+  # shellcheck disable=SC2086
+  timeout "$limit" python3 -m bench.compare_hf --model "$MODEL" "$@" --systems kvbench,hf_static_compiled \
+    --new-tokens 64 --repeats 2 --prefill-chunk 1024 --results-dir "$R" --weight-layout "$LAYOUT" $HF_ARGS 2>&1 \
+    | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+  save
+}
+# the picked variant's greedy tokens against the eager step's, float32, 64 steps (benchmarks/compiled_vs_eager.py)
+check_tokens() {  # time limit
+  log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --dtype float32 --variant ${VARIANT:-flex}"
+  timeout "$1" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 --caches dense \
+    --dtype float32 --variant "${VARIANT:-flex}" --weight-layout "$LAYOUT" 2>&1 | grep "^{" \
+    | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
+}

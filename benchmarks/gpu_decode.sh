@@ -31,23 +31,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 pick_layout "${LIMIT_GEMM:-60}"
 pick_variant "${LIMIT_VARIANTS:-200}" --top 5
 
-log "python -m bench.compare_hf --case $SMALL --case $BIG --prefill-chunk 1024 --weight-layout $LAYOUT $HF_ARGS"
-# shellcheck disable=SC2086
-timeout "${LIMIT_COMPARE:-240}" python3 -m bench.compare_hf --model "$MODEL" --case "$SMALL" --case "$BIG" \
-  --systems kvbench,hf_static_compiled --new-tokens 64 --repeats 2 --prefill-chunk 1024 --results-dir "$R" \
-  --weight-layout "$LAYOUT" $HF_ARGS 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
-save
+compare_with_hf "${LIMIT_COMPARE:-240}" --case "$SMALL" --case "$BIG"
 
-log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --dtype float32 --variant ${VARIANT:-flex}"
-timeout "${LIMIT_CHECK:-70}" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 \
-  --caches dense --dtype float32 --variant "${VARIANT:-flex}" --weight-layout "$LAYOUT" 2>&1 | grep "^{" \
-  | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
+check_tokens "${LIMIT_CHECK:-70}"
 
 log "python benchmarks/decode_variants.py --buffer int8 --ctx $CTX --batch $BATCH"
 timeout "${LIMIT_INT8:-80}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" --batch "$BATCH" \
   --buffer int8 --steps 32 --weight-layout "$LAYOUT" --variant triton:graphs=manual --variant "${VARIANT:-flex}" \
-  2>&1 | grep "^{" \
-  | tee -a "$OUT/log.txt" "$OUT/decode_variants_int8.jsonl"
+  2>&1 | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_variants_int8.jsonl"
 
 log "python benchmarks/decode_attention_tune.py --case $BIG"
 timeout "${LIMIT_TUNE:-70}" python3 benchmarks/decode_attention_tune.py --model "$MODEL" --case "$BIG" 2>&1 \

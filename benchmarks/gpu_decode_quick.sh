@@ -20,15 +20,7 @@ pick_layout "${LIMIT_GEMM:-45}"
 # shellcheck disable=SC2086
 pick_variant "${LIMIT_VARIANTS:-110}" $VARIANTS
 
-log "python -m bench.compare_hf --case $BIG --prefill-chunk 1024 --weight-layout $LAYOUT $HF_ARGS"
-# shellcheck disable=SC2086
-timeout "${LIMIT_COMPARE:-110}" python3 -m bench.compare_hf --model "$MODEL" --case "$BIG" \
-  --systems kvbench,hf_static_compiled --new-tokens 64 --repeats 2 --prefill-chunk 1024 --results-dir "$R" \
-  --weight-layout "$LAYOUT" $HF_ARGS 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
-save
+compare_with_hf "${LIMIT_COMPARE:-110}" --case "$BIG"
 
-log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --dtype float32 --variant ${VARIANT:-flex}"
-timeout "${LIMIT_CHECK:-60}" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 \
-  --caches dense --dtype float32 --variant "${VARIANT:-flex}" --weight-layout "$LAYOUT" 2>&1 | grep "^{" \
-  | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
+check_tokens "${LIMIT_CHECK:-60}"
 log done

@@ -193,9 +193,8 @@ def sdpa(
         value = value.repeat_interleave(n_head // n_groups, dim=1)
         gqa = False
     used = _choose_backend(query, key, value, mask, is_causal, gqa, opts.backend)
-    kernels = _AUTO_PRIORITY if opts.backend == "auto" else [_SDP[opts.backend]]
     try:
-        with sdpa_kernel(kernels, set_priority=opts.backend == "auto"):
+        with sdpa_kernel(*_kernel_order(opts.backend)):
             out = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, is_causal=is_causal, scale=opts.scale, enable_gqa=gqa
             )
@@ -230,8 +229,7 @@ def _choose_backend(
     )
     if memo_key in _choice_memo:
         return _choice_memo[memo_key]
-    kernels = _AUTO_PRIORITY if backend == "auto" else [_SDP[backend]]
-    with warnings.catch_warnings(record=True) as caught, sdpa_kernel(kernels, set_priority=backend == "auto"):
+    with warnings.catch_warnings(record=True) as caught, sdpa_kernel(*_kernel_order(backend)):
         warnings.simplefilter("always")
         try:
             chosen = torch._fused_sdp_choice(q, k, v, mask, 0.0, is_causal, scale=None, enable_gqa=gqa)
@@ -364,7 +362,7 @@ def static_decode_attention(
     G = key.shape[1]
     visible = torch.arange(key.shape[2], device=key.device) < n_valid  # (S,)
     mask = visible.view(1, 1, 1, -1)  # (1, 1, 1, S)
-    with sdpa_kernel(*_decode_kernels(opts.backend)):
+    with sdpa_kernel(*_kernel_order(opts.backend)):
         if opts.decode_attention == "sdpa_gqa":
             # (B, n_head, 1, hs)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=opts.scale, enable_gqa=G != H)
@@ -375,10 +373,10 @@ def static_decode_attention(
     return out.reshape(B, 1, H * hs)  # (B, 1, n_head * hs), heads in order
 
 
-def _decode_kernels(backend: str) -> tuple[list[SDPBackend], bool]:
-    """sdpa_kernel's arguments for a decode step's SDPA: the forced kernel, or `_AUTO_PRIORITY` as the order."""
+def _kernel_order(backend: str) -> tuple[list[SDPBackend], bool]:
+    """sdpa_kernel's arguments for an SDPA call: the forced kernel, or `_AUTO_PRIORITY` as the order."""
     if backend not in _SDP and backend != "auto":
-        raise ValueError(f"a static decode step runs SDPA kernels only; valid choices: auto, {', '.join(_SDP)} "
+        raise ValueError(f"SDPA runs its own kernels only; valid choices: auto, {', '.join(_SDP)} "
                          f"(got {backend!r})")  # fmt: skip
     return (_AUTO_PRIORITY, True) if backend == "auto" else ([_SDP[backend]], False)
 
