@@ -115,6 +115,8 @@ def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = Tru
         status = "oom" if is_oom(err) else "error"
         row.update(status=status, error=f"{type(err).__name__}: {err}".strip()[:2000])
     finally:
+        if spec.compile:  # its compiled code and CUDA-graph pools go, and the next job in this process (isolate=false)
+            torch._dynamo.reset()  # does not count against dynamo's recompile limit (8 variants of the step)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

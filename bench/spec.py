@@ -86,7 +86,7 @@ class BenchConfig:
     track_tensors: bool = True  # CPU: one extra untimed pass under the exact tensor-bytes tracker
     nvml_period_ms: float = 5.0  # 0: no NVML sampler (to measure what it costs)
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)
-    compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: on CUDA if it can
+    compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: see _resolve_compile
     expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
     decode_attention: str = "auto"  # auto | sdpa | sdpa_gqa | flex | triton: the compiled step's attention
     kernel_options: KernelOptions = field(default_factory=KernelOptions)  # decode_attention=flex|triton: options
@@ -247,7 +247,8 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         _positive("threads", threads)
     inject = _choice("inject", get("inject"), INJECT)
     compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa)
-    decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_, sdpa)
+    decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_, sdpa,
+                                                 cache_class(name).requires_attn_weights)  # fmt: skip
     kernel_options = _resolve_kernel_options(get("kernel_options"), decode_attention)
     cuda_graphs = _choice("cuda_graphs", str(get("cuda_graphs", "trees")).strip().lower(), CUDA_GRAPHS)
     if cuda_graphs == "manual" and not (compile_ and device == "cuda"):
@@ -272,33 +273,35 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
 
 
 def _resolve_compile(value: Any, device: str, cache: str, sdpa: str) -> bool:
-    """compile=auto: on CUDA for the caches that have a compiled decode step, with sdpa=auto; true: asks for it
-    (refused where it cannot be; a forced SDPA kernel then runs in the compiled step); false: the eager decode
-    step."""
+    """compile=auto: on CUDA, with sdpa=auto, for the caches whose compiled step a GPU run has shown working
+    (`compiled_by_default`: dense, last_recent); true: asks for it (refused where it cannot be; a forced SDPA kernel
+    then runs in the compiled step); false: the eager decode step."""
     text = str(value).strip().lower()
     _choice("compile", text, ["auto", "true", "false"])
     supported = [n for n in cache_names() if cache_class(n).supports_compiled_decode]
     if text == "auto":
-        return device == "cuda" and cache in supported and sdpa == "auto"
+        return device == "cuda" and cache_class(cache).compiled_by_default and sdpa == "auto"
     if text == "false":
         return False
     if cache not in supported:
         raise ConfigError(f"compile=true needs a cache with a compiled decode step; valid caches: "
                           f"{', '.join(supported)} (got cache={cache!r}; use compile=false or auto)")  # fmt: skip
-    if sdpa == "eager":
+    if sdpa == "eager" and not cache_class(cache).requires_attn_weights:
         raise ConfigError("compile=true runs an SDPA kernel (or FlexAttention) in the decode step; valid: "
                           "sdpa=auto, flash, efficient, cudnn, math (got sdpa='eager'; use compile=false for the eager "
                           "path)")  # fmt: skip
     return True
 
 
-def _resolve_decode_attention(value: Any, device: str, compiled: bool, sdpa: str = "auto") -> str | None:
+def _resolve_decode_attention(
+    value: Any, device: str, compiled: bool, sdpa: str = "auto", weighted: bool = False
+) -> str | None:
     """The compiled decode step's attention (model/compiled_decode.py): None when the decode step is eager."""
     text = _choice("decode_attention", str(value).strip().lower(), DECODE_ATTENTION)
     if not compiled:
         return None
     try:
-        return resolve_decode_attention(text, device, compiled=True, sdpa=sdpa)
+        return resolve_decode_attention(text, device, compiled=True, sdpa=sdpa, weighted=weighted)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -8,12 +8,14 @@
 #      SDPA with cuDNN first, our Triton kernel) and capture (graph trees, manual), in one process: ms/step, mbu,
 #      attention's share of device time, logits against the eager step; the fastest agreeing one is used below;
 #   2. python -m bench.compare_hf: kvbench with that variant against HF transformers StaticCache + compile,
-#      Llama-3.2-1B shape, bf16, ctx 8k batch 1 and ctx 32k batch 4, one process, prefill chunks of 1024 tokens:
+#      Llama-3.2-1B shape, bf16, ctx 32k batch 4 then ctx 8k batch 1, one process, prefill chunks of 1024 tokens:
 #      speed against HF from the same run, mbu, peak allocated and NVML memory (every must-show but the tokens);
+#      32k x 4 first, so that its NVML figure holds no kernel images loaded by an earlier system;
 #   3. benchmarks/compiled_vs_eager.py with that variant: the same greedy tokens (float32, 64 steps);
 #   4. benchmarks/decode_variants.py on an int8 buffer: our Triton kernel reading the codes against that variant;
 #   5. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options;
-#   6. the harness: last_recent and int8 at 32k x 4 with that variant.
+#   6. the harness at 32k x 4: last_recent with that variant, and h2o's compiled step (caches/scored.py, not yet
+#      run on a GPU) against its eager one.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -31,7 +33,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 pick_layout "${LIMIT_GEMM:-60}"
 pick_variant "${LIMIT_VARIANTS:-200}" --top 5
 
-compare_with_hf "${LIMIT_COMPARE:-240}" --case "$SMALL" --case "$BIG"
+compare_with_hf "${LIMIT_COMPARE:-240}" --case "$BIG" --case "$SMALL"
 
 check_tokens "${LIMIT_CHECK:-70}"
 
@@ -44,10 +46,14 @@ log "python benchmarks/decode_attention_tune.py --case $BIG"
 timeout "${LIMIT_TUNE:-70}" python3 benchmarks/decode_attention_tune.py --model "$MODEL" --case "$BIG" 2>&1 \
   | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_attention_tune.jsonl"
 
-log "python -m bench.run ctx=$CTX batch=$BATCH cache=last_recent,dense cache.buffer=float,int8 compile=true $RUN_ARGS"
+log "python -m bench.run ctx=$CTX batch=$BATCH cache=last_recent compile=true $RUN_ARGS"
 # shellcheck disable=SC2086
-timeout "${LIMIT_MORE:-150}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
-  ctx="$CTX" batch="$BATCH" cache=last_recent,dense cache.buffer=float,int8 compile=true prefill_chunk=1024 \
-  weight_layout="$LAYOUT" $RUN_ARGS -m 2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+timeout "${LIMIT_MORE:-60}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
+  ctx="$CTX" batch="$BATCH" cache=last_recent compile=true prefill_chunk=1024 weight_layout="$LAYOUT" $RUN_ARGS \
+  2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+log "python -m bench.run ctx=$CTX batch=$BATCH cache=h2o compile=true,false"
+timeout "${LIMIT_SCORED:-90}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
+  ctx="$CTX" batch="$BATCH" cache=h2o compile=true,false prefill_chunk=1024 weight_layout="$LAYOUT" -m 2>&1 \
+  | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
 log done

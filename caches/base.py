@@ -57,6 +57,9 @@ class KVCache(nn.Module):
     # True where `decode_step` exists: storage and attention of a decode step do not depend on the tokens, so the
     # step can be compiled with fixed shapes and captured in a CUDA graph (model/compiled_decode.py).
     supports_compiled_decode: ClassVar[bool] = False
+    # compile=auto (bench/spec.py) decodes this cache through the compiled step on CUDA: set where a GPU run has
+    # shown that step working (results/baselines/h200/)
+    compiled_by_default: ClassVar[bool] = False
 
     def __init__(self, params: KVCacheParams) -> None:
         super().__init__()
@@ -148,6 +151,11 @@ class KVCache(nn.Module):
         no host synchronisation, no checks: the caller ran `check_position` with the int. query (B, n_head, 1,
         hs), key and value (B, n_query_groups, 1, hs); returns (B, 1, n_head * hs)."""
         raise NotImplementedError(f"cache {self.name!r} has no compiled decode step")
+
+    def decoded(self, input_pos: int) -> None:
+        """The bookkeeping `forward` does after a call, for a `decode_step` at `input_pos` (which, run inside a
+        captured graph, cannot touch Python state): called by the compiled step after every step."""
+        self.next_token_pos = input_pos + 1
 
     def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
         raise NotImplementedError

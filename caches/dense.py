@@ -15,6 +15,7 @@ from model.attention import Visibility
 @register("dense")
 class DenseCache(KVCache):
     supports_compiled_decode = True
+    compiled_by_default = True
 
     def __init__(
         self, params: KVCacheParams, buffer: str = "float", group_size: int = 32, static_decode: bool = False

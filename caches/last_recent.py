@@ -26,6 +26,7 @@ from model.attention import Visibility
 @register("last_recent")
 class LastRecentCache(KVCache):
     supports_compiled_decode = True
+    compiled_by_default = True
     query_block: int = 1024  # query rows per attention call when a chunk must be masked
 
     def __init__(

@@ -14,6 +14,10 @@ position p does the same:
 
 A prefill longer than the buffer is the same step with an empty buffer: the whole prompt is attended in query
 blocks, then the best `cache_length` tokens are kept.
+
+`decode_step` is the one-token call at fixed shapes, for the compiled decode step (model/compiled_decode.py):
+every slot is attended (empty ones masked) and is a candidate, empty slots ranking lowest, so one rule covers a
+filling buffer and a full one, with no Python int and no host synchronisation.
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams
 from caches.buffers import buffer_nbytes, make_buffer
-from model.attention import Visibility, grouped_attention
+from model.attention import Visibility, grouped_attention, static_weighted_decode
 
 INF = float("inf")
 
 
 class ScoredCache(KVCache):
     requires_attn_weights = True
+    supports_compiled_decode = True  # decode_step: the full-buffer form of _select_one, no Python ints
     uses_quant_error = False  # qh2o: also keep each token's K+V quantization error
     default_buffer = "float"
 
@@ -146,6 +151,44 @@ class ScoredCache(KVCache):
         for store, new in updates:
             view = store[:B]
             view.scatter_(2, slot, torch.where(keep_new, new, view.gather(2, slot)))
+
+    def decode_step(self, query: Tensor, key: Tensor, value: Tensor, pos: Tensor) -> Tensor:
+        """`_step` of one token at fixed shapes, for the compiled decode step (position `pos` on the device, no
+        Python int, no host synchronisation). Every one of the L slots is a candidate, and so is the new token;
+        empty slots (position -1) rank below everything, so while the buffer fills the new token takes the first
+        empty slot (slot n_filled, as `_step` appends), and once it is full this is `_select_one`. Attention: every
+        slot, empty ones masked, plus the new token, one softmax (`static_weighted_decode`)."""
+        B, G = key.shape[:2]
+        L = self.cache_length
+        old_k, old_v = self.buf.read(B, L)  # (B, G, L, hs), dequantized from a quantized buffer
+        old_pos = self.pos[:B]  # (B, G, L)
+        out, weights = static_weighted_decode(query, old_k, old_v, old_pos >= 0, key, value, self.attn_opts)
+        cand_score = self.candidate_scores(self.score[:B], weights[..., :L], weights[..., L:], 1)  # (B, G, L + 1)
+        new_err = self.buf.error(key, value) if self.uses_quant_error else None  # (B, G, 1)
+        cand_pos = torch.cat([old_pos, pos.expand(B, G, 1)], dim=-1)  # (B, G, L + 1)
+        cand_err = None if new_err is None else torch.cat([self.qerr[:B], new_err], dim=-1)
+        rank = self.rank(cand_score, cand_pos, cand_err, pos + 1)
+        prot = self.protected(cand_pos, pos + 1, 1)
+        if prot is not None:
+            rank = rank.masked_fill(prot, INF)
+        rank = rank.masked_fill(cand_pos < 0, -INF)  # an empty slot is taken before anything is evicted
+        lowest = rank == rank.amin(dim=-1, keepdim=True)  # (B, G, L + 1)
+        drop = cand_pos.masked_fill(~lowest, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # oldest
+        keep_new = drop != L  # (B, G, 1): the new token survives and takes the dropped token's (or empty) slot
+        slot = drop.clamp(max=L - 1)
+        self.score[:B] = cand_score[..., :L]
+        self.buf.put_where(B, slot, keep_new, key, value)
+        updates = [(self.pos, cand_pos[..., L:]), (self.score, cand_score[..., L:])]
+        if new_err is not None:
+            updates.append((self.qerr, new_err))
+        for store, new in updates:
+            view = store[:B]
+            view.scatter_(2, slot, torch.where(keep_new, new, view.gather(2, slot)))
+        return out
+
+    def decoded(self, input_pos: int) -> None:
+        super().decoded(input_pos)
+        self.n_filled = min(input_pos + 1, self.cache_length)
 
     def _select(self, key: Tensor, value: Tensor, p: int, cand_score: Tensor, new_err: Tensor | None) -> None:
         B, G, T, _ = key.shape

@@ -373,6 +373,37 @@ def static_decode_attention(
     return out.reshape(B, 1, H * hs)  # (B, 1, n_head * hs), heads in order
 
 
+def static_weighted_decode(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    filled: Tensor,
+    new_key: Tensor,
+    new_value: Tensor,
+    opts: AttentionOptions,
+) -> tuple[Tensor, Tensor]:
+    """A compiled decode step's attention for a score-based cache: one query per sequence over every slot of a
+    fixed-size buffer (`filled` False at empty slots) and over the step's own token, which is not in the buffer
+    yet, with one softmax over both; the same operations as `grouped_attention` with two segments, at fixed shapes.
+
+    query (B, n_head, 1, hs); key, value (B, G, L, hs); filled (B, G, L) bool; new_key, new_value (B, G, 1, hs).
+    Returns (output (B, 1, n_head * hs), float32 softmax weights (B, G, L + 1) summed over each group's query heads,
+    0 at empty slots, the step's token last). K/V are read once per KV head, never expanded.
+    """
+    B, H, _, hs = query.shape
+    G, L = key.shape[1], key.shape[2]
+    scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(hs)
+    q = query.view(B, G, H // G, hs)  # (B, G, q_per_kv, hs): head h is row h % q_per_kv of group h // q_per_kv
+    old = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)  # (B, G, q_per_kv, L)
+    old = old.masked_fill(~filled.unsqueeze(2), float("-inf"))
+    new = torch.matmul(q, new_key.transpose(-1, -2)).mul_(scale)  # (B, G, q_per_kv, 1)
+    probs = torch.softmax(torch.cat([old, new], dim=-1).float(), dim=-1)  # (B, G, q_per_kv, L + 1)
+    weights = probs.sum(dim=2)  # (B, G, L + 1)
+    probs = probs.to(query.dtype)
+    out = torch.matmul(probs[..., :L], value).add_(torch.matmul(probs[..., L:], new_value))  # (B, G, q_per_kv, hs)
+    return out.reshape(B, 1, H * hs), weights  # (B, 1, n_head * hs), heads in order
+
+
 def _kernel_order(backend: str) -> tuple[list[SDPBackend], bool]:
     """sdpa_kernel's arguments for an SDPA call: the forced kernel, or `_AUTO_PRIORITY` as the order."""
     if backend not in _SDP and backend != "auto":

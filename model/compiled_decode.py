@@ -17,9 +17,10 @@ there (after a new prefill, say), which costs no host synchronisation. Each cach
 new K/V at `pos` and attends the filled slots of its buffer (`static_decode_attention`: FlexAttention over the
 filled blocks, or SDPA under a slot mask; K/V never expanded).
 
-Caches with a decode step: those whose storage does not depend on the tokens (`supports_compiled_decode`):
-dense and last_recent, on any buffer (float, int8, int4). Score-based caches evict by attention weights, which
-needs the eager path.
+Caches with a decode step (`supports_compiled_decode`): dense and last_recent, whose storage does not depend on
+the tokens, and the score-based ones (h2o, qh2o, tova, snapkv), whose step computes the softmax weights at fixed
+shapes and evicts with reductions and masked scatters on the device (caches/scored.py); on any buffer (float,
+int8, int4). The score-based caches attend through the grouped formulation (the only one that returns weights).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from caches import cache_class, cache_names
-from model.attention import DECODE_FORMULATIONS, static_decode_kernel
+from model.attention import DECODE_FORMULATIONS, UnsupportedBackend, static_decode_kernel
 
 
 def compiled_decode_caches() -> list[str]:
@@ -37,15 +38,24 @@ def compiled_decode_caches() -> list[str]:
 
 
 DECODE_ATTENTION = ("auto", *DECODE_FORMULATIONS)  # auto: flex on CUDA, sdpa elsewhere (resolve_decode_attention)
+WEIGHTED = "grouped"  # the formulation of the caches that need attention weights (model/attention.py)
 CUDA_GRAPHS = ("trees", "manual")  # inductor's CUDA-graph trees (mode="reduce-overhead"), or one graph of our own
 
 
-def resolve_decode_attention(attention: str, device_type: str, compiled: bool, sdpa: str = "auto") -> str:
+def resolve_decode_attention(
+    attention: str, device_type: str, compiled: bool, sdpa: str = "auto", weighted: bool = False
+) -> str:
     """auto: FlexAttention on CUDA (it compiles to a split-K decoding kernel), SDPA on the CPU or where an SDPA
-    kernel is forced (sdpa != auto). Compiled flex is refused on the CPU: inductor's CPU lowering of FlexAttention
-    fails inside the model's graph (torch 2.13: "No choices to select" for a query computed in the graph); eagerly
-    (compile=False) it runs anywhere. Our Triton kernel runs on CUDA, and eagerly on the CPU under Triton's
-    interpreter. Neither runs an SDPA kernel, so a forced one is refused with them."""
+    kernel is forced (sdpa != auto); for caches that need attention weights (weighted), always the grouped
+    formulation (`static_weighted_decode`), the only one that returns them. Compiled flex is refused on the CPU:
+    inductor's CPU lowering of FlexAttention fails inside the model's graph (torch 2.13: "No choices to select" for
+    a query computed in the graph); eagerly (compile=False) it runs anywhere. Our Triton kernel runs on CUDA, and
+    eagerly on the CPU under Triton's interpreter. Neither runs an SDPA kernel, so a forced one is refused with them."""
+    if weighted:
+        if attention not in ("auto", WEIGHTED):
+            raise ValueError(f"decode_attention={attention}: a score-based cache evicts by attention weights, which "
+                             "only its grouped step returns; valid choice: auto")  # fmt: skip
+        return WEIGHTED
     if attention not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention={attention!r} is not valid; valid choices: {', '.join(DECODE_ATTENTION)}")
     if attention == "auto":
@@ -102,8 +112,13 @@ class CompiledDecode(nn.Module):
             raise ValueError("a start-of-layer hook runs Python in every layer: remove it to compile the decode step")
         if model.config.attn_softcap is not None or model.config.sliding_window is not None:
             raise ValueError("attention softcapping and model-level sliding windows run on the eager path only")
+        weighted = {c.requires_attn_weights for c in caches}
+        if len(weighted) > 1:
+            raise ValueError("caches that need attention weights and caches that do not: the compiled step runs one "
+                             "attention formulation in every layer")  # fmt: skip
+        weighted = weighted.pop()
         backends = sorted({c.attn_opts.backend for c in caches})
-        if len(backends) > 1 or backends[0] == "eager":
+        if len(backends) > 1 or (backends[0] == "eager" and not weighted):
             raise ValueError(f"sdpa={backends[-1]!r}: the compiled decode step runs one SDPA kernel in every layer; "
                              "valid choices: auto, flash, efficient, cudnn, math (or compile=false)")  # fmt: skip
         self.model = model
@@ -118,7 +133,7 @@ class CompiledDecode(nn.Module):
         if self.graphs == "manual":
             self.mode = None  # inductor's code without its CUDA-graph trees: the graph is ours (_replay)
         self._graph = self._static_idx = self._static_logits = None
-        self.attention = resolve_decode_attention(attention, device.type, compile, backends[0])
+        self.attention = resolve_decode_attention(attention, device.type, compile, backends[0], weighted)
         if kernel_options and self.attention not in ("flex", "triton"):
             raise ValueError(f"kernel_options apply to attention='flex' or 'triton' only (this step attends with "
                              f"{self.attention!r})")  # fmt: skip
@@ -129,7 +144,7 @@ class CompiledDecode(nn.Module):
 
             p = caches[0].params
             launch = resolve_options(p.batch_size, p.n_query_groups, caches[0].cache_length, device, launch)
-        for cache in caches:  # how each cache's decode_step attends (model/attention.py, static_decode_attention)
+        for cache in caches if not weighted else []:  # how decode_step attends (attention.static_decode_attention)
             cache.attn_opts.decode_attention = self.attention
             cache.attn_opts.kernel_options = launch
         self.compiled = compile
@@ -143,7 +158,13 @@ class CompiledDecode(nn.Module):
     @staticmethod
     def _kernel(model: nn.Module, cache) -> str:
         """What the step's attention runs (static_decode_kernel), asked with a query and key of the step's shapes
-        and strides: the float buffer's own K, or for a quantized buffer an empty tensor like the K it decodes."""
+        and strides: the float buffer's own K, or for a quantized buffer an empty tensor like the K it decodes. A
+        cache that needs attention weights runs the grouped formulation, under sdpa=auto or eager only."""
+        if cache.requires_attn_weights:
+            backend = cache.attn_opts.backend
+            if backend not in ("auto", "eager"):  # as its eager step refuses it (model/attention.py, attention)
+                raise UnsupportedBackend(f"{backend} cannot run this call: attention weights need the eager path")
+            return WEIGHTED
         if cache.attn_opts.decode_attention in ("flex", "triton"):  # no SDPA kernel to choose
             return static_decode_kernel(None, None, cache.attn_opts)
         c, p = model.config, cache.params
@@ -198,6 +219,6 @@ class CompiledDecode(nn.Module):
         logits = logits.clone()
         self._pos_on_device = input_pos + 1
         for cache in caches:
-            cache.next_token_pos = input_pos + 1
+            cache.decoded(input_pos)
             cache.backends_seen.add("compiled" if self.compiled else "static")
         return logits

@@ -79,6 +79,23 @@ def test_decode_attention_is_resolved_and_hashed_only_where_it_changes_the_step(
         assert spec.cuda_graphs == "manual" and spec.identity()["cuda_graphs"] == "manual"
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_a_score_based_cache_compiles_when_asked_with_its_grouped_step(cuda):
+    """compile=auto leaves h2o eager (its compiled step has not run on a GPU yet); compile=true runs the grouped
+    step, under sdpa=auto or eager (what h2o runs anyway), and refuses another formulation."""
+
+    def spec(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return resolve(compose(config_name="config", overrides=["cache=h2o", *overrides]), cuda_available=cuda)
+
+    assert not spec().compile and spec().decode_attention is None
+    for sdpa in ("auto", "eager"):
+        asked = spec("compile=true", f"sdpa={sdpa}")
+        assert asked.compile and asked.decode_attention == asked.identity()["decode_attention"] == "grouped"
+    with pytest.raises(ConfigError, match="decode_attention=flex: a score-based cache evicts by attention weights"):
+        spec("compile=true", "decode_attention=flex")
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))
 def test_every_experiment_expands_to_valid_jobs(experiment):
     assert len(validate([f"experiment={experiment}", "-m"])) >= 4
@@ -155,8 +172,8 @@ BAD = {
     "batch=abc": "batch=abc is not valid",
     "eval=passkey ctx=1k": "needs real weights",
     "eval=passkey weights=pretrained model=smollm2-135m eval.question=later": "eval.question='later' is not valid",
-    "compile=true cache=h2o": "compile=true needs a cache with a compiled decode step; valid caches: dense, "
-    "last_recent",
+    "compile=true cache=h2o decode_attention=sdpa": "decode_attention=sdpa: a score-based cache evicts by attention "
+    "weights, which only its grouped step returns; valid choice: auto",
     "compile=true sdpa=eager": "valid: sdpa=auto, flash, efficient, cudnn, math (got sdpa='eager'",
     "compile=maybe": "compile='maybe' is not valid; valid choices: auto, true, false",
     "expandable_segments=maybe": "expandable_segments=maybe is not valid; valid choices: true, false",
@@ -193,15 +210,18 @@ def test_validate_rejects_a_sweep_without_multirun():
 
 
 def test_compile_true_decodes_through_the_compiled_step(tmp_path):
-    proc = bench(tmp_path, "cache=dense,last_recent", "compile=true,false", "ctx=512", "-m", *SMALL)
+    proc = bench(tmp_path, "cache=dense,last_recent,h2o", "compile=true,false", "ctx=512", "-m", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = rows(tmp_path)
-    assert len(df) == 4 and (df["status"] == "ok").all(), df[["cache", "compile", "error"]]
+    assert len(df) == 6 and (df["status"] == "ok").all(), df[["cache", "compile", "error"]]
     compiled = df[df["compile"].astype(bool)]
-    assert len(compiled) == 2 and set(compiled["sdpa_used_decode"]) == {"compiled"}
+    assert len(compiled) == 3 and set(compiled["sdpa_used_decode"]) == {"compiled"}
     assert set(compiled["compile_mode"]) == {"default"} and (compiled["compile_s"] > 0).all()  # no CUDA graphs
-    assert set(df[~df["compile"].astype(bool)]["sdpa_used_decode"]) == {"flash"}
-    assert set(compiled["decode_kernel"]) == {"sdpa:flash"}  # CPU: the flash kernel of the CPU, under a mask
+    eager = df[~df["compile"].astype(bool)].set_index("cache")["sdpa_used_decode"]
+    assert eager.to_dict() == {"dense": "flash", "last_recent": "flash", "h2o": "eager"}
+    kernels = compiled.set_index("cache")["decode_kernel"].to_dict()
+    # CPU: the flash kernel of the CPU, under a mask; h2o: the grouped step, which returns the weights it scores by
+    assert kernels == {"dense": "sdpa:flash", "last_recent": "sdpa:flash", "h2o": "grouped"}
     # the tracked pass runs the same fixed-shape step eagerly: same cache bytes, a peak of the same order
     for cache, group in df.groupby("cache"):
         assert group["cache_bytes"].nunique() == 1, cache
@@ -222,3 +242,20 @@ def test_weight_layout_is_a_sweep_axis_recorded_and_hashed_when_not_the_default(
             v: resolve(compose(config_name="config", overrides=[f"weight_layout={v}"])) for v in ("in_out", "out_in")
         }
     assert "weight_layout" not in specs["in_out"].identity() and specs["out_in"].identity()["weight_layout"] == "out_in"
+
+
+def test_compiled_jobs_in_one_process_do_not_pile_up_compiled_code(monkeypatch):
+    """isolate=false runs every job in one process: each compiled job drops its compiled step when it ends, so
+    the next one (another cache: another graph) compiles from scratch instead of counting as a recompilation
+    (dynamo fails the step after `recompile_limit` of them; 8 by default, 1 here)."""
+    import torch._dynamo
+
+    from bench.job import run_job
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    for cache in ("dense", "last_recent", "h2o"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"cache={cache}", "compile=true", "ctx=256", *SMALL])
+        row = run_job(resolve(cfg), sweep_id="test", config_hash=cache, progress=False)
+        assert row["status"] == "ok", row.get("error")

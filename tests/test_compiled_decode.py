@@ -1,10 +1,13 @@
 """The compiled decode step (model/compiled_decode.py) against the eager one: same greedy tokens over 64 steps,
 the int API's checks outside the graph, one graph for every step, and what it refuses. On CPU torch.compile runs
 inductor without CUDA graphs, with the SDPA formulation; the flex formulation (what CUDA compiles) is checked here
-eagerly, and compiled with CUDA graphs on the GPU machine (benchmarks/gpu_decode.sh)."""
+eagerly, and compiled with CUDA graphs on the GPU machine (benchmarks/gpu_decode.sh). The score-based caches'
+step (caches/scored.py, decode_step) keeps the tokens the eager step keeps, while the buffer fills and once it
+evicts."""
 
 import pytest
 import torch
+import torch._dynamo
 from torch._dynamo.utils import counters
 from traced import call_targets, traced_step
 
@@ -19,6 +22,16 @@ CASES = {  # cache, cache_length, knobs: the last_recent buffer is shorter than 
     "dense_int8": ("dense", PROMPT + STEPS, {"buffer": "int8"}),
     "last_recent_int4": ("last_recent", 48, {"buffer": "int4"}),
 }
+SCORED = {  # a buffer of 48 is full from the prompt on; one of 120 fills during the first 20 steps, then evicts
+    "h2o": ("h2o", 48, {}),
+    "h2o_filling": ("h2o", 120, {}),
+    "h2o_normalized_int8": ("h2o", 120, {"normalize_scores": True, "buffer": "int8"}),
+    "tova": ("tova", 48, {}),
+    "tova_filling": ("tova", 120, {}),
+    "snapkv_filling": ("snapkv", 120, {"window": 8}),
+    "qh2o_filling": ("qh2o", 120, {}),
+}
+CASES.update(SCORED)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +47,14 @@ def prompt(model):
 
 @torch.inference_mode()
 def greedy(
-    model, prompt, case: str, step: str, attention: str = "auto", backend: str = "auto"
+    model, prompt, case: str, step: str, attention: str = "auto", backend: str = "auto", kept: list | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, STEPS), logits of every step (B, STEPS, vocab)); step: eager | static | compiled; backend: the
-    SDPA kernel of the step (the eager reference always runs its own default)."""
+    SDPA kernel of the step (the eager reference always runs its own default). kept: gets each layer's cached
+    token positions at the end, sorted per sequence and head."""
     cache, length, knobs = CASES[case]
+    if step == "compiled":  # earlier tests' graphs of the step must not count against dynamo's recompile limit
+        torch._dynamo.reset()
     model.set_kv_caches(BATCH, cache, length, **knobs)
     model.set_attention_backend("auto" if step == "eager" else backend)
     token = model(prompt, input_pos=0)[:, -1:].argmax(-1)  # (B, 1)
@@ -49,12 +65,14 @@ def greedy(
         token = out[:, -1:].argmax(-1)
         tokens.append(token)
         logits.append(out)
+    if kept is not None:
+        kept.extend(c.token_positions().sort(dim=-1).values.clone() for c in model.kv_caches)
     model.clear_kv_caches()
     return torch.cat(tokens, 1), torch.cat(logits, 1)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "sdpa_gqa", "flex"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c for c in CASES if c not in SCORED])
 def test_the_fixed_shape_step_equals_the_eager_step(model, prompt, case, attention):
     """Every attention formulation of the fixed-shape step (flex runs eagerly here: what CUDA compiles)."""
     eager_tokens, eager_logits = greedy(model, prompt, case, "eager")
@@ -77,6 +95,33 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(model, prompt, case, atte
     tolerance = 1e-2 if "int8" in case else 1e-4
     assert (compiled_logits - eager_logits).abs().max() <= tolerance
     assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph, every position (no recompilation)
+
+
+@pytest.mark.parametrize("case", list(SCORED))
+def test_the_score_based_step_keeps_what_the_eager_step_keeps(model, prompt, case):
+    """The fixed-shape step of h2o, tova, snapkv and qh2o (run eagerly here) against their eager `_step`: same
+    greedy tokens, same logits, and the same tokens kept in every layer, sequence and head after 64 steps."""
+    kept_eager, kept_static = [], []
+    eager_tokens, eager_logits = greedy(model, prompt, case, "eager", kept=kept_eager)
+    static_tokens, static_logits = greedy(model, prompt, case, "static", kept=kept_static)
+    assert torch.equal(static_tokens, eager_tokens)
+    assert (static_logits - eager_logits).abs().max() <= 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(kept_eager, kept_static, strict=True))
+
+
+@pytest.mark.parametrize("case", ["h2o_filling", "tova", "qh2o_filling"])
+def test_the_score_based_step_compiles_to_one_graph_with_the_eager_tokens(model, prompt, case):
+    """Compiled whole (fullgraph: no data-dependent shape, no host synchronisation, what CUDA graphs need), one
+    graph for the filling steps and the evicting ones alike."""
+    kept_eager, kept_compiled = [], []
+    eager_tokens, eager_logits = greedy(model, prompt, case, "eager", kept=kept_eager)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled_tokens, compiled_logits = greedy(model, prompt, case, "compiled", kept=kept_compiled)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert torch.equal(compiled_tokens, eager_tokens)
+    tolerance = 2e-2 if "qh2o" in case else 1e-4  # int4: inductor's rounding moves a value a level now and then
+    assert (compiled_logits - eager_logits).abs().max() <= tolerance
+    assert all(torch.equal(a, b) for a, b in zip(kept_eager, kept_compiled, strict=True))
 
 
 @torch.inference_mode()
@@ -127,10 +172,17 @@ def test_a_step_repeated_at_its_position_changes_nothing(model, prompt, case):
 
 
 def test_what_compiled_decode_refuses(model):
-    assert compiled_decode_caches() == ["dense", "last_recent"]
+    assert compiled_decode_caches() == ["dense", "h2o", "last_recent", "qh2o", "snapkv", "tova"]
     model.set_kv_caches(1, "h2o", 64)
-    with pytest.raises(ValueError, match="cache 'h2o' has no compiled decode step; caches that have one: dense, "):
-        CompiledDecode(model)
+    with pytest.raises(ValueError, match="evicts by attention weights, which only its grouped step returns; valid "):
+        CompiledDecode(model, compile=False, attention="sdpa")
+    model.set_attention_backend("flash")  # as the eager step: no fused kernel returns the weights
+    with pytest.raises(UnsupportedBackend, match="flash cannot run this call: attention weights need the eager"):
+        CompiledDecode(model, compile=False)
+    model.set_attention_backend("eager")  # what the score-based caches run anyway
+    decoder = CompiledDecode(model, compile=False)
+    assert decoder.attention == decoder.kernel == "grouped"
+    model.set_attention_backend("auto")
     model.set_kv_caches(1, "dense", 64)
     model.set_attention_backend("eager")
     with pytest.raises(ValueError, match="sdpa='eager': the compiled decode step runs one SDPA kernel"):

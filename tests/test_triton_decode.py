@@ -195,3 +195,7 @@ def test_the_kernel_compiles_for_sm90_with_pipelined_vector_loads(dtype, block_n
     assert ptx["mma.sync"] >= 2  # tensor cores for both products
     # no element-wise loads of K/V (the quantized ones: each row's float16 scale and zero per group, K and V)
     assert ptx["ld.global.b16"] == (0 if bits == 0 else 4)
+    # nothing spilled to local memory (each spill is a round trip through the cache hierarchy per tile), and few
+    # enough registers for several programs per SM (65536 per SM; 128 threads x 144 = 18432 for int8)
+    assert ptx["spill_store_bytes"] == ptx["spill_load_bytes"] == 0
+    assert ptx["registers"] * 32 * num_warps <= 65536 // 2

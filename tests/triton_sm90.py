@@ -1,5 +1,6 @@
 """Compile our Triton decode kernel (model/triton_decode.py) for sm_90 on any machine, with the specialisation
-Triton's launcher applies on a GPU (pointers and strides divisible by 16), and count PTX instructions of interest.
+Triton's launcher applies on a GPU (pointers and strides divisible by 16), and count PTX instructions of interest,
+registers and spilled bytes.
 
     python tests/triton_sm90.py bf16 64 4 0    # dtype, BLOCK_N, num_warps, bits (0: float K/V) -> a JSON line
 
@@ -8,7 +9,10 @@ Used by tests/test_triton_decode.py in a process of its own (without TRITON_INTE
 import inspect
 import json
 import math
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import triton
@@ -36,7 +40,25 @@ def main() -> None:
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": 3})  # fmt: skip
     ptx = compiled.asm["ptx"]
-    print(json.dumps({name: ptx.count(name) for name in COUNTED}))
+    print(json.dumps({**{name: ptx.count(name) for name in COUNTED}, **registers(ptx)}))
+
+
+def registers(ptx: str) -> dict:
+    """Registers per thread and spilled bytes, from Triton's bundled ptxas (-v) on the PTX, for sm_90a."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        tool = get_ptxas(90)  # triton >= 3.6 takes the architecture
+    except TypeError:
+        tool = get_ptxas()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "kernel.ptx")
+        src.write_text(ptx)
+        cmd = [getattr(tool, "path", tool), "-v", "--gpu-name", "sm_90a", str(src), "-o", str(Path(tmp, "k.cubin"))]
+        report = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    used = re.search(r"Used (\d+) registers", report)
+    return {"registers": int(used[1]), "spill_store_bytes": int(spills[1]), "spill_load_bytes": int(spills[2])}
 
 
 if __name__ == "__main__":
