@@ -13,7 +13,7 @@ import torch
 
 from caches import KVCacheParams, cache_class, cache_names
 from model.attention import BACKENDS
-from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, resolve_decode_attention
+from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, MANUAL_NEEDS_IDEMPOTENT, resolve_decode_attention
 from model.config import CONFIGS
 from model.gpt import WEIGHT_LAYOUTS
 from model.load import PRETRAINED
@@ -251,6 +251,8 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
                                                  cache_class(name).requires_attn_weights)  # fmt: skip
     kernel_options = _resolve_kernel_options(get("kernel_options"), decode_attention)
     cuda_graphs = _choice("cuda_graphs", str(get("cuda_graphs", "trees")).strip().lower(), CUDA_GRAPHS)
+    if cuda_graphs == "manual" and compile_ and cls.requires_attn_weights:
+        raise ConfigError(f"cuda_graphs=manual with cache={name}: {MANUAL_NEEDS_IDEMPOTENT}")
     if cuda_graphs == "manual" and not (compile_ and device == "cuda"):
         raise ConfigError("cuda_graphs=manual captures the compiled decode step on CUDA; it needs compile=true and "
                           "device=cuda (valid choices here: trees)")  # fmt: skip

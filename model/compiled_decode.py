@@ -39,6 +39,8 @@ def compiled_decode_caches() -> list[str]:
 
 DECODE_ATTENTION = ("auto", *DECODE_FORMULATIONS)  # auto: flex on CUDA, sdpa elsewhere (resolve_decode_attention)
 WEIGHTED = "grouped"  # the formulation of the caches that need attention weights (model/attention.py)
+MANUAL_NEEDS_IDEMPOTENT = ("graphs='manual' runs a step twice at one position, which a score-based cache's step "
+                           "does not allow (it would score and evict twice); valid choices: trees")  # fmt: skip
 CUDA_GRAPHS = ("trees", "manual")  # inductor's CUDA-graph trees (mode="reduce-overhead"), or one graph of our own
 
 
@@ -117,6 +119,8 @@ class CompiledDecode(nn.Module):
             raise ValueError("caches that need attention weights and caches that do not: the compiled step runs one "
                              "attention formulation in every layer")  # fmt: skip
         weighted = weighted.pop()
+        if graphs == "manual" and weighted:  # _replay runs its warm-up step, then the same step again
+            raise ValueError(MANUAL_NEEDS_IDEMPOTENT)
         backends = sorted({c.attn_opts.backend for c in caches})
         if len(backends) > 1 or (backends[0] == "eager" and not weighted):
             raise ValueError(f"sdpa={backends[-1]!r}: the compiled decode step runs one SDPA kernel in every layer; "

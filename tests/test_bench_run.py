@@ -94,6 +94,8 @@ def test_a_score_based_cache_compiles_when_asked_with_its_grouped_step(cuda):
         assert asked.compile and asked.decode_attention == asked.identity()["decode_attention"] == "grouped"
     with pytest.raises(ConfigError, match="decode_attention=flex: a score-based cache evicts by attention weights"):
         spec("compile=true", "decode_attention=flex")
+    with pytest.raises(ConfigError, match="cuda_graphs=manual with cache=h2o: graphs='manual' runs a step twice"):
+        spec("compile=true", "cuda_graphs=manual")
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))
@@ -244,7 +246,7 @@ def test_weight_layout_is_a_sweep_axis_recorded_and_hashed_when_not_the_default(
     assert "weight_layout" not in specs["in_out"].identity() and specs["out_in"].identity()["weight_layout"] == "out_in"
 
 
-def test_compiled_jobs_in_one_process_do_not_pile_up_compiled_code(monkeypatch):
+def test_compiled_jobs_in_one_process_do_not_pile_up_compiled_code():
     """isolate=false runs every job in one process: each compiled job drops its compiled step when it ends, so
     the next one (another cache: another graph) compiles from scratch instead of counting as a recompilation
     (dynamo fails the step after `recompile_limit` of them; 8 by default, 1 here)."""
@@ -252,10 +254,10 @@ def test_compiled_jobs_in_one_process_do_not_pile_up_compiled_code(monkeypatch):
 
     from bench.job import run_job
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
     for cache in ("dense", "last_recent", "h2o"):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=[f"cache={cache}", "compile=true", "ctx=256", *SMALL])
-        row = run_job(resolve(cfg), sweep_id="test", config_hash=cache, progress=False)
+        with torch._dynamo.config.patch(recompile_limit=1):
+            row = run_job(resolve(cfg), sweep_id="test", config_hash=cache, progress=False)
         assert row["status"] == "ok", row.get("error")

@@ -182,6 +182,8 @@ def test_what_compiled_decode_refuses(model):
     model.set_attention_backend("eager")  # what the score-based caches run anyway
     decoder = CompiledDecode(model, compile=False)
     assert decoder.attention == decoder.kernel == "grouped"
+    with pytest.raises(ValueError, match="does not allow \\(it would score and evict twice\\); valid choices: trees"):
+        CompiledDecode(model, graphs="manual")
     model.set_attention_backend("auto")
     model.set_kv_caches(1, "dense", 64)
     model.set_attention_backend("eager")
