@@ -34,7 +34,7 @@ INF = float("inf")
 
 class ScoredCache(KVCache):
     requires_attn_weights = True
-    supports_compiled_decode = True  # decode_step: the full-buffer form of _select_one, no Python ints
+    supports_compiled_decode = True  # decode_step: fixed shapes, no Python ints
     uses_quant_error = False  # qh2o: also keep each token's K+V quantization error
     default_buffer = "float"
 
@@ -128,44 +128,18 @@ class ScoredCache(KVCache):
         _, weights = grouped_attention(query[:, :, w_from:], [(key, value, vis)], self.attn_opts, 0)
         return out, weights
 
-    def _select_one(self, key: Tensor, value: Tensor, p: int, cand_score: Tensor, new_err: Tensor | None) -> None:
-        """A decode step on a full buffer: exactly one of the L + 1 candidates goes. Same rule as `_select`, with
-        reductions instead of sorts and masked scatters instead of data-dependent indexing (no host sync)."""
-        B, G = key.shape[:2]
-        n = self.n_filled
-        cand_pos = torch.cat([self.pos[:B, :, :n], torch.full((B, G, 1), p, device=key.device)], dim=-1)
-        cand_err = None if new_err is None else torch.cat([self.qerr[:B, :, :n], new_err], dim=-1)
-        rank = self.rank(cand_score, cand_pos, cand_err, p + 1)
-        prot = self.protected(cand_pos, p + 1, 1)
-        if prot is not None:
-            rank = rank.masked_fill(prot, INF)
-        lowest = rank == rank.amin(dim=-1, keepdim=True)  # (B, G, n + 1)
-        drop = cand_pos.masked_fill(~lowest, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # oldest
-        keep_new = drop != n  # (B, G, 1): the new token survives and takes the dropped token's slot
-        slot = drop.clamp(max=n - 1)
-        self.score[:B, :, :n] = cand_score[..., :n]
-        self.buf.put_where(B, slot, keep_new, key, value)
-        updates = [(self.pos, cand_pos[..., n:]), (self.score, cand_score[..., n:])]
-        if new_err is not None:
-            updates.append((self.qerr, new_err))
-        for store, new in updates:
-            view = store[:B]
-            view.scatter_(2, slot, torch.where(keep_new, new, view.gather(2, slot)))
-
-    def decode_step(self, query: Tensor, key: Tensor, value: Tensor, pos: Tensor) -> Tensor:
-        """`_step` of one token at fixed shapes, for the compiled decode step (position `pos` on the device, no
-        Python int, no host synchronisation). Every one of the L slots is a candidate, and so is the new token;
-        empty slots (position -1) rank below everything, so while the buffer fills the new token takes the first
-        empty slot (slot n_filled, as `_step` appends), and once it is full this is `_select_one`. Attention: every
-        slot, empty ones masked, plus the new token, one softmax (`static_weighted_decode`)."""
+    def _select_one(
+        self, key: Tensor, value: Tensor, pos: int | Tensor, cand_score: Tensor, new_err: Tensor | None
+    ) -> None:
+        """A decode step at position `pos` (an int, or a 0-d tensor on the device) over every slot of the buffer:
+        exactly one of the L + 1 candidates (the slots, then the new token) goes. Empty slots (position -1) rank
+        below everything, so on a buffer still filling the token takes the first empty one; on a full buffer it is
+        `_select`'s rule, with reductions instead of sorts and masked scatters instead of data-dependent indexing
+        (fixed shapes, no host synchronisation). cand_score (B, G, L + 1); new_err (B, G, 1) or None."""
         B, G = key.shape[:2]
         L = self.cache_length
-        old_k, old_v = self.buf.read(B, L)  # (B, G, L, hs), dequantized from a quantized buffer
-        old_pos = self.pos[:B]  # (B, G, L)
-        out, weights = static_weighted_decode(query, old_k, old_v, old_pos >= 0, key, value, self.attn_opts)
-        cand_score = self.candidate_scores(self.score[:B], weights[..., :L], weights[..., L:], 1)  # (B, G, L + 1)
-        new_err = self.buf.error(key, value) if self.uses_quant_error else None  # (B, G, 1)
-        cand_pos = torch.cat([old_pos, pos.expand(B, G, 1)], dim=-1)  # (B, G, L + 1)
+        new_pos = pos.expand(B, G, 1) if isinstance(pos, Tensor) else torch.full((B, G, 1), pos, device=key.device)
+        cand_pos = torch.cat([self.pos[:B], new_pos], dim=-1)  # (B, G, L + 1)
         cand_err = None if new_err is None else torch.cat([self.qerr[:B], new_err], dim=-1)
         rank = self.rank(cand_score, cand_pos, cand_err, pos + 1)
         prot = self.protected(cand_pos, pos + 1, 1)
@@ -184,6 +158,20 @@ class ScoredCache(KVCache):
         for store, new in updates:
             view = store[:B]
             view.scatter_(2, slot, torch.where(keep_new, new, view.gather(2, slot)))
+
+    def decode_step(self, query: Tensor, key: Tensor, value: Tensor, pos: Tensor) -> Tensor:
+        """`_step` of one token at fixed shapes, for the compiled decode step (position `pos` on the device, no
+        Python int, no host synchronisation): every slot attended, empty ones masked, plus the new token, one
+        softmax (`static_weighted_decode`); then `_select_one` over every slot, which also covers a buffer still
+        filling (the token goes to slot n_filled, as `_step` appends it)."""
+        B, G = key.shape[:2]
+        L = self.cache_length
+        old_k, old_v = self.buf.read(B, L)  # (B, G, L, hs), dequantized from a quantized buffer
+        filled = self.pos[:B] >= 0  # (B, G, L)
+        out, weights = static_weighted_decode(query, old_k, old_v, filled, key, value, self.attn_opts)
+        cand_score = self.candidate_scores(self.score[:B], weights[..., :L], weights[..., L:], 1)  # (B, G, L + 1)
+        new_err = self.buf.error(key, value) if self.uses_quant_error else None  # (B, G, 1)
+        self._select_one(key, value, pos, cand_score, new_err)
         return out
 
     def decoded(self, input_pos: int) -> None:
