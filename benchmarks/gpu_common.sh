@@ -9,6 +9,20 @@ mkdir -p "$R"
 # noise the logs leave out: progress bars, inductor's warnings
 QUIET="it/s\]\|warnings.warn\|UserWarning\|^$\|Online softmax\|split the reduction\|important use case\|^softmax"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
+# Every step's time limit is cut to what is left of the script's budget (BUDGET seconds from its start; 570 by
+# default: the device call's 600, less the wheel install), so that the script ends, its results packed, before the
+# call is cut; a step with under 5 s left is skipped.
+BUDGET=${BUDGET:-570}
+within() {  # time limit, then the command: `timeout` with the limit cut to the budget left
+  local limit=$1 left=$((BUDGET - SECONDS))
+  shift
+  ((limit > left)) && limit=$left
+  if ((limit < 5)); then
+    echo "== skipped, the budget is spent: $*" >> "$OUT/log.txt"
+    return 124
+  fi
+  timeout "$limit" "$@"
+}
 save() { tar -czf "$OUT/results.tar.gz" -C "$R" --exclude=hydra . 2>/dev/null; }
 # the machine: GPU, and the host CPU and its load (launch-bound steps run at the host's pace)
 machine() {
@@ -19,7 +33,7 @@ machine() {
 # the faster weight layout of the step's products (benchmarks/decode_gemm_layout.py): sets LAYOUT
 pick_layout() {  # time limit
   log "python benchmarks/decode_gemm_layout.py --model $MODEL --rows 4"
-  timeout "$1" python3 benchmarks/decode_gemm_layout.py --model "$MODEL" --rows 4 2>&1 | grep "^{" \
+  within "$1" python3 benchmarks/decode_gemm_layout.py --model "$MODEL" --rows 4 2>&1 | grep "^{" \
     | tee -a "$OUT/log.txt" "$OUT/decode_gemm_layout.jsonl"
   LAYOUT=$(python3 benchmarks/decode_gemm_layout.py --pick "$OUT/decode_gemm_layout.jsonl")
   log "faster weight layout: $LAYOUT"
@@ -29,7 +43,7 @@ pick_layout() {  # time limit
 pick_variant() {  # time limit, then decode_variants.py arguments
   local limit=$1; shift
   log "python benchmarks/decode_variants.py --ctx $CTX --batch $BATCH --weight-layout $LAYOUT $*"
-  timeout "$limit" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" --batch "$BATCH" \
+  within "$limit" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" --batch "$BATCH" \
     --steps 32 --weight-layout "$LAYOUT" "$@" 2>&1 | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_variants.jsonl"
   local pick
   pick=$(python3 benchmarks/decode_variants.py --pick "$OUT/decode_variants.jsonl")
@@ -43,7 +57,7 @@ compare_with_hf() {  # time limit, then --case CTX:BATCH ...
   local limit=$1; shift
   log "python -m bench.compare_hf $* --prefill-chunk 1024 --weight-layout $LAYOUT $HF_ARGS"
   # shellcheck disable=SC2086
-  timeout "$limit" python3 -m bench.compare_hf --model "$MODEL" "$@" --systems kvbench,hf_static_compiled \
+  within "$limit" python3 -m bench.compare_hf --model "$MODEL" "$@" --systems kvbench,hf_static_compiled \
     --new-tokens 64 --repeats 2 --prefill-chunk 1024 --results-dir "$R" --weight-layout "$LAYOUT" $HF_ARGS 2>&1 \
     | grep -v "$QUIET" | tee -a "$OUT/log.txt"
   save
@@ -51,7 +65,7 @@ compare_with_hf() {  # time limit, then --case CTX:BATCH ...
 # the picked variant's greedy tokens against the eager step's, float32, 64 steps (benchmarks/compiled_vs_eager.py)
 check_tokens() {  # time limit
   log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --dtype float32 --variant ${VARIANT:-flex}"
-  timeout "$1" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 --caches dense \
+  within "$1" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 --caches dense \
     --dtype float32 --variant "${VARIANT:-flex}" --weight-layout "$LAYOUT" 2>&1 | grep "^{" \
     | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
 }

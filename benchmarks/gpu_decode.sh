@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md): about 9 minutes on an H200
+# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md): at most 9.5 minutes on an H200
 # (an estimate from earlier runs' step and compile times), most important first; results are packed into $OUT
 # after every step, so a run cut short keeps what it did:
 #   0. benchmarks/decode_gemm_layout.py --rows 4: the step's weight products alone, stored (in, out) as loaded or
@@ -13,9 +13,10 @@
 #      32k x 4 first, so that its NVML figure holds no kernel images loaded by an earlier system;
 #   3. benchmarks/compiled_vs_eager.py with that variant: the same greedy tokens (float32, 64 steps);
 #   4. benchmarks/decode_variants.py on an int8 buffer: our Triton kernel reading the codes against that variant;
-#   5. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options;
-#   6. the harness at 32k x 4: last_recent with that variant, and h2o's compiled step (caches/scored.py, not yet
-#      run on a GPU) against its eager one.
+#   5. the harness at 32k x 4: last_recent with that variant, and h2o's compiled step (caches/scored.py, not yet
+#      run on a GPU) against its eager one;
+#   6. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options.
+# Each step's limit is cut to what is left of BUDGET (570 s: gpu_common.sh), so the whole ends inside one call.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
 # Run from the repository root, e.g. with the device tool:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -38,22 +39,22 @@ compare_with_hf "${LIMIT_COMPARE:-240}" --case "$BIG" --case "$SMALL"
 check_tokens "${LIMIT_CHECK:-70}"
 
 log "python benchmarks/decode_variants.py --buffer int8 --ctx $CTX --batch $BATCH"
-timeout "${LIMIT_INT8:-80}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" --batch "$BATCH" \
+within "${LIMIT_INT8:-80}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" --batch "$BATCH" \
   --buffer int8 --steps 32 --weight-layout "$LAYOUT" --variant triton:graphs=manual --variant "${VARIANT:-flex}" \
   2>&1 | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_variants_int8.jsonl"
 
-log "python benchmarks/decode_attention_tune.py --case $BIG"
-timeout "${LIMIT_TUNE:-70}" python3 benchmarks/decode_attention_tune.py --model "$MODEL" --case "$BIG" 2>&1 \
-  | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_attention_tune.jsonl"
-
 log "python -m bench.run ctx=$CTX batch=$BATCH cache=last_recent compile=true $RUN_ARGS"
 # shellcheck disable=SC2086
-timeout "${LIMIT_MORE:-60}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
+within "${LIMIT_MORE:-60}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
   ctx="$CTX" batch="$BATCH" cache=last_recent compile=true prefill_chunk=1024 weight_layout="$LAYOUT" $RUN_ARGS \
   2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 log "python -m bench.run ctx=$CTX batch=$BATCH cache=h2o compile=true,false"
-timeout "${LIMIT_SCORED:-90}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
+within "${LIMIT_SCORED:-90}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
   ctx="$CTX" batch="$BATCH" cache=h2o compile=true,false prefill_chunk=1024 weight_layout="$LAYOUT" -m 2>&1 \
   | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
+
+log "python benchmarks/decode_attention_tune.py --case $BIG"
+within "${LIMIT_TUNE:-70}" python3 benchmarks/decode_attention_tune.py --model "$MODEL" --case "$BIG" 2>&1 \
+  | grep "^{" | tee -a "$OUT/log.txt" "$OUT/decode_attention_tune.jsonl"
 log done

@@ -87,3 +87,20 @@ def test_the_quick_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     tokens = (tmp_path / "out" / "compiled_vs_eager.jsonl").read_text()
     assert '"steps_agreeing": 64, "of": 64' in tokens
     assert (tmp_path / "out" / "results.tar.gz").stat().st_size > 0
+
+
+def test_a_spent_budget_skips_the_remaining_steps_and_still_ends(tmp_path):
+    """Each step's limit is cut to what is left of BUDGET, so the script ends (results packed, log closed) before
+    the device call is cut; with nothing left every step is skipped and said so."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "MODEL": "tiny", "BIG": "512:2", "BUDGET": "0", "OUT": str(tmp_path / "out"),
+           "R": str(tmp_path / "results")}  # fmt: skip
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_decode_quick.sh")], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    skipped = [line for line in log.splitlines() if line.startswith("== skipped, the budget is spent: python3")]
+    assert len(skipped) == 4 and log.rstrip().endswith("done"), log  # layout, variants, compare_hf, tokens
