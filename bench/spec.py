@@ -248,7 +248,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     inject = _choice("inject", get("inject"), INJECT)
     compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa)
     decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_, sdpa,
-                                                 cache_class(name).requires_attn_weights)  # fmt: skip
+                                                 cls.requires_attn_weights)  # fmt: skip
     kernel_options = _resolve_kernel_options(get("kernel_options"), decode_attention)
     cuda_graphs = _choice("cuda_graphs", str(get("cuda_graphs", "trees")).strip().lower(), CUDA_GRAPHS)
     if cuda_graphs == "manual" and compile_ and cls.requires_attn_weights:

@@ -114,11 +114,11 @@ class CompiledDecode(nn.Module):
             raise ValueError("a start-of-layer hook runs Python in every layer: remove it to compile the decode step")
         if model.config.attn_softcap is not None or model.config.sliding_window is not None:
             raise ValueError("attention softcapping and model-level sliding windows run on the eager path only")
-        weighted = {c.requires_attn_weights for c in caches}
-        if len(weighted) > 1:
+        needs_weights = {c.requires_attn_weights for c in caches}
+        if len(needs_weights) > 1:
             raise ValueError("caches that need attention weights and caches that do not: the compiled step runs one "
                              "attention formulation in every layer")  # fmt: skip
-        weighted = weighted.pop()
+        weighted = needs_weights.pop()
         if graphs == "manual" and weighted:  # _replay runs its warm-up step, then the same step again
             raise ValueError(MANUAL_NEEDS_IDEMPOTENT)
         backends = sorted({c.attn_opts.backend for c in caches})
@@ -148,9 +148,10 @@ class CompiledDecode(nn.Module):
 
             p = caches[0].params
             launch = resolve_options(p.batch_size, p.n_query_groups, caches[0].cache_length, device, launch)
-        for cache in caches if not weighted else []:  # how decode_step attends (attention.static_decode_attention)
-            cache.attn_opts.decode_attention = self.attention
-            cache.attn_opts.kernel_options = launch
+        if not weighted:  # how each cache's decode_step attends (model/attention.py, static_decode_attention)
+            for cache in caches:
+                cache.attn_opts.decode_attention = self.attention
+                cache.attn_opts.kernel_options = launch
         self.compiled = compile
         self.kernel = self._kernel(model, caches[0])  # raises UnsupportedBackend for a forced kernel that cannot run
         if compile:  # tensors the graph mutates in place at fixed addresses (as HF's StaticCache marks its own)
