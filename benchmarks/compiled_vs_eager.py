@@ -3,7 +3,8 @@
     python benchmarks/compiled_vs_eager.py                          # CUDA: llama-3.2-1b bf16, ctx 4k, batch 2
     python benchmarks/compiled_vs_eager.py --model tiny --ctx 1024  # CPU
 
-Prints one JSON line per cache: steps until the first differing token (of --steps), max |logit difference| over
+--variant applies to dense and last_recent; h2o decodes through its own grouped step (under graph trees). Prints
+one JSON line per cache: steps until the first differing token (of --steps), max |logit difference| over
 the steps both agree on, ms/step p50 of each path (after a warm-up that compiles and records the CUDA graphs),
 and how many CUDA graphs inductor declined to record. On CUDA in bf16 the two paths reduce in different orders,
 so a late divergence between near-tied logits is possible; an early one, or cudagraph_skips > 0, is a finding.
@@ -20,6 +21,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from bench.measure import sync
+from caches import cache_class
 from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, CompiledDecode
 from model.config import Config
 from model.gpt import GPT, WEIGHT_LAYOUTS
@@ -81,15 +83,19 @@ def main() -> None:
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.ctx), generator=gen).to(device)
     cases = {"dense": ("dense", args.ctx + args.steps + 8, {}),
              "last_recent": ("last_recent", args.ctx // 4, {"sink_tokens": 4}),
-             "dense-int8": ("dense", args.ctx + args.steps + 8, {"buffer": "int8"})}  # fmt: skip
+             "dense-int8": ("dense", args.ctx + args.steps + 8, {"buffer": "int8"}),
+             # fills during the first half of the steps, then evicts: both phases of the score-based step
+             "h2o": ("h2o", args.ctx + args.steps // 2, {})}  # fmt: skip
     for name in args.caches.split(","):
         cache, length, knobs = cases[name]
         model.set_kv_caches(args.batch, cache, length, **knobs)
         eager_tokens, eager_logits, eager_s = greedy(model, prompt, model, args.steps, device)
         skips = counters["inductor"]["cudagraph_skips"]
-        model.set_attention_backend(variant["sdpa"])
-        decoder = CompiledDecode(model, attention=variant["attention"], kernel_options=variant["kernel_options"],
-                                 graphs=variant["graphs"])  # fmt: skip
+        weighted = cache_class(cache).requires_attn_weights  # its one formulation, under graph trees
+        model.set_attention_backend("auto" if weighted else variant["sdpa"])
+        decoder = CompiledDecode(model, attention="auto" if weighted else variant["attention"],
+                                 kernel_options=None if weighted else variant["kernel_options"],
+                                 graphs="trees" if weighted else variant["graphs"])  # fmt: skip
         model.set_attention_backend("auto")  # the prefills stay as the eager reference's
         greedy(model, prompt[:, : min(args.ctx, 256)], decoder, 3, device)  # compile, record the graphs
         compiled_tokens, compiled_logits, compiled_s = greedy(model, prompt, decoder, args.steps, device)

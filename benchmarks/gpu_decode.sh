@@ -14,7 +14,7 @@
 #   3. benchmarks/compiled_vs_eager.py with that variant: the same greedy tokens (float32, 64 steps);
 #   4. benchmarks/decode_variants.py on an int8 buffer: our Triton kernel reading the codes against that variant;
 #   5. the harness at 32k x 4: last_recent with that variant, and h2o's compiled step (caches/scored.py, not yet
-#      run on a GPU) against its eager one;
+#      run on a GPU) against its eager one; then h2o's greedy tokens, compiled against eager (float32, 64 steps);
 #   6. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options.
 # Each step's limit is cut to what is left of BUDGET (570 s: gpu_common.sh), so the whole ends inside one call.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
@@ -53,6 +53,11 @@ within "${LIMIT_SCORED:-90}" python3 -m bench.run model="$MODEL" new_tokens=64 s
   ctx="$CTX" batch="$BATCH" cache=h2o compile=true,false prefill_chunk=1024 weight_layout="$LAYOUT" -m 2>&1 \
   | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
+
+log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --dtype float32 --caches h2o"
+within "${LIMIT_CHECK_SCORED:-60}" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 \
+  --caches h2o --dtype float32 --weight-layout "$LAYOUT" 2>&1 | grep "^{" \
+  | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
 
 log "python benchmarks/decode_attention_tune.py --case $BIG"
 within "${LIMIT_TUNE:-70}" python3 benchmarks/decode_attention_tune.py --model "$MODEL" --case "$BIG" 2>&1 \
