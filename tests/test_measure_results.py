@@ -93,6 +93,52 @@ def test_mbu_is_bytes_per_step_over_step_time_over_bandwidth(monkeypatch):
     assert cols == {"bandwidth_bytes_s": 4e12, "mbu": pytest.approx(0.6)}  # 6 GB in 2.5 ms = 2.4 TB/s
 
 
+def test_the_copy_bandwidth_is_timed_on_the_device_in_batches(monkeypatch):
+    """measured_bandwidth's CUDA path on the CPU, with fake CUDA events that read a fake device clock advanced by
+    each copy: the figure is bytes read + written per copy over the best batch's time per copy; the host's time
+    between copies does not count."""
+    import torch
+
+    from bench import measure
+
+    clock = {"s": 0.0, "copies": 0}
+    per_copy = [2.5e-4, 2.0e-4, 3.0e-4]  # seconds per copy in successive batches (warm-up copies: the first)
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.t = None
+
+        def record(self, stream=None) -> None:
+            self.t = clock["s"]
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end) -> float:
+            return (end.t - self.t) * 1e3  # milliseconds, as CUDA's
+
+    class Tensor:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def numel(self) -> int:
+            return self.n
+
+        def copy_(self, src) -> None:
+            clock["s"] += per_copy[min(len(per_copy) - 1, max(0, (clock["copies"] - 3) // 10))]
+            clock["copies"] += 1
+
+    monkeypatch.setattr(measure, "_BANDWIDTH", {})
+    monkeypatch.setattr(torch, "empty", lambda n, dtype=None, device=None: Tensor(n))
+    monkeypatch.setattr(torch, "empty_like", lambda t: Tensor(t.n))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    bandwidth = measure.measured_bandwidth(torch.device("cuda"), nbytes=1 << 30, copies=10, trials=3)
+    assert clock["copies"] == 3 + 3 * 10
+    assert bandwidth == pytest.approx((1 << 30) / 2.0e-4)  # 512 MiB read + 512 MiB written in the best 0.2 ms
+
+
 def test_timing_columns():
     from bench.job import timing_columns
 
