@@ -13,8 +13,8 @@
 #      32k x 4 first, so that its NVML figure holds no kernel images loaded by an earlier system;
 #   3. benchmarks/compiled_vs_eager.py with that variant: the same greedy tokens (float32, 64 steps);
 #   4. benchmarks/decode_variants.py on an int8 buffer: our Triton kernel reading the codes against that variant;
-#   5. the harness at 32k x 4: last_recent with that variant, and h2o's compiled step (caches/scored.py, not yet
-#      run on a GPU) against its eager one; then h2o's greedy tokens, compiled against eager (float32, 64 steps);
+#   5. the harness: last_recent at 32k x 4 with that variant, and h2o's compiled step (caches/scored.py, not yet
+#      run on a GPU) against its eager one at 8k x 4; then h2o's greedy tokens, compiled against eager (float32);
 #   6. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options.
 # Each step's limit is cut to what is left of BUDGET (570 s: gpu_common.sh), so the whole ends inside one call.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
@@ -48,10 +48,11 @@ log "python -m bench.run ctx=$CTX batch=$BATCH cache=last_recent compile=true $R
 within "${LIMIT_MORE:-60}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
   ctx="$CTX" batch="$BATCH" cache=last_recent compile=true prefill_chunk=1024 weight_layout="$LAYOUT" $RUN_ARGS \
   2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
-log "python -m bench.run ctx=$CTX batch=$BATCH cache=h2o compile=true,false"
+# h2o at the small case's context (its eager prefill attends the whole prompt to score it: 16x less work at 8k)
+log "python -m bench.run ctx=${SMALL%:*} batch=$BATCH cache=h2o compile=true,false"
 within "${LIMIT_SCORED:-90}" python3 -m bench.run model="$MODEL" new_tokens=64 sweep=decode results_dir="$R" \
-  ctx="$CTX" batch="$BATCH" cache=h2o compile=true,false prefill_chunk=1024 weight_layout="$LAYOUT" -m 2>&1 \
-  | grep -v "$QUIET" | tee -a "$OUT/log.txt"
+  ctx="${SMALL%:*}" batch="$BATCH" cache=h2o compile=true,false prefill_chunk=1024 weight_layout="$LAYOUT" -m \
+  2>&1 | grep -v "$QUIET" | tee -a "$OUT/log.txt"
 save
 
 log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --dtype float32 --caches h2o"
