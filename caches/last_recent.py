@@ -122,12 +122,6 @@ class LastRecentCache(KVCache):
         return self.pos[:n].expand(self.batch_size or self.params.batch_size, self.params.n_query_groups, n)
 
     @classmethod
-    def size_estimate_apriori(
-        cls,
-        params: KVCacheParams,
-        sink_tokens: int = 0,
-        buffer: str = "float",
-        group_size: int = 32,
-        static_decode: bool = False,
-    ) -> int:
+    def size_estimate_apriori(cls, params: KVCacheParams, buffer: str = "float", group_size: int = 32, **knobs) -> int:
+        """The other knobs (sink_tokens, static_decode) do not change the bytes."""
         return buffer_nbytes(params, buffer, group_size) + params.cache_length * 8  # K/V and int64 slot positions
