@@ -15,7 +15,8 @@
 #   4. benchmarks/decode_variants.py on an int8 buffer: our Triton kernel reading the codes against that variant;
 #   5. the harness: last_recent at 32k x 4 with that variant, and h2o's compiled step (caches/scored.py, not yet
 #      run on a GPU) against its eager one at 8k x 4; then h2o's greedy tokens, compiled against eager (float32);
-#   6. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options.
+#   6. the harness, eager: prefill chunks through flash (its bottom-right causal flag, no mask) against auto;
+#   7. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options.
 # Each step's limit is cut to what is left of BUDGET (570 s: gpu_common.sh), so the whole ends inside one call.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
 # Run from the repository root, e.g. with the device tool:
@@ -59,6 +60,14 @@ log "python benchmarks/compiled_vs_eager.py --ctx 2048 --batch 2 --dtype float32
 within "${LIMIT_CHECK_SCORED:-60}" python3 benchmarks/compiled_vs_eager.py --model "$MODEL" --ctx 2048 --batch 2 \
   --caches h2o --dtype float32 --weight-layout "$LAYOUT" 2>&1 | grep "^{" \
   | tee -a "$OUT/log.txt" "$OUT/compiled_vs_eager.jsonl"
+
+# eager, prefill chunks through flash's bottom-right causal flag (no cuDNN, no mask) against auto (cuDNN for masked
+# chunks): prefill time, and NVML less reserved with and without cuDNN's kernels loaded
+log "python -m bench.run ctx=$CTX batch=$BATCH sdpa=flash,auto compile=false"
+within "${LIMIT_FLASH:-50}" python3 -m bench.run model="$MODEL" new_tokens=16 sweep=flash_chunks results_dir="$R" \
+  ctx="$CTX" batch="$BATCH" sdpa=flash,auto compile=false prefill_chunk=1024 -m 2>&1 | grep -v "$QUIET" \
+  | tee -a "$OUT/log.txt"
+save
 
 log "python benchmarks/decode_attention_tune.py --case $BIG"
 within "${LIMIT_TUNE:-70}" python3 benchmarks/decode_attention_tune.py --model "$MODEL" --case "$BIG" 2>&1 \

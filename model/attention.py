@@ -5,7 +5,8 @@ The rules (DESIGN.md, "Attention rules"):
 * No mask cache. Who may see whom is described by token positions (`Visibility`) and turned into the cheapest
   form for this one call: `is_causal=True` for a causal prefill at position 0 (no mask at all), nothing for a
   decode step that sees every key, otherwise a boolean (T, S) slice for this chunk only. The eager path builds
-  it per query block, (block, S) at a time.
+  it per query block, (block, S) at a time. Forced flash on CUDA takes no mask: a chunk over every earlier token
+  goes to it as `causal_lower_right` (its causal flag, aligned to the last key) instead.
 * GQA: K/V arrive with n_query_groups heads and are never expanded when the query is shorter than the keys:
   SDPA gets `enable_gqa=True`; the eager path multiplies grouped queries (B, G, q_per_kv * T, hs) by the
   group's keys.
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "eager")
@@ -166,6 +168,13 @@ def sdpa(
     n_groups, S = key.shape[1], key.shape[2]
     gqa = n_groups != n_head
     is_causal = vis.k_pos is None and window is None and vis.q_start == 0 and T == S
+    bottom_right = opts.backend == "flash" and _bottom_right_causal(vis, T, S, window)
+    if bottom_right and _flash_runs_bottom_right(query, key, value, gqa):
+        # A chunk over every earlier key and itself: causal aligned to the last key, which CUDA's flash kernel runs
+        # from its flag, with no mask (`causal_lower_right` dispatches to it). With a mask flash has no kernel.
+        bias = causal_lower_right(T, S)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=opts.scale, enable_gqa=gqa)
+        return out, "flash"
     planes = 1 if vis.k_pos is None or vis.k_pos.dim() == 1 else B * n_head  # mask (T, S) or (B, n_head, T, S)
     rows = max(1, MASK_ELEMENTS // (planes * S))
     if not is_causal and T > rows and _needs_mask(vis, 0, S, window):
@@ -205,6 +214,21 @@ def sdpa(
             ) from None
         raise
     return out, used
+
+
+def _bottom_right_causal(vis: Visibility, T: int, S: int, window: int | None) -> bool:
+    """The call's queries are the last T of keys 0 .. S-1 (a prefill chunk over a cache that holds every
+    earlier token in order): query i sees keys 0 .. S - T + i, causal aligned to the bottom-right corner."""
+    return vis.k_pos is None and window is None and not vis.all_visible and 1 < T < S and vis.q_start == S - T
+
+
+def _flash_runs_bottom_right(query: Tensor, key: Tensor, value: Tensor, gqa: bool) -> bool:
+    """Whether CUDA's flash kernel takes this call with its causal flag, which it aligns bottom-right when the
+    query is shorter than the keys (its CPU kernel aligns it top-left: there a mask is built as for the others)."""
+    if query.device.type != "cuda":
+        return False
+    params = torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, False, gqa)
+    return torch.backends.cuda.can_use_flash_attention(params)
 
 
 _choice_memo: dict[tuple, str] = {}

@@ -1,10 +1,11 @@
 import pytest
 import torch
 from reference import naive_attention, window_allowed
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import attention as A
-from model.attention import AttentionOptions, UnsupportedBackend, Visibility, attention, visible_mask
+from model.attention import AttentionOptions, UnsupportedBackend, Visibility, _mask_rows, attention, visible_mask
 
 
 def _qkv(B=2, H=8, G=2, T=12, S=12, hs=16, seed=0):
@@ -172,6 +173,45 @@ def test_unmasked_long_chunk_is_one_call(monkeypatch):
     out, _, _ = attention(q, k, v, Visibility(q_start=0, all_visible=True), AttentionOptions())
     torch.testing.assert_close(out, naive_attention(q, k, v, torch.ones(8, 20, dtype=torch.bool)), atol=1e-5, rtol=1e-5)
     assert calls == [1]
+
+
+BOTTOM_RIGHT_CASES = {  # name: (T, S, Visibility, allowed mask, whether the chunk is bottom-right causal)
+    "chunk": (5, 17, Visibility(q_start=12), _lower_right(5, 17), True),
+    "long chunk": (40, 64, Visibility(q_start=24), _lower_right(40, 64), True),
+    "keys past the chunk": (5, 17, Visibility(q_start=10), torch.ones(5, 17, dtype=torch.bool).tril(10), False),
+    "window": (5, 17, Visibility(q_start=12, window=4), window_allowed(17, 4)[12:], False),
+    "scrambled slots": (
+        5,
+        17,
+        Visibility(q_start=12, k_pos=torch.arange(17).flip(0)),
+        _lower_right(5, 17).flip(1),
+        False,
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(BOTTOM_RIGHT_CASES))
+def test_flash_runs_a_chunk_over_every_earlier_key_without_a_mask(monkeypatch, case):
+    """A chunk whose keys are every earlier token and itself, in order, is causal aligned bottom-right: forced flash
+    passes it as `causal_lower_right` (CUDA's flash kernel runs that from its causal flag, where a (T, S) mask has no
+    flash kernel), no mask built. Any other chunk keeps its mask. CUDA's check is faked here; on the CPU torch then
+    runs the bias through a mask of its own, so the output is checked against naive attention either way."""
+    T, S, vis, allowed, bottom_right = BOTTOM_RIGHT_CASES[case]
+    monkeypatch.setattr(A, "_flash_runs_bottom_right", lambda *args: True)
+    biases, masks = [], []
+    monkeypatch.setattr(A, "causal_lower_right", lambda *size: biases.append(size) or causal_lower_right(*size))
+    monkeypatch.setattr(A, "_mask_rows", lambda *args: masks.append(1) or _mask_rows(*args))
+    q, k, v = _qkv(B=2, H=8, G=2, T=T, S=S)
+    out, used, _ = attention(q, k, v, vis, AttentionOptions(backend="flash"))
+    torch.testing.assert_close(out, naive_attention(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    assert used == "flash"
+    assert (biases, bool(masks)) == (([(T, S)], False) if bottom_right else ([], True))
+
+
+def test_flash_chunks_on_the_cpu_keep_their_mask():
+    """The CPU's flash kernel aligns its causal flag top-left: a chunk there is masked, never the bias."""
+    q, k, v = _qkv(T=5, S=17)
+    assert not A._flash_runs_bottom_right(q, k, v, True)
 
 
 @pytest.mark.parametrize("formulation", ["sdpa", "flex"])
