@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "eager")
@@ -225,8 +225,8 @@ def _bottom_right_causal(vis: Visibility, T: int, S: int, window: int | None) ->
 def _flash_runs_bottom_right(query: Tensor, key: Tensor, value: Tensor, gqa: bool) -> bool:
     """Whether CUDA's flash kernel takes this call with its causal flag, which it aligns bottom-right when the
     query is shorter than the keys (its CPU kernel aligns it top-left: there a mask is built as for the others)."""
-    if query.device.type != "cuda":
-        return False
+    if query.device.type != "cuda" or (gqa and "enable_gqa" not in inspect.signature(CausalBias._dispatch).parameters):
+        return False  # (a torch whose causal bias takes no enable_gqa would drop it)
     params = torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, False, gqa)
     return torch.backends.cuda.can_use_flash_attention(params)
 
