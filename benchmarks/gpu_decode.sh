@@ -11,7 +11,8 @@
 #      Llama-3.2-1B shape, bf16, ctx 32k batch 4 then ctx 8k batch 1, one process, prefill chunks of 1024 tokens:
 #      speed against HF from the same run, mbu, peak allocated and NVML memory (every must-show but the tokens);
 #      32k x 4 first, so that its NVML figure holds no kernel images loaded by an earlier system;
-#   3. benchmarks/compiled_vs_eager.py with that variant: the same greedy tokens (float32, 64 steps);
+#   3. benchmarks/compiled_vs_eager.py with that variant: the same greedy tokens (float32, 64 steps); then the
+#      variant at the small case with its slowest kernels (where a batch-1 step's time goes);
 #   4. benchmarks/decode_variants.py on an int8 buffer: our Triton kernel reading the codes against that variant;
 #   5. the harness: last_recent at 32k x 4 with that variant, and h2o's compiled step (caches/scored.py, not yet
 #      run on a GPU) against its eager one at 8k x 4; then h2o's greedy tokens, compiled against eager (float32);
@@ -38,6 +39,13 @@ pick_variant "${LIMIT_VARIANTS:-200}" --top 5
 compare_with_hf "${LIMIT_COMPARE:-240}" --case "$BIG" --case "$SMALL"
 
 check_tokens "${LIMIT_CHECK:-70}"
+
+# the picked variant at the small case too, with its slowest kernels: where a batch-1 step's time goes (appended to
+# decode_variants.jsonl, after the pick)
+log "python benchmarks/decode_variants.py --ctx ${SMALL%:*} --batch ${SMALL#*:} --variant ${VARIANT:-flex} --top 8"
+within "${LIMIT_SMALL:-60}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "${SMALL%:*}" \
+  --batch "${SMALL#*:}" --steps 32 --weight-layout "$LAYOUT" --variant "${VARIANT:-flex}" --top 8 2>&1 | grep "^{" \
+  | tee -a "$OUT/log.txt" "$OUT/decode_variants.jsonl"
 
 log "python benchmarks/decode_variants.py --buffer int8 --ctx $CTX --batch $BATCH"
 within "${LIMIT_INT8:-80}" python3 benchmarks/decode_variants.py --model "$MODEL" --ctx "$CTX" --batch "$BATCH" \
