@@ -37,13 +37,15 @@ from model.compiled_decode import CUDA_GRAPHS, CompiledDecode
 from model.config import CONFIGS
 from model.gpt import GPT, WEIGHT_LAYOUTS
 
-CUDA_VARIANTS = [  # graph trees for flex and triton too, in case manual capture fails
+CUDA_VARIANTS = [  # each formulation first (flex: the one measured before), then the alternatives; graph trees
+    # for flex and triton too, in case manual capture fails. Compiling and capturing flex's step took 27 s on an
+    # H200 (results/baselines/h200/, run 2): a run cut short by its time limit loses the last ones.
     "flex",
-    "flex:graphs=manual",
-    "sdpa_gqa:graphs=manual",
-    "sdpa:graphs=manual",
-    "triton",
     "triton:graphs=manual",
+    "sdpa_gqa:graphs=manual",
+    "triton",
+    "flex:graphs=manual",
+    "sdpa:graphs=manual",
     "triton:graphs=manual:BLOCK_N=128:num_warps=8",
 ]
 # kernel names that hold attention: flex (inductor's templates are "triton_tem_..."), SDPA's kernels, the softmax
