@@ -227,7 +227,10 @@ def _flash_runs_bottom_right(query: Tensor, key: Tensor, value: Tensor, gqa: boo
     query is shorter than the keys (its CPU kernel aligns it top-left: there a mask is built as for the others)."""
     if query.device.type != "cuda" or (gqa and "enable_gqa" not in inspect.signature(CausalBias._dispatch).parameters):
         return False  # (a torch whose causal bias takes no enable_gqa would drop it)
-    params = torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, False, gqa)
+    try:
+        params = torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, False, gqa)
+    except TypeError:  # a torch whose SDPAParams has no enable_gqa
+        return False
     return torch.backends.cuda.can_use_flash_attention(params)
 
 
