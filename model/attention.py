@@ -222,11 +222,15 @@ def _bottom_right_causal(vis: Visibility, T: int, S: int, window: int | None) ->
     return vis.k_pos is None and window is None and not vis.all_visible and 1 < T < S and vis.q_start == S - T
 
 
+# a torch whose causal bias takes no enable_gqa would drop it (read once, not per prefill chunk and layer)
+_CAUSAL_BIAS_TAKES_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+
+
 def _flash_runs_bottom_right(query: Tensor, key: Tensor, value: Tensor, gqa: bool) -> bool:
     """Whether CUDA's flash kernel takes this call with its causal flag, which it aligns bottom-right when the
     query is shorter than the keys (its CPU kernel aligns it top-left: there a mask is built as for the others)."""
-    if query.device.type != "cuda" or (gqa and "enable_gqa" not in inspect.signature(CausalBias._dispatch).parameters):
-        return False  # (a torch whose causal bias takes no enable_gqa would drop it)
+    if query.device.type != "cuda" or (gqa and not _CAUSAL_BIAS_TAKES_GQA):
+        return False
     try:
         params = torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, False, gqa)
     except TypeError:  # a torch whose SDPAParams has no enable_gqa

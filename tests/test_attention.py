@@ -186,7 +186,7 @@ BOTTOM_RIGHT_CASES = {  # name: (T, S, Visibility, allowed mask, whether the chu
         Visibility(q_start=12, k_pos=torch.arange(17).flip(0)),
         _lower_right(5, 17).flip(1),
         False,
-    ),  # fmt: skip
+    ),
 }
 
 
