@@ -11,6 +11,13 @@ num_warps, SPLIT_KV. On CUDA each variant is compiled, 20 calls are captured in 
 timed, so launch overhead is not counted; SDPA flash over the filled slots only (no mask, `enable_gqa`) is the
 reference. Prints one JSON line per variant: microseconds per call, max |error| against SDPA in float32, the
 K/V bytes it must read, and that over the measured device-to-device bandwidth (`bw_frac`).
+
+Then eager SDPA over the filled slots (an eager decode step's call) per kernel (cuDNN and flash on CUDA, math on
+the CPU), two ways: at one key length called again and again, and with one more key each call, as eager decode
+grows its cache. PyTorch keys its cache of built cuDNN graphs by the key length among other shapes
+(aten/src/ATen/native/cudnn/MHA.cpp, `MHAParams.s_kv`): if building a graph is what an eager cuDNN decode step
+spends its time on (46-61 ms/step in results/baselines/h200/backend_matrix/), the second way is that slow and the
+first is not.
 """
 
 from __future__ import annotations
@@ -64,6 +71,20 @@ def timed_us(fn, device: torch.device, repeats: int = 5) -> float:
     return statistics.median(times) * 1e6
 
 
+def eager_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], backend: SDPBackend) -> float:
+    """Median milliseconds of one eager SDPA call over the first `lengths[i]` slots of K/V (`enable_gqa`, no mask),
+    each call synchronised and timed from the host."""
+    times = []
+    for n in lengths:
+        sync(q.device)
+        t0 = time.perf_counter()
+        with sdpa_kernel([backend]):
+            F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], enable_gqa=True)
+        sync(q.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def parse_variant(text: str) -> AttentionOptions:
     """`triton:BLOCK_N=128:num_warps=8` -> the AttentionOptions a cache's decode step would carry."""
     form, *pairs = text.split(":")
@@ -106,6 +127,18 @@ def run_case(args, cfg: Config, ctx: int, batch: int, device: torch.device, band
                 row["bw_frac"] = kv_bytes / (us / 1e6) / bandwidth
         except Exception as e:  # noqa: BLE001 - a variant that does not compile or run is a result
             row = {**base, "variant": name, **extra, "error": f"{type(e).__name__}: {e}"[:300]}
+        print(json.dumps(row), flush=True)
+
+    calls = 8  # first: a few seconds, before the compiled variants (the GPU script's step limit may cut those)
+    for name in ("cudnn", "flash") if device.type == "cuda" else ("math",):
+        backend = getattr(SDPBackend, {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}[name])
+        row = {**base, "variant": f"eager sdpa={name}", "calls": calls}
+        try:
+            eager_ms(q, k, v, [ctx] * 2, backend)  # load the kernel; build the graph for this length
+            row["ms_same_length"] = eager_ms(q, k, v, [ctx] * calls, backend)
+            row["ms_growing_length"] = eager_ms(q, k, v, list(range(ctx + 1, ctx + 1 + calls)), backend)
+        except Exception as e:  # noqa: BLE001 - a kernel that does not run here is a result
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
         print(json.dumps(row), flush=True)
 
     for text in [t for t in args.grid.split(",") if t]:

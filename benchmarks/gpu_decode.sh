@@ -17,7 +17,8 @@
 #   5. the harness: last_recent at 32k x 4 with that variant, and h2o's compiled step (caches/scored.py, not yet
 #      run on a GPU) against its eager one at 8k x 4; then h2o's greedy tokens, compiled against eager (float32);
 #   6. the harness, eager: prefill chunks through flash (its bottom-right causal flag, no mask) against auto;
-#   7. benchmarks/decode_attention_tune.py: one layer's attention alone per formulation and kernel options.
+#   7. benchmarks/decode_attention_tune.py: eager cuDNN and flash at a fixed and a growing key length (does cuDNN
+#      build a graph per new length?), then one layer's attention alone per formulation and kernel options.
 # Each step's limit is cut to what is left of BUDGET (570 s: gpu_common.sh), so the whole ends inside one call.
 # Writes $OUT/results.tar.gz (the sweep folders without Hydra's logs), $OUT/log.txt, $OUT/*.jsonl.
 # Run from the repository root, e.g. with the device tool:

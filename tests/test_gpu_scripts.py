@@ -104,3 +104,20 @@ def test_a_spent_budget_skips_the_remaining_steps_and_still_ends(tmp_path):
     log = (tmp_path / "out" / "log.txt").read_text()
     skipped = [line for line in log.splitlines() if line.startswith("== skipped, the budget is spent: python3")]
     assert len(skipped) == 4 and log.rstrip().endswith("done"), log  # layout, variants, compare_hf, tokens
+
+
+def test_the_attention_tune_rows_on_the_cpu(monkeypatch, capsys):
+    """benchmarks/decode_attention_tune.py (the GPU script's last step) on the CPU: each formulation agrees with
+    float32 SDPA over the filled slots, and the eager rows time both key-length patterns (the cuDNN graph-cache
+    check on the GPU) with the kernel that runs here."""
+    import json
+
+    import decode_attention_tune
+
+    monkeypatch.setattr(sys, "argv", ["decode_attention_tune.py", "--model", "tiny", "--case", "300:2"])
+    decode_attention_tune.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in rows] == ["eager sdpa=math", "sdpa", "sdpa_gqa"]
+    eager, *variants = rows
+    assert "error" not in eager and eager["ms_same_length"] > 0 and eager["ms_growing_length"] > 0
+    assert all(r["max_abs_err"] <= 1e-5 for r in variants), variants
