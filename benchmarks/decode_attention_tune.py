@@ -130,8 +130,8 @@ def run_case(args, cfg: Config, ctx: int, batch: int, device: torch.device, band
         print(json.dumps(row), flush=True)
 
     calls = 8  # first: a few seconds, before the compiled variants (the GPU script's step limit may cut those)
-    for name in ("cudnn", "flash") if device.type == "cuda" else ("math",):
-        backend = getattr(SDPBackend, {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}[name])
+    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    for name, backend in (kernels if device.type == "cuda" else {"math": SDPBackend.MATH}).items():
         row = {**base, "variant": f"eager sdpa={name}", "calls": calls}
         try:
             eager_ms(q, k, v, [ctx] * 2, backend)  # load the kernel; build the graph for this length
