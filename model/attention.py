@@ -23,13 +23,19 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+# torch.nn.attention.bias imports torch._dynamo, and inductor and triton with it: 120-140 MiB of resident memory
+# in every job's process. Only forced flash on CUDA uses it (bottom-right causal chunks), so it is imported there,
+# and an eager job's peak RSS holds no compiler it never runs.
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "eager")
 # how a compiled decode step attends (static_decode_attention)
@@ -172,7 +178,7 @@ def sdpa(
     if bottom_right and _flash_runs_bottom_right(query, key, value, gqa):
         # A chunk over every earlier key and itself: causal aligned to the last key, which CUDA's flash kernel runs
         # from its flag, with no mask (`causal_lower_right` dispatches to it). With a mask flash has no kernel.
-        bias = causal_lower_right(T, S)
+        bias = _lower_right_bias(T, S)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=opts.scale, enable_gqa=gqa)
         return out, "flash"
     planes = 1 if vis.k_pos is None or vis.k_pos.dim() == 1 else B * n_head  # mask (T, S) or (B, n_head, T, S)
@@ -222,14 +228,30 @@ def _bottom_right_causal(vis: Visibility, T: int, S: int, window: int | None) ->
     return vis.k_pos is None and window is None and not vis.all_visible and 1 < T < S and vis.q_start == S - T
 
 
-# a torch whose causal bias takes no enable_gqa would drop it (read once, not per prefill chunk and layer)
-_CAUSAL_BIAS_TAKES_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+def _lower_right_bias(T: int, S: int) -> CausalBias:
+    """torch's `causal_lower_right(T, S)` (a CausalBias), imported at first use (see the imports above)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(T, S)
+
+
+_CAUSAL_BIAS_TAKES_GQA: bool | None = None  # whether torch's causal bias takes enable_gqa (read at first use)
+
+
+def _causal_bias_takes_gqa() -> bool:
+    """A torch whose causal bias takes no enable_gqa would drop it (read once, not per prefill chunk and layer)."""
+    global _CAUSAL_BIAS_TAKES_GQA
+    if _CAUSAL_BIAS_TAKES_GQA is None:
+        from torch.nn.attention.bias import CausalBias
+
+        _CAUSAL_BIAS_TAKES_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+    return _CAUSAL_BIAS_TAKES_GQA
 
 
 def _flash_runs_bottom_right(query: Tensor, key: Tensor, value: Tensor, gqa: bool) -> bool:
     """Whether CUDA's flash kernel takes this call with its causal flag, which it aligns bottom-right when the
     query is shorter than the keys (its CPU kernel aligns it top-left: there a mask is built as for the others)."""
-    if query.device.type != "cuda" or (gqa and not _CAUSAL_BIAS_TAKES_GQA):
+    if query.device.type != "cuda" or (gqa and not _causal_bias_takes_gqa()):
         return False
     try:
         params = torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, False, gqa)

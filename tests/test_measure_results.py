@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -40,6 +43,41 @@ def test_peak_rss_resets_and_sees_a_big_allocation():
     big = torch.ones(256 * mib // 4)
     assert measure.peak_rss() >= low + 200 * mib
     del big
+
+
+# An eager job of every cache kind in one process, then the modules it loaded (run where no test imported any).
+# track_tensors=false: the CPU's exact-bytes pass runs after the RSS figure is read (its dispatch mode loads dynamo).
+_EAGER_JOBS = """
+import sys
+from hydra import compose, initialize_config_dir
+from bench.job import run_job
+from bench.run import CONF_DIR
+from bench.spec import resolve
+for cache in ("dense", "last_recent", "h2o", "qh2o"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"cache={cache}", "ctx=1k", "new_tokens=4", "repeats=1",
+                                                          "track_tensors=false"])
+    row = run_job(resolve(cfg, cuda_available=False), "s", cache, progress=False)
+    assert row["status"] == "ok", row.get("error")
+print(",".join(m for m in ("torch._dynamo", "torch._inductor", "triton") if m in sys.modules))
+from model import attention
+attention._causal_bias_takes_gqa()  # forced flash's bottom-right causal chunks do load the compiler: seen here
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_an_eager_job_loads_no_compiler():
+    """peak_rss_bytes counts every library the job's process loaded. torch._dynamo (and triton and inductor with
+    it) added about 250 MiB to an eager CPU job's peak RSS (360 against 610 MiB, tiny model, ctx 8k) for code it
+    never ran: an eager job must not import it."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", _EAGER_JOBS], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded, flex_loads_it = proc.stdout.splitlines()[-2:]
+    assert loaded == ""
+    assert flex_loads_it == "True"
 
 
 def test_write_is_atomic_and_load_reads_a_tree(tmp_path):
