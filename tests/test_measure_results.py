@@ -68,8 +68,8 @@ print("torch._dynamo" in sys.modules)
 
 def test_an_eager_job_loads_no_compiler():
     """peak_rss_bytes counts every library the job's process loaded. torch._dynamo (and triton and inductor with
-    it) added about 250 MiB to an eager CPU job's peak RSS (360 against 610 MiB, tiny model, ctx 8k) for code it
-    never ran: an eager job must not import it."""
+    it) added about 175 MiB to an eager CPU job's peak RSS (607 against 432 MiB: `make bench`'s dense 8k row, fresh
+    clones before and after) for code it never ran: an eager job must not import it."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.run([sys.executable, "-c", _EAGER_JOBS], cwd=root, env=env, capture_output=True, text=True,
