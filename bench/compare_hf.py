@@ -213,6 +213,7 @@ def run_hf(system: str, args, cfg, ctx: int, batch: int, device: torch.device, d
             _mbu(row, cfg, ctx, args.new_tokens, itemsize, device)
         else:
             row["peak_rss_bytes"] = measure.peak_rss() if rss_resettable else None
+            row["rss_file_bytes"] = measure.rss_file() if rss_resettable else None
         row["status"] = "ok"
     except Exception as err:  # noqa: BLE001 - a failure is a row, as in the harness
         from bench.job import is_oom

@@ -249,6 +249,7 @@ def _timed(
             row["peak_nvml_bytes"] = nvml.stop()
             row["peak_nvml_source"] = nvml.source
     row["peak_rss_bytes"] = measure.peak_rss() if rss_resettable else None
+    row["rss_file_bytes"] = measure.rss_file() if rss_resettable else None
     row["sdpa_used_prefill"] = "+".join(sorted(prefill_backends))
     row["sdpa_used_decode"] = "+".join(sorted(decode_backends))
     same = row["sdpa_used_prefill"] == row["sdpa_used_decode"]

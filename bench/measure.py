@@ -4,6 +4,9 @@
   can compare it exactly. It sees the tensors ops return (not a kernel's private scratch space).
 * `peak_rss` (CPU): the process's peak resident set (VmHWM), reset before each phase through
   /proc/self/clear_refs. Includes the allocator's pools, the Python heap and libraries.
+* `rss_file` (CPU): the file-backed part of the resident set (RssFile), mostly the shared libraries' code. How many
+  of their pages count depends on the kernel's page cache, not on the job (README: what one run measures); this
+  says how much of a peak was file-backed.
 * `CudaPeaks` (GPU): torch's max_memory_allocated / max_memory_reserved, reset per phase.
 * `bench.nvml_sampler.NvmlSampler` (GPU): a separate process reading NVML every 5 ms: this process's memory where
   NVML reports it, else device used minus the level before the run. This is what nvidia-smi shows: it includes
@@ -107,16 +110,26 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss() -> int | None:
-    """Peak resident set size in bytes since the last reset (VmHWM), or None off Linux."""
+def _status_bytes(field: str) -> int | None:
+    """One `kB` field of /proc/self/status in bytes, or None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss() -> int | None:
+    """Peak resident set size in bytes since the last reset (VmHWM), or None off Linux."""
+    return _status_bytes("VmHWM")
+
+
+def rss_file() -> int | None:
+    """Resident file-backed bytes now (RssFile: mapped library and data files), or None off Linux."""
+    return _status_bytes("RssFile")
 
 
 # ---- GPU -------------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ EXTRA: dict[str, str] = {
     "peak_alloc_prefill_bytes": "Int64",
     "peak_alloc_decode_bytes": "Int64",
     "peak_nvml_source": "string",
+    "rss_file_bytes": "Int64",  # CPU: file-backed part of the resident set after the timed phases (measure.py)
     "bandwidth_bytes_s": "float64",
     "threads": "Int64",
     "hostname": "string",

@@ -115,6 +115,8 @@ def test_users_command_writes_one_ok_row_per_job(tmp_path):
                 "peak_alloc_bytes", "peak_rss_bytes", "total_s"]:  # fmt: skip
         assert df[col].notna().all() and (df[col] > 0).all(), col
     assert df["mbu"].isna().all() and (df["device_kind"] == "cpu").all()
+    rss_file = df["rss_file_bytes"]  # the libraries' part of the resident set
+    assert rss_file.notna().all() and (rss_file > 0).all() and (rss_file < df["peak_rss_bytes"]).all()
     assert "4 rows in" in proc.stdout and "decode tok/s" in proc.stdout  # the comparison table
     assert proc.stdout.count("[ok] tiny") == 4
 

@@ -1,3 +1,4 @@
+import mmap
 import os
 import subprocess
 import sys
@@ -43,6 +44,40 @@ def test_peak_rss_resets_and_sees_a_big_allocation():
     big = torch.ones(256 * mib // 4)
     assert measure.peak_rss() >= low + 200 * mib
     del big
+
+
+def _file_backed_rss_from_smaps() -> int:
+    """Independent count of RssFile: per mapping of a regular file, resident bytes less its copied-on-write pages."""
+    total, is_file = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+                path = parts[5] if len(parts) > 5 else ""
+                is_file = path.startswith("/") and not path.startswith(("/dev/", "/memfd:", "/SYSV"))  # not shmem
+            elif is_file and parts[0] == "Rss:":
+                total += int(parts[1]) * 1024
+            elif is_file and parts[0] == "Anonymous:":
+                total -= int(parts[1]) * 1024
+    return total
+
+
+def test_rss_file_matches_smaps_and_sees_a_mapped_file(tmp_path):
+    """rss_file is the file-backed part of the resident set: the part of peak_rss set by the page cache."""
+    if measure.rss_file() is None or not measure.reset_peak_rss():
+        pytest.skip("no /proc/self/status or clear_refs here")
+    mib = 2**20
+    assert abs(measure.rss_file() - _file_backed_rss_from_smaps()) < mib
+    path = tmp_path / "blob"
+    path.write_bytes(b"\1" * (64 * mib))
+    measure.reset_peak_rss()
+    before, low = measure.rss_file(), measure.peak_rss()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert sum(m[i] for i in range(0, len(m), mmap.PAGESIZE)) == len(m) // mmap.PAGESIZE  # touch every page
+        assert measure.rss_file() >= before + 63 * mib
+        assert abs(measure.rss_file() - _file_backed_rss_from_smaps()) < mib
+        assert measure.peak_rss() >= low + 63 * mib  # file pages count in the peak resident set too
+    assert measure.rss_file() < before + mib  # unmapped: gone from this process's resident set
 
 
 # An eager job of every cache kind in one process, then the modules it loaded (run where no test imported any).
