@@ -1,7 +1,7 @@
 """kvbench and HF transformers side by side: same model shape, context, batch and dtype, one process, one results
 folder (a `system` column tells the rows apart).
 
-    python -m bench.compare_hf     # CUDA: llama-3.2-1b, bf16, ctx 8k batch 1 and ctx 32k batch 4
+    python -m bench.compare_hf     # CUDA: llama-3.2-1b, bf16, ctx 32k batch 4 then ctx 8k batch 1
     python -m bench.compare_hf --model tiny --case 1k:1 --systems kvbench,hf_dynamic,hf_static   # a CPU check
 
 Systems:
@@ -370,7 +370,7 @@ def table(df) -> str:
 def main(argv: list[str] | None = None) -> int:
     from bench.spec import DTYPES, ConfigError, KernelOptions
     from model.attention import BACKENDS
-    from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION
+    from model.compiled_decode import CUDA_GRAPHS_KNOB, DECODE_ATTENTION
     from model.config import CONFIGS, Config
     from model.gpt import WEIGHT_LAYOUTS
 
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.compare_hf", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.2-1b" if cuda else "tiny", choices=list(CONFIGS))
     ap.add_argument(
-        "--case", action="append", help="CTX:BATCH, repeatable (default: 8k:1 and 32k:4 on CUDA, 1k:1 on CPU)"
+        "--case", action="append", help="CTX:BATCH, repeatable (default: 32k:4 then 8k:1 on CUDA, 1k:1 on CPU)"
     )
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(DTYPES))
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -389,14 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="kvbench's compile knob")
     ap.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
-                    help="kvbench's compiled decode attention (auto: flex on CUDA)")  # fmt: skip
+                    help="kvbench's compiled decode attention (auto: sdpa_gqa on CUDA)")  # fmt: skip
     ap.add_argument("--sdpa", default="auto", choices=[b for b in BACKENDS if b != "eager"],
                     help="kvbench's SDPA kernel (prefill, and the compiled step's sdpa forms)")  # fmt: skip
-    ap.add_argument("--prefill-chunk", type=int, default=2048, help="kvbench's prefill chunk (tokens)")
+    ap.add_argument("--prefill-chunk", type=int, default=1024,
+                    help="kvbench's prefill chunk (tokens; 1024: the H200 memory figures' setting)")  # fmt: skip
     ap.add_argument("--weight-layout", default="in_out", choices=WEIGHT_LAYOUTS,
                     help="kvbench's weight storage: in_out (x @ W) or out_in (F.linear)")  # fmt: skip
-    ap.add_argument("--cuda-graphs", default="trees", choices=CUDA_GRAPHS,
-                    help="CUDA: kvbench's compiled step captured by torch.compile's graph trees or by us")  # fmt: skip
+    ap.add_argument("--cuda-graphs", default="auto", choices=CUDA_GRAPHS_KNOB,
+                    help="CUDA: kvbench's step captured by us (manual, auto's pick) or by graph trees")  # fmt: skip
     ap.add_argument("--kernel-option", action="append", metavar="KEY=N",
                     help="kvbench's flex or triton decode kernel option, repeatable (e.g. num_stages=3)")  # fmt: skip
     ap.add_argument("--expandable-segments", default="true", choices=["true", "false"],
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             return fail("the hf_* systems need transformers: pip install -e '.[dev]' (or --systems kvbench)")
     try:
-        cases = [parse_case(c) for c in (args.case or (["8k:1", "32k:4"] if cuda else ["1k:1"]))]
+        cases = [parse_case(c) for c in (args.case or (["32k:4", "8k:1"] if cuda else ["1k:1"]))]
     except (ValueError, ConfigError) as err:
         return fail(str(err))
     if args.device == "cuda" and not cuda:

@@ -13,7 +13,13 @@ import torch
 
 from caches import KVCacheParams, cache_class, cache_names
 from model.attention import BACKENDS
-from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, MANUAL_NEEDS_IDEMPOTENT, resolve_decode_attention
+from model.compiled_decode import (
+    CUDA_GRAPHS_KNOB,
+    DECODE_ATTENTION,
+    MANUAL_NEEDS_IDEMPOTENT,
+    resolve_cuda_graphs,
+    resolve_decode_attention,
+)
 from model.config import CONFIGS
 from model.gpt import WEIGHT_LAYOUTS
 from model.load import PRETRAINED
@@ -90,7 +96,7 @@ class BenchConfig:
     expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
     decode_attention: str = "auto"  # auto | sdpa | sdpa_gqa | flex | triton: the compiled step's attention
     kernel_options: KernelOptions = field(default_factory=KernelOptions)  # decode_attention=flex|triton: options
-    cuda_graphs: str = "trees"  # trees | manual: how the compiled decode step is captured on CUDA
+    cuda_graphs: str = "auto"  # auto | trees | manual: how the compiled decode step is captured on CUDA
     weight_layout: str = "in_out"  # in_out (x @ W) | out_in (F.linear): how every Linear stores its weight
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -250,7 +256,9 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_, sdpa,
                                                  cls.requires_attn_weights)  # fmt: skip
     kernel_options = _resolve_kernel_options(get("kernel_options"), decode_attention)
-    cuda_graphs = _choice("cuda_graphs", str(get("cuda_graphs", "trees")).strip().lower(), CUDA_GRAPHS)
+    cuda_graphs = _choice("cuda_graphs", str(get("cuda_graphs", "auto")).strip().lower(), CUDA_GRAPHS_KNOB)
+    if cuda_graphs == "auto":  # our manual graph where the step allows it and there is a CUDA graph at all
+        cuda_graphs = resolve_cuda_graphs("auto", cls.requires_attn_weights or not (compile_ and device == "cuda"))
     if cuda_graphs == "manual" and compile_ and cls.requires_attn_weights:
         raise ConfigError(f"cuda_graphs=manual with cache={name}: {MANUAL_NEEDS_IDEMPOTENT}")
     if cuda_graphs == "manual" and not (compile_ and device == "cuda"):

@@ -37,18 +37,32 @@ def compiled_decode_caches() -> list[str]:
     return [name for name in cache_names() if cache_class(name).supports_compiled_decode]
 
 
-DECODE_ATTENTION = ("auto", *DECODE_FORMULATIONS)  # auto: flex on CUDA, sdpa elsewhere (resolve_decode_attention)
+DECODE_ATTENTION = ("auto", *DECODE_FORMULATIONS)  # auto: sdpa_gqa on CUDA, sdpa elsewhere (resolve_decode_attention)
 WEIGHTED = "grouped"  # the formulation of the caches that need attention weights (model/attention.py)
 MANUAL_NEEDS_IDEMPOTENT = ("graphs='manual' runs a step twice at one position, which a score-based cache's step "
                            "does not allow (it would score and evict twice); valid choices: trees")  # fmt: skip
 CUDA_GRAPHS = ("trees", "manual")  # inductor's CUDA-graph trees (mode="reduce-overhead"), or one graph of our own
+CUDA_GRAPHS_KNOB = ("auto", *CUDA_GRAPHS)  # the harness's choices (resolve_cuda_graphs)
+
+
+def resolve_cuda_graphs(graphs: str, weighted: bool = False) -> str:
+    """auto: our one manual graph, except for a score-based cache (weighted), whose step cannot run twice at one
+    position (MANUAL_NEEDS_IDEMPOTENT): graph trees. Measured on an H200 (results/baselines/h200/, "Compiled decode
+    (issue 8), run 2"): the same Triton step at 32k x 4 took 2.61 ms with the manual graph and 3.06 ms with trees."""
+    if graphs not in CUDA_GRAPHS_KNOB:
+        raise ValueError(f"cuda_graphs={graphs!r} is not valid; valid choices: {', '.join(CUDA_GRAPHS_KNOB)}")
+    if graphs == "auto":
+        return "trees" if weighted else "manual"
+    return graphs
 
 
 def resolve_decode_attention(
     attention: str, device_type: str, compiled: bool, sdpa: str = "auto", weighted: bool = False
 ) -> str:
-    """auto: FlexAttention on CUDA (it compiles to a split-K decoding kernel), SDPA on the CPU or where an SDPA
-    kernel is forced (sdpa != auto); for caches that need attention weights (weighted), always the grouped
+    """auto: SDPA with `enable_gqa` on CUDA (sdpa_gqa: cuDNN reads the buffer once per KV head), SDPA on the CPU or
+    where an SDPA kernel is forced (sdpa != auto). On an H200 at 32k x 4 (results/baselines/h200/, "Compiled decode
+    (issue 8), run 2") the whole step took 2.58 ms with sdpa_gqa, 2.61 with our Triton kernel and 4.31 with
+    FlexAttention, which was auto before. For caches that need attention weights (weighted), always the grouped
     formulation (`static_weighted_decode`), the only one that returns them. Compiled flex is refused on the CPU:
     inductor's CPU lowering of FlexAttention fails inside the model's graph (torch 2.13: "No choices to select" for
     a query computed in the graph); eagerly (compile=False) it runs anywhere. Our Triton kernel runs on CUDA, and
@@ -61,7 +75,7 @@ def resolve_decode_attention(
     if attention not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention={attention!r} is not valid; valid choices: {', '.join(DECODE_ATTENTION)}")
     if attention == "auto":
-        return "flex" if device_type == "cuda" and sdpa == "auto" else "sdpa"
+        return "sdpa_gqa" if device_type == "cuda" and sdpa == "auto" else "sdpa"
     if attention in ("flex", "triton") and compiled and device_type != "cuda":
         raise ValueError(f"decode_attention={attention} compiles on CUDA only; valid choices on {device_type}: auto, "
                          "sdpa, sdpa_gqa (or compile=false)")  # fmt: skip
@@ -83,8 +97,8 @@ class CompiledDecode(nn.Module):
     compile=False runs the same fixed-shape step eagerly (a reference for the compiled one). mode: torch.compile's
     mode; "auto" is "reduce-overhead" (CUDA graphs) on CUDA and the default (no graphs) elsewhere. attention: how
     the step attends its buffer, "flex" (FlexAttention), "sdpa" (masked SDPA, query heads as rows of their KV
-    group), "sdpa_gqa" (masked SDPA with enable_gqa) or "triton" (model/triton_decode.py); "auto" is flex on CUDA,
-    sdpa elsewhere. The SDPA forms run the kernel the caches' attention backend names
+    group), "sdpa_gqa" (masked SDPA with enable_gqa) or "triton" (model/triton_decode.py); "auto" is sdpa_gqa on
+    CUDA, sdpa elsewhere. The SDPA forms run the kernel the caches' attention backend names
     (`model.set_attention_backend`; "auto": flash, cuDNN, mem-efficient, math, the first that can); `kernel` says
     which. kernel_options: options of the flex or triton kernel (e.g. {"BLOCK_N": 64, "num_stages": 3}).
     graphs (CUDA): "trees" captures through torch.compile's mode="reduce-overhead"; "manual" compiles without it

@@ -51,20 +51,22 @@ def test_expandable_segments_is_a_cuda_setting(cuda):
 
 @pytest.mark.parametrize("cuda", [False, True])
 def test_decode_attention_is_resolved_and_hashed_only_where_it_changes_the_step(cuda):
-    """auto is flex on CUDA and sdpa on the CPU; an eager decode step has none. sdpa (what the compiled step did
-    before the knob) and unset flex options stay out of the hash, so earlier rows still resume."""
+    """auto is sdpa_gqa on CUDA and sdpa on the CPU; an eager decode step has none. sdpa (what the compiled step
+    did before the knob) and unset kernel options stay out of the hash, so earlier rows still resume. cuda_graphs=auto
+    is our manual graph for a compiled CUDA step, and no graph at all elsewhere."""
     specs = {}
     for overrides in (["compile=true"], ["compile=false"], ["compile=true", "decode_attention=sdpa"]):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         specs[" ".join(overrides)] = resolve(cfg, cuda_available=cuda)
-    assert specs["compile=true"].decode_attention == ("flex" if cuda else "sdpa")
+    assert specs["compile=true"].decode_attention == ("sdpa_gqa" if cuda else "sdpa")
     assert specs["compile=false"].decode_attention is None
     for spec in specs.values():
         assert "kernel_options" not in spec.identity()
-        assert ("decode_attention" in spec.identity()) == (spec.decode_attention == "flex")
-        assert "cuda_graphs" not in spec.identity()  # trees (the default) or no graphs at all
-    assert specs["compile=true"].cuda_graphs == ("trees" if cuda else None)
+        assert ("decode_attention" in spec.identity()) == (spec.decode_attention == "sdpa_gqa")
+        assert ("cuda_graphs" in spec.identity()) == (spec.cuda_graphs == "manual")  # trees or none: not hashed
+    assert specs["compile=true"].cuda_graphs == ("manual" if cuda else None)
+    assert specs["compile=false"].cuda_graphs is None
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # a forced SDPA kernel: auto is sdpa
         forced = resolve(compose(config_name="config", overrides=["compile=true", "sdpa=cudnn"]), cuda_available=cuda)
         assert forced.compile and forced.decode_attention == "sdpa" and forced.sdpa == "cudnn"
@@ -73,16 +75,24 @@ def test_decode_attention_is_resolved_and_hashed_only_where_it_changes_the_step(
                     cuda_available=True)  # fmt: skip
     if cuda:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=["kernel_options.num_stages=3", "cuda_graphs=manual"])
+            cfg = compose(
+                config_name="config",
+                overrides=["decode_attention=flex", "kernel_options.num_stages=3", "cuda_graphs=manual"],
+            )
         spec = resolve(cfg, cuda_available=True)
         assert spec.kernel_options == {"num_stages": 3} and spec.identity()["kernel_options"] == {"num_stages": 3}
         assert spec.cuda_graphs == "manual" and spec.identity()["cuda_graphs"] == "manual"
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # trees when asked
+            trees = resolve(compose(config_name="config", overrides=["compile=true", "cuda_graphs=trees"]),
+                            cuda_available=True)  # fmt: skip
+        assert trees.cuda_graphs == "trees" and "cuda_graphs" not in trees.identity()
 
 
 @pytest.mark.parametrize("cuda", [False, True])
 def test_a_score_based_cache_compiles_when_asked_with_its_grouped_step(cuda):
-    """compile=auto leaves h2o eager (its compiled step has not run on a GPU yet); compile=true runs the grouped
-    step, under sdpa=auto or eager (what h2o runs anyway), and refuses another formulation."""
+    """compile=auto leaves h2o eager (its compiled step's tokens have not been checked on a GPU yet); compile=true
+    runs the grouped step, under sdpa=auto or eager (what h2o runs anyway), captured by graph trees (cuda_graphs=auto:
+    the step cannot run twice at one position), and refuses another formulation."""
 
     def spec(*overrides):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -92,6 +102,7 @@ def test_a_score_based_cache_compiles_when_asked_with_its_grouped_step(cuda):
     for sdpa in ("auto", "eager"):
         asked = spec("compile=true", f"sdpa={sdpa}")
         assert asked.compile and asked.decode_attention == asked.identity()["decode_attention"] == "grouped"
+        assert asked.cuda_graphs == ("trees" if cuda else None)
     with pytest.raises(ConfigError, match="decode_attention=flex: a score-based cache evicts by attention weights"):
         spec("compile=true", "decode_attention=flex")
     with pytest.raises(ConfigError, match="cuda_graphs=manual with cache=h2o: graphs='manual' runs a step twice"):
@@ -192,7 +203,7 @@ BAD = {
     "triton",
     "cuda_graphs=manual": "cuda_graphs=manual captures the compiled decode step on CUDA; it needs compile=true and "
     "device=cuda (valid choices here: trees)",
-    "cuda_graphs=yes": "cuda_graphs='yes' is not valid; valid choices: trees, manual",
+    "cuda_graphs=yes": "cuda_graphs='yes' is not valid; valid choices: auto, trees, manual",
     "weight_layout=col": "weight_layout='col' is not valid; valid choices: in_out, out_in",
     "hydra/launcher=xyz cache=dense,h2o -m": "hydra/launcher='xyz' is not valid; valid choices: basic, joblib, "
     "submitit_local, submitit_slurm",
