@@ -257,8 +257,9 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
                                                  cls.requires_attn_weights)  # fmt: skip
     kernel_options = _resolve_kernel_options(get("kernel_options"), decode_attention)
     cuda_graphs = _choice("cuda_graphs", str(get("cuda_graphs", "auto")).strip().lower(), CUDA_GRAPHS_KNOB)
-    if cuda_graphs == "auto":  # our manual graph where the step allows it and there is a CUDA graph at all
-        cuda_graphs = resolve_cuda_graphs("auto", cls.requires_attn_weights or not (compile_ and device == "cuda"))
+    compiled_on_cuda = compile_ and device == "cuda"
+    if cuda_graphs == "auto":  # a compiled CUDA step: manual, or trees for a score-based cache; else no graph (None)
+        cuda_graphs = resolve_cuda_graphs("auto", cls.requires_attn_weights) if compiled_on_cuda else "trees"
     if cuda_graphs == "manual" and compile_ and cls.requires_attn_weights:
         raise ConfigError(f"cuda_graphs=manual with cache={name}: {MANUAL_NEEDS_IDEMPOTENT}")
     if cuda_graphs == "manual" and not (compile_ and device == "cuda"):

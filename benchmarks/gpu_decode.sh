@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md): at most 9.5 minutes on an H200
-# (an estimate from earlier runs' step and compile times), most important first; results are packed into $OUT
-# after every step, so a run cut short keeps what it did:
+# Issue 8's GPU checks as one script for the lent device (../shared/device/README.md): at most 9.5 minutes (its
+# budget), most important first; results are packed into $OUT after every step, so a run cut short keeps what it did.
+# On an H200 (run 3, results/baselines/h200/README.md) steps 0-3 took 9 minutes and the budget skipped 4-7:
 #   0. benchmarks/decode_gemm_layout.py --rows 4: the step's weight products alone, stored (in, out) as loaded or
 #      (out, in) for F.linear; the faster layout is used below;
 #   1. benchmarks/decode_variants.py: the whole compiled step at 32k x 4 for each attention formulation (flex,

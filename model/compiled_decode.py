@@ -47,8 +47,9 @@ CUDA_GRAPHS_KNOB = ("auto", *CUDA_GRAPHS)  # the harness's choices (resolve_cuda
 
 def resolve_cuda_graphs(graphs: str, weighted: bool = False) -> str:
     """auto: our one manual graph, except for a score-based cache (weighted), whose step cannot run twice at one
-    position (MANUAL_NEEDS_IDEMPOTENT): graph trees. Measured on an H200 (results/baselines/h200/, "Compiled decode
-    (issue 8), run 2"): the same Triton step at 32k x 4 took 2.61 ms with the manual graph and 3.06 ms with trees."""
+    position (MANUAL_NEEDS_IDEMPOTENT): graph trees. Measured on an H200 (results/baselines/h200/README.md, "Compiled
+    decode (issue 8), runs 3 and 4"): the same Triton step at 32k x 4 took 2.61 ms in the manual graph, 3.06 in
+    trees."""
     if graphs not in CUDA_GRAPHS_KNOB:
         raise ValueError(f"cuda_graphs={graphs!r} is not valid; valid choices: {', '.join(CUDA_GRAPHS_KNOB)}")
     if graphs == "auto":
@@ -60,10 +61,10 @@ def resolve_decode_attention(
     attention: str, device_type: str, compiled: bool, sdpa: str = "auto", weighted: bool = False
 ) -> str:
     """auto: SDPA with `enable_gqa` on CUDA (sdpa_gqa: cuDNN reads the buffer once per KV head), SDPA on the CPU or
-    where an SDPA kernel is forced (sdpa != auto). On an H200 at 32k x 4 (results/baselines/h200/, "Compiled decode
-    (issue 8), run 2") the whole step took 2.58 ms with sdpa_gqa, 2.61 with our Triton kernel and 4.31 with
-    FlexAttention, which was auto before. For caches that need attention weights (weighted), always the grouped
-    formulation (`static_weighted_decode`), the only one that returns them. Compiled flex is refused on the CPU:
+    where an SDPA kernel is forced (sdpa != auto). On an H200 at 32k x 4 (results/baselines/h200/README.md, "Compiled
+    decode (issue 8), runs 3 and 4") the whole step took 2.58 ms with sdpa_gqa, 2.61 with our Triton kernel and
+    4.31 with FlexAttention, which was auto before. For caches that need attention weights (weighted), always the
+    grouped formulation (`static_weighted_decode`), the only one that returns them. Compiled flex is refused on the CPU:
     inductor's CPU lowering of FlexAttention fails inside the model's graph (torch 2.13: "No choices to select" for
     a query computed in the graph); eagerly (compile=False) it runs anywhere. Our Triton kernel runs on CUDA, and
     eagerly on the CPU under Triton's interpreter. Neither runs an SDPA kernel, so a forced one is refused with them."""
