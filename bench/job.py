@@ -1,6 +1,10 @@
-"""One job: build the model and its caches, warm up, then `repeats` x (chunked prefill, timed; `new_tokens` decode
-steps, each timed after a device sync), with every memory tracker running. Returns one result row; a failure
-(out of memory, an unsupported backend, anything else) is a row with its status, never an exception."""
+"""One job: build the system (a model and its caches), warm up, then `repeats` x (a prefill, timed; `new_tokens`
+decode steps, each timed after a device sync), with every memory tracker running. Returns one result row; a
+failure (out of memory, an unsupported combination, anything else) is a row with its status, never an exception.
+
+Each phase returns a small dataclass (`Timing`, `Memory`, `Roofline`, `bench.quality.Quality`); the row is the job's
+identity columns with them merged in at the end.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +15,64 @@ import socket
 import statistics
 import subprocess
 import time
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from bench import measure, nvml_sampler
+from bench import measure, nvml_sampler, systems
 from bench.nvml_sampler import NvmlSampler
+from bench.results import SCHEMA_VERSION
 from bench.spec import JobSpec
-from model.attention import UnsupportedBackend
-from model.compiled_decode import CompiledDecode
-from model.config import Config
-from model.generate import prefill_chunks
-from model.gpt import GPT
+from model.attention import UnsupportedBackend, record_backends
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Timing:
+    """The timed phases: prefill (time to first token) over repeats, decode steps over every repeat."""
+
+    prefill_s: float  # median over repeats
+    prefill_s_min: float
+    decode_ms_p50: float  # over every timed step of every repeat
+    decode_ms_p90: float
+    decode_ms_mean: float
+    decode_tok_s: float  # batch x steps / decode seconds
+    sdpa_used_prefill: str  # the attention backends that ran, "+"-joined
+    sdpa_used_decode: str
+    sdpa_used: str  # one name when both phases agree, else "prefill|decode"
+    compile_s: float | None = None  # compiled decode: the warm-up's first steps (compilation, graph recording)
+    cudagraph_skips: int | None = None  # graphs inductor declined to capture (0 expected)
+
+
+@dataclass
+class Memory:
+    """Peaks of the timed phases (CUDA: torch's allocator and NVML; CPU: the resident set), or of the CPU's untimed
+    tracked pass (`peak_alloc_source` tensor_tracker: exact live tensor bytes)."""
+
+    peak_alloc_bytes: int | None = None
+    peak_alloc_prefill_bytes: int | None = None
+    peak_alloc_decode_bytes: int | None = None
+    peak_alloc_source: str | None = None  # torch.cuda | tensor_tracker
+    peak_reserved_bytes: int | None = None
+    peak_nvml_bytes: int | None = None
+    peak_nvml_source: str | None = None
+    peak_rss_bytes: int | None = None
+    rss_file_bytes: int | None = None
+    warmup_released_bytes: int | None = None
+    expandable_segments: bool | None = None
+
+
+@dataclass
+class Roofline:
+    """CUDA: a decode step's bytes (weights read once + the K/V attended) over its p50 time and the measured
+    device-to-device bandwidth."""
+
+    bandwidth_bytes_s: float | None
+    mbu: float | None
 
 
 def git_commit() -> str | None:
@@ -34,8 +80,8 @@ def git_commit() -> str | None:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(status, cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -48,55 +94,39 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def build_model(spec: JobSpec, device: torch.device) -> tuple[GPT, object]:
-    """(model, tokenizer or None)."""
-    tokenizer = None
-    if spec.weights == "pretrained":
-        model, tokenizer = _load_pretrained(spec.model, device, spec.torch_dtype)
-    else:
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(spec.torch_dtype if spec.torch_dtype.is_floating_point else previous)
-        try:
-            with torch.device(device):
-                model = GPT(Config.from_name(spec.model), seed=spec.seed)
-        finally:
-            torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False), tokenizer
-
-
-_PRETRAINED: dict[tuple, tuple[GPT, object]] = {}
-
-
-def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, object]:
-    """Real weights, dequantized once per process (7 s for SmolLM2 on 2 cores) and reused by later jobs."""
-    from model.load import load_pretrained
-
-    key = (name, str(device), dtype)
-    if key not in _PRETRAINED:
-        _PRETRAINED.clear()  # keep one model at most
-        _PRETRAINED[key] = load_pretrained(name, device=device, dtype=dtype)
-    model, tokenizer = _PRETRAINED[key]
-    model.clear_kv_caches()
-    model.set_start_of_layer_hook(None)
-    return model, tokenizer
-
-
 def base_row(spec: JobSpec, sweep_id: str, config_hash: str, probe_device: bool = True) -> dict:
     """The identity and configuration columns of a job's row (`probe_device=False`: no device query, for a
     row the launching process writes about a job whose own process died)."""
     device = torch.device(spec.device)
     return {
-        "run_id": os.urandom(8).hex(), "sweep_id": sweep_id, "config_hash": config_hash,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
-        "device_name": measure.device_name(device) if probe_device else None, "device_kind": device.type,
-        "device": device.type,
-        "torch_version": torch.__version__, "cuda_version": torch.version.cuda, "model": spec.model,
-        "weights": spec.weights, "dtype": spec.dtype, "cache": spec.cache, "cache_budget": spec.cache_budget,
-        "cache_length": spec.cache_length, "cache_kwargs": json.dumps(spec.cache_kwargs, sort_keys=True),
-        "ctx": spec.ctx, "batch": spec.batch, "new_tokens": spec.new_tokens, "sdpa_requested": spec.sdpa,
-        "prefill_chunk": spec.prefill_chunk, "repeats": spec.repeats, "seed": spec.seed,
-        "hostname": socket.gethostname(), "pid": os.getpid(),
-    }  # fmt: skip
+        "schema_version": SCHEMA_VERSION,
+        "run_id": os.urandom(8).hex(),
+        "sweep_id": sweep_id,
+        "config_hash": config_hash,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "device_name": measure.device_name(device) if probe_device else None,
+        "device_kind": device.type,
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "system": spec.system,
+        "model": spec.model,
+        "weights": spec.weights,
+        "dtype": spec.dtype,
+        "cache": spec.cache,
+        "cache_budget": spec.cache_budget,
+        "cache_length": spec.cache_length,
+        "cache_kwargs": json.dumps(spec.cache_kwargs, sort_keys=True),
+        "ctx": spec.ctx,
+        "batch": spec.batch,
+        "new_tokens": spec.new_tokens,
+        "sdpa_requested": spec.sdpa,
+        "prefill_chunk": spec.prefill_chunk,
+        "repeats": spec.repeats,
+        "seed": spec.seed,
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
 
 
 def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = True) -> dict:
@@ -106,7 +136,7 @@ def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = Tru
     row["alloc_conf"] = alloc_conf
     t_start = time.perf_counter()
     try:
-        _measure(spec, device, row, progress)
+        row.update(_measure(spec, device, progress))
         row["status"] = "ok"
     except UnsupportedBackend as err:
         row.update(status="unsupported", error=str(err))
@@ -115,7 +145,7 @@ def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = Tru
         row.update(status=status, error=f"{type(err).__name__}: {err}".strip()[:2000])
     finally:
         if spec.compile:  # its compiled code and CUDA-graph pools go, and the next job in this process (isolate=false)
-            torch._dynamo.reset()  # does not count against dynamo's recompile limit (8 variants of the step)
+            torch._dynamo.reset()  # does not count against dynamo's recompile limit
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -123,212 +153,161 @@ def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = Tru
     return row
 
 
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-
-
-def _prefill(model: GPT, ids: torch.Tensor, chunk: int, bar_desc: str | None) -> torch.Tensor:
-    """Chunked prefill; returns the next token (B, 1). Only the last position goes through the output head."""
-    bounds = prefill_chunks(model, ids.shape[1], chunk)
-    hidden = None
-    show = bar_desc is not None and len(bounds) >= 4
-    for start, end in tqdm(bounds, desc=bar_desc, leave=False, disable=None if show else True):
-        hidden = model(ids[:, start:end], input_pos=start, skip_lm_head=True)  # (B, end - start, n_embd)
-    return _argmax(model.lm_head(hidden[:, -1]))
-
-
-def _used(model: GPT) -> set[str]:
-    """Attention backends that ran since the last call, over all layers."""
-    seen = set().union(*(c.backends_seen for c in model.kv_caches))
-    for c in model.kv_caches:
-        c.backends_seen.clear()
-    return seen
-
-
 @torch.inference_mode()
-def _measure(spec: JobSpec, device: torch.device, row: dict, progress: bool) -> None:
+def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
+    """Every phase the spec asks for; returns their columns."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    row["threads"] = torch.get_num_threads()
+    row: dict = {"threads": torch.get_num_threads()}
     nvml_baseline = None
     if device.type == "cuda":
         row["driver_version"] = nvml_sampler.driver_version()
         row["nvml_index"] = measure.nvml_index(device)
         nvml_baseline = nvml_sampler.device_used(row["nvml_index"])  # the level before the run
     torch.manual_seed(spec.seed)
-    model, tokenizer = build_model(spec, device)
-    model.set_weight_layout(spec.weight_layout)
-    row["weight_layout"] = spec.weight_layout
-    cfg = model.config
+    system = systems.create(spec, device)
+    params = list(system.model.parameters())
     itemsize = torch.empty((), dtype=spec.torch_dtype).element_size()
-    row["n_params"] = sum(p.numel() for p in model.parameters())
-    row["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    row["kv_bytes_dense"] = cfg.kv_bytes(spec.batch, spec.ctx + spec.new_tokens, itemsize)
-    model.set_kv_caches(spec.batch, spec.cache, spec.cache_length, **spec.cache_kwargs)
-    model.set_attention_backend(spec.sdpa)
+    row.update(system.columns())
+    row["n_params"] = sum(p.numel() for p in params)
+    row["weights_bytes"] = sum(p.numel() * p.element_size() for p in params)
+    row["kv_bytes_dense"] = system.config.kv_bytes(spec.batch, spec.ctx + spec.new_tokens, itemsize)
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-    ids = torch.randint(0, cfg.vocab_size, (spec.batch, spec.ctx), generator=gen).to(device)  # (B, ctx)
+    ids = torch.randint(0, system.config.vocab_size, (spec.batch, spec.ctx), generator=gen).to(device)  # (B, ctx)
     if spec.inject == "oom":
         raise torch.OutOfMemoryError("injected out-of-memory (inject=oom)")
     if spec.inject == "error":
         raise RuntimeError("injected failure (inject=error)")
-
-    row["cache_bytes"] = sum(c.size_estimate() for c in model.kv_caches)
+    if spec.system != "kvbench":
+        row["prefill_chunk"] = spec.ctx  # another library's prefill is one call, as its generate makes it
     if spec.repeats > 0:  # repeats=0: a quality-only run
-        _timed(spec, model, ids, device, row, progress, nvml_baseline)
+        timed, memory = _timed(spec, system, ids, device, progress, nvml_baseline, row.get("nvml_index"))
+        row.update(asdict(timed))
         if device.type == "cuda":
-            _mbu(spec, model, row, itemsize, device)
-        elif spec.track_tensors:
-            _tracked_pass(spec, model, ids, row)
+            row.update(asdict(memory))
+            row.update(asdict(_roofline(spec, system, timed, device)))
+        else:
+            tracked = _tracked_peak(spec, system, ids) if spec.track_tensors else Memory()
+            row.update(asdict(tracked), peak_rss_bytes=memory.peak_rss_bytes, rss_file_bytes=memory.rss_file_bytes)
+    row["cache_bytes"] = system.cache_bytes()
     if spec.evals:
-        _quality(spec, model, tokenizer, row)
+        from bench import quality
+
+        row.update(asdict(quality.evaluate(spec, system)))
+    return row
 
 
 def _timed(
-    spec: JobSpec, model: GPT, ids: torch.Tensor, device: torch.device, row: dict, progress: bool, nvml_baseline
-) -> None:
-    """Warm-up, then `repeats` x (chunked prefill, `new_tokens` decode steps), every tracker running."""
-
-    step = model
-    row["compile"] = spec.compile
-    skips_before = 0
-    if spec.compile:  # the decode step compiled (and captured in CUDA graphs on CUDA); prefill stays eager
-        from torch._dynamo.utils import counters  # here: importing the compiler costs eager jobs 140 MiB of RSS
-
-        skips_before = counters["inductor"]["cudagraph_skips"]
-        step = CompiledDecode(model, attention=spec.decode_attention, kernel_options=spec.kernel_options,
-                              graphs=spec.cuda_graphs or "trees")  # fmt: skip
-        row["compile_mode"] = step.mode or "default"
-        row["cuda_graphs"] = step.graphs
-        row["decode_attention"] = step.attention
-        row["decode_kernel"] = step.kernel
-        if step.kernel_options:
-            row["kernel_options"] = ",".join(f"{k}={v}" for k, v in step.kernel_options.items())
+    spec: JobSpec, system, ids: torch.Tensor, device: torch.device, progress: bool, nvml_baseline, nvml_index
+) -> tuple[Timing, Memory]:
+    """Warm-up, then `repeats` x (prefill, `new_tokens` decode steps), every tracker running."""
 
     def decode(token: torch.Tensor, start: int, steps: int, times: list[float], desc: str | None) -> torch.Tensor:
         for i in tqdm(range(steps), desc=desc, leave=False, disable=None if desc else True):
             with measure.timed(device, times):
-                token = _argmax(step(token, input_pos=start + i)[:, -1])
+                token = system.decode(token, start + i)
         return token
 
+    compile_s = skips = None
     if spec.warmup or spec.compile:  # first calls pay for lazy initialisation, kernel selection, allocator growth
-        warm = min(spec.ctx, spec.prefill_chunk)  # and compilation (CUDA graphs are recorded on the third call)
+        skips_before = _cudagraph_skips() if spec.compile else 0  # and compilation (graphs recorded on the 3rd call)
+        warm = min(spec.ctx, spec.prefill_chunk)
         warm_steps: list[float] = []
-        decode(_prefill(model, ids[:, :warm], spec.prefill_chunk, None), warm, 3 if spec.compile else 2, warm_steps,
-               None)  # fmt: skip
+        decode(system.prefill(ids[:, :warm]), warm, 3 if spec.compile else 2, warm_steps, None)
         if spec.compile:
-            row["compile_s"] = sum(warm_steps)
-            # CUDA graphs that inductor declined to record (reduce-overhead then runs the compiled kernels unrecorded)
-            row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips_before
-
-    for c in model.kv_caches:  # the warm-up's backends are not the measured phases'
-        c.backends_seen.clear()
-    row["warmup_released_bytes"] = measure.release_warmup_memory(device)
+            compile_s, skips = sum(warm_steps), _cudagraph_skips() - skips_before
+    memory = Memory(warmup_released_bytes=measure.release_warmup_memory(device))
     nvml = None
     if device.type == "cuda" and spec.nvml_period_ms > 0:
         torch.cuda.synchronize(device)
-        nvml = NvmlSampler(row["nvml_index"], spec.nvml_period_ms / 1e3, baseline_used=nvml_baseline).start()
+        nvml = NvmlSampler(nvml_index, spec.nvml_period_ms / 1e3, baseline_used=nvml_baseline).start()
     rss_resettable = measure.reset_peak_rss()
     prefill_s: list[float] = []
     step_s: list[float] = []
     peaks = {"prefill": [0, 0], "decode": [0, 0]}
-    prefill_backends, decode_backends = set(), set()
+    used = {"prefill": set(), "decode": set()}
     try:
         for r in range(spec.repeats):
             label = f"repeat {r + 1}/{spec.repeats}" if progress else None
-            with measure.CudaPeaks(device) as p, measure.timed(device, prefill_s):
-                token = _prefill(model, ids, spec.prefill_chunk, label and f"prefill {label}")
+            with measure.CudaPeaks(device) as p, measure.timed(device, prefill_s), record_backends() as seen:
+                token = system.prefill(ids, label and f"prefill {label}")
             peaks["prefill"] = [max(peaks["prefill"][0], p.allocated or 0), max(peaks["prefill"][1], p.reserved or 0)]
-            prefill_backends |= _used(model)
-            with measure.CudaPeaks(device) as p:
+            used["prefill"] |= seen
+            with measure.CudaPeaks(device) as p, record_backends() as seen:
                 decode(token, spec.ctx, spec.new_tokens, step_s, label and f"decode {label}")
             peaks["decode"] = [max(peaks["decode"][0], p.allocated or 0), max(peaks["decode"][1], p.reserved or 0)]
-            decode_backends |= _used(model)
+            used["decode"] |= seen
     finally:
         if nvml is not None:
-            row["peak_nvml_bytes"] = nvml.stop()
-            row["peak_nvml_source"] = nvml.source
-    row["peak_rss_bytes"] = measure.peak_rss() if rss_resettable else None
-    row["rss_file_bytes"] = measure.rss_file() if rss_resettable else None
-    row["sdpa_used_prefill"] = "+".join(sorted(prefill_backends))
-    row["sdpa_used_decode"] = "+".join(sorted(decode_backends))
-    same = row["sdpa_used_prefill"] == row["sdpa_used_decode"]
-    row["sdpa_used"] = row["sdpa_used_decode"] if same else f"{row['sdpa_used_prefill']}|{row['sdpa_used_decode']}"
-    row.update(timing_columns(prefill_s, step_s, spec.batch))
+            memory.peak_nvml_bytes = nvml.stop()
+            memory.peak_nvml_source = nvml.source
+    if rss_resettable:
+        memory.peak_rss_bytes, memory.rss_file_bytes = measure.peak_rss(), measure.rss_file()
     if device.type == "cuda":
-        row["peak_alloc_source"] = "torch.cuda"
-        row["peak_alloc_prefill_bytes"], row["peak_alloc_decode_bytes"] = peaks["prefill"][0], peaks["decode"][0]
-        row["peak_alloc_bytes"] = max(peaks["prefill"][0], peaks["decode"][0])
-        row["peak_reserved_bytes"] = max(peaks["prefill"][1], peaks["decode"][1])
-        row["expandable_segments"] = measure.expandable_segments_seen(device)
+        memory.peak_alloc_prefill_bytes, memory.peak_alloc_decode_bytes = peaks["prefill"][0], peaks["decode"][0]
+        memory.peak_alloc_bytes = max(peaks["prefill"][0], peaks["decode"][0])
+        memory.peak_alloc_source = "torch.cuda"
+        memory.peak_reserved_bytes = max(peaks["prefill"][1], peaks["decode"][1])
+        memory.expandable_segments = measure.expandable_segments_seen(device)
+    return timing(prefill_s, step_s, spec.batch, used, compile_s, skips), memory
 
 
-def _quality(spec: JobSpec, model: GPT, tokenizer, row: dict) -> None:
-    """The selected quality evaluations, on fresh caches of the same kind and size."""
-    from bench import quality
-
-    knobs = spec.eval_knobs
-    setup = quality.CacheSetup(spec.cache, spec.cache_kwargs, spec.cache_length)
-    row["eval"] = "+".join(spec.evals)
-    if "fidelity" in spec.evals:
-        row.update(quality.fidelity(model, tokenizer, setup, spec.ctx, knobs["tokens"], spec.prefill_chunk))
-    if "passkey" in spec.evals:
-        result = quality.passkey(model, tokenizer, setup, spec.ctx, knobs["depths"], knobs["trials"], knobs["seed"],
-                                 knobs["question"], spec.prefill_chunk)  # fmt: skip
-        row["passkey_acc"] = result["passkey_acc"]
-        row["passkey_by_depth"] = json.dumps(result["passkey_by_depth"])
-        row["eval_question"] = knobs["question"]
-    if "ppl" in spec.evals:
-        row.update(quality.perplexity(model, tokenizer, setup, spec.ctx, knobs["ppl_chunk"]))
-
-
-def timing_columns(prefill_s: list[float], step_s: list[float], batch: int) -> dict:
-    """prefill (median, min) and decode step (p50, p90, mean, tokens/s) columns from the timed seconds."""
+def timing(
+    prefill_s: list[float], step_s: list[float], batch: int, used: dict[str, set[str]], compile_s=None, skips=None
+) -> Timing:
+    """The timed seconds (every prefill, every decode step) and the backends each phase used, as a Timing."""
+    names = {phase: "+".join(sorted(seen)) for phase, seen in used.items()}
+    same = names["prefill"] == names["decode"]
     step_ms = sorted(t * 1e3 for t in step_s)
-    return {
-        "prefill_s": statistics.median(prefill_s), "prefill_s_min": min(prefill_s),
-        "decode_ms_p50": statistics.median(step_ms),
-        "decode_ms_p90": step_ms[min(len(step_ms) - 1, int(round(0.9 * (len(step_ms) - 1))))],
-        "decode_ms_mean": statistics.fmean(step_ms), "decode_tok_s": batch * len(step_s) / sum(step_s),
-    }  # fmt: skip
+    return Timing(
+        prefill_s=statistics.median(prefill_s),
+        prefill_s_min=min(prefill_s),
+        decode_ms_p50=statistics.median(step_ms),
+        decode_ms_p90=step_ms[min(len(step_ms) - 1, int(round(0.9 * (len(step_ms) - 1))))],
+        decode_ms_mean=statistics.fmean(step_ms),
+        decode_tok_s=batch * len(step_s) / sum(step_s),
+        sdpa_used_prefill=names["prefill"],
+        sdpa_used_decode=names["decode"],
+        sdpa_used=names["decode"] if same else f"{names['prefill']}|{names['decode']}",
+        compile_s=compile_s,
+        cudagraph_skips=skips,
+    )
 
 
-def mbu_columns(bytes_per_step: float, step_ms: float, device: torch.device) -> dict:
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters  # here: importing the compiler costs eager jobs 140 MiB of RSS
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def _roofline(spec: JobSpec, system, timed: Timing, device: torch.device) -> Roofline:
+    """A decode step must read the weights once and the K/V it attends, in the cache's own bytes per slot (int8/int4
+    read less)."""
+    attended = statistics.fmean(min(spec.ctx + i + 1, system.kv_slots) for i in range(spec.new_tokens))
+    step_bytes = system.read_bytes_per_token() + system.cache_bytes() / system.kv_slots * attended
+    return roofline(step_bytes, timed.decode_ms_p50, device)
+
+
+def roofline(step_bytes: float, step_ms: float, device: torch.device) -> Roofline:
     """Achieved bytes/s of a decode step over the device-to-device bandwidth measured once per device."""
     bandwidth = measure.measured_bandwidth(device)
-    return {"bandwidth_bytes_s": bandwidth, "mbu": bytes_per_step / (step_ms / 1e3) / bandwidth}
+    return Roofline(bandwidth, step_bytes / (step_ms / 1e3) / bandwidth)
 
 
-def _mbu(spec: JobSpec, model: GPT, row: dict, itemsize: int, device: torch.device) -> None:
-    """A decode step must read the weights once (not the embedding table: one row per token) and the K/V it
-    attends, in the cache's own bytes per slot (int8/int4 read less)."""
-    weights = row["weights_bytes"] - (model.wte.weight.numel() * itemsize if model.wte is not None else 0)
-    attended = statistics.fmean(min(spec.ctx + i + 1, spec.cache_length) for i in range(spec.new_tokens))
-    kv = row["cache_bytes"] / spec.cache_length * attended
-    row.update(mbu_columns(weights + kv, row["decode_ms_p50"], device))
-
-
-def _tracked_pass(spec: JobSpec, model: GPT, ids: torch.Tensor, row: dict) -> None:
+def _tracked_peak(spec: JobSpec, system, ids: torch.Tensor) -> Memory:
     """One more prefill + decode, untimed, under the exact tensor tracker: peak live tensor bytes (weights, caches
     and inputs included), per phase. Deterministic for a given config, so CI compares it exactly."""
-    baseline = row["weights_bytes"] + sum(c.size_estimate() for c in model.kv_caches) + ids.numel() * ids.element_size()
-    baseline += sum(b.numel() * b.element_size() for b in model.buffers() if not _is_cache_buffer(model, b))
-    # compile=true: the same fixed-shape step, run eagerly (the tracker counts ops as they run; compiled code
-    # would hide its intermediate buffers from it)
-    step = CompiledDecode(model, compile=False, attention=spec.decode_attention,
-                          kernel_options=spec.kernel_options) if spec.compile else model  # fmt: skip
-    tracker = measure.TensorTracker(baseline=baseline)
-    with tracker:
-        token = _prefill(model, ids, spec.prefill_chunk, None)
-        row["peak_alloc_prefill_bytes"] = tracker.peak
+    tracker = measure.TensorTracker(baseline=system.resident_bytes() + ids.numel() * ids.element_size())
+    with tracker, system.eager_steps():
+        token = system.prefill(ids)
+        prefill_peak = tracker.peak
         tracker.reset_peak()
         for i in range(spec.new_tokens):
-            token = _argmax(step(token, input_pos=spec.ctx + i)[:, -1])
-        row["peak_alloc_decode_bytes"] = tracker.peak
-    row["peak_tracked_bytes"] = max(row["peak_alloc_prefill_bytes"], row["peak_alloc_decode_bytes"])
-    row["peak_alloc_bytes"] = row["peak_tracked_bytes"]
-    row["peak_alloc_source"] = "tensor_tracker"
-
-
-def _is_cache_buffer(model: GPT, buffer: torch.Tensor) -> bool:
-    return any(buffer is b for c in model.kv_caches for b in c.buffers())
+            token = system.decode(token, spec.ctx + i)
+        decode_peak = tracker.peak
+    return Memory(
+        peak_alloc_bytes=max(prefill_peak, decode_peak),
+        peak_alloc_prefill_bytes=prefill_peak,
+        peak_alloc_decode_bytes=decode_peak,
+        peak_alloc_source="tensor_tracker",
+    )

@@ -43,12 +43,22 @@ from omegaconf import OmegaConf
 from bench.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-ISOLATIONS = ("process", "launcher", "none")
 # Signals that mean "stopped from outside" rather than "the job crashed": no row, so a rerun redoes the job.
-OUTSIDE_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-                   signal.SIGUSR2}  # fmt: skip
-_LAUNCHERS = {"BasicLauncher": "basic", "JoblibLauncher": "joblib", "LocalLauncher": "submitit_local",
-              "SlurmLauncher": "submitit_slurm"}  # fmt: skip
+OUTSIDE_SIGNALS = {
+    signal.SIGKILL,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+}
+_LAUNCHERS = {
+    "BasicLauncher": "basic",
+    "JoblibLauncher": "joblib",
+    "LocalLauncher": "submitit_local",
+    "SlurmLauncher": "submitit_slurm",
+}
 CHILD_ARGS = ["-m", "bench.child"]  # after sys.executable; the pipe's file descriptor follows
 _jobs_in_this_process = 0
 # conf/hydra/launcher/{joblib,submitit_*}.yaml set every field of the plugin's schema of the same name, on purpose:
@@ -186,8 +196,9 @@ def run_in_child(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool,
     oom_before = oom_kills()
     t0 = time.perf_counter()
     try:
-        proc = subprocess.Popen([sys.executable, *CHILD_ARGS, str(write_fd)], stdin=subprocess.PIPE,
-                                pass_fds=(write_fd,), env=env, cwd=ROOT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, *CHILD_ARGS, str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env, cwd=ROOT
+        )
     finally:
         os.close(write_fd)
     try:

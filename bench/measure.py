@@ -242,9 +242,8 @@ _BANDWIDTH: dict[str, float] = {}
 def measured_bandwidth(device: torch.device, nbytes: int = 1 << 30, copies: int = 10, trials: int = 5) -> float | None:
     """Device-to-device copy bandwidth in bytes/s (read + write counted), measured once per device and process: the
     best of `trials` batches of `copies` back-to-back copies of nbytes / 2 bytes, timed by CUDA events on the
-    device. (Timed from the host with a synchronisation per copy, as before 2026-11-26, the host's share counted as
-    copy time, which lowers the bandwidth and raises every mbu; run 1 measured 3.88 TB/s that way on an H200,
-    where DESIGN.md's reference has 4.23.)"""
+    device: timed from the host with a synchronisation per copy, the host's share would count as copy time, which
+    lowers the bandwidth and raises every mbu (on an H200: 3.88 TB/s that way, 4.2 by events)."""
     if device.type != "cuda":
         return None
     key = str(device)

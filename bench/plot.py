@@ -9,7 +9,9 @@ call them directly:
     backend_matrix(df)       which SDPA backend ran which phase: ok / unsupported / oom / error
     quality_vs_bytes(df)     each quality column against cache bytes, a marker per cache and budget, Pareto front
     passkey_heatmap(df)      pass-key accuracy by cache and budget against ctx x depth of the key
-    systems_side_by_side(df) bench.compare_hf rows: decode ms/step and peak memory / (weights + KV) per system
+    systems_side_by_side(df) several systems (system=...): decode ms/step and peak memory / (weights + KV), per system
+
+Another library's system (system=hf_static, ...) is a line of its own in every figure, labelled by its name.
 """
 
 from __future__ import annotations
@@ -33,13 +35,12 @@ STATUS_COLORS = ["#4caf50", "#ffb300", "#e53935", "#757575"]
 
 
 def _kvbench(df: pd.DataFrame) -> pd.DataFrame:
-    """kvbench's own rows (HF's, from bench.compare_hf, have their own figure)."""
-    return df if "system" not in df else df[df["system"].isna() | (df["system"] == "kvbench")]
+    """kvbench's own rows (the SDPA backend is a choice of ours only)."""
+    return df[df["system"].isna() | (df["system"] == "kvbench")]
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows that ran, of kvbench itself."""
-    df = _kvbench(df)
+    """Rows that ran, labelled by cache (or system)."""
     df = df[df["status"] == "ok"].copy()
     df["cache_label"] = [cache_label(r) for _, r in df.iterrows()]
     return df
@@ -85,8 +86,11 @@ def memory_time_vs_ctx(df: pd.DataFrame, model: str | None = None) -> plt.Figure
         common = ok[col].mode()
         ok = ok[ok[col] == common.iloc[0]] if len(common) else ok
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("peak_alloc_bytes", "peak memory (MiB)", MIB), ("cache_bytes", "cache bytes (MiB)", MIB),
-              ("decode_ms_p50", "decode step, p50 (ms)", 1.0)]  # fmt: skip
+    panels = [
+        ("peak_alloc_bytes", "peak memory (MiB)", MIB),
+        ("cache_bytes", "cache bytes (MiB)", MIB),
+        ("decode_ms_p50", "decode step, p50 (ms)", 1.0),
+    ]
     for ax, (col, label, unit) in zip(axes, panels):
         for name, group in ok.groupby("cache_label"):
             group = group.groupby("ctx", as_index=False)[col].median().sort_values("ctx")
@@ -185,8 +189,12 @@ def backend_matrix(df: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
-QUALITY = {"kl_vs_dense": ("KL(dense || cache), nats/token", "low"), "top1_agree": ("top-1 agreement", "high"),
-           "passkey_acc": ("pass-key accuracy", "high"), "ppl": ("perplexity", "low")}  # fmt: skip
+QUALITY = {
+    "kl_vs_dense": ("KL(dense || cache), nats/token", "low"),
+    "top1_agree": ("top-1 agreement", "high"),
+    "passkey_acc": ("pass-key accuracy", "high"),
+    "ppl": ("perplexity", "low"),
+}
 
 
 def quality_vs_bytes(df: pd.DataFrame) -> plt.Figure | None:
@@ -261,19 +269,15 @@ SYSTEM_ORDER = ["kvbench", "hf_static_compiled", "hf_static", "hf_dynamic"]
 
 
 def systems_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
-    """Rows with a `system` (bench.compare_hf): for each (ctx, batch), a bar per system of decode ms/step and of
-    peak memory over weights + dense KV (allocated on CUDA, RSS on CPU)."""
-    if "system" not in df:
-        return None
-    df = df[(df["status"] == "ok") & df["system"].notna()].copy()
-    if df.empty:
+    """Several systems with a dense cache: for each (ctx, batch), a bar per system of decode ms/step and of peak
+    memory over weights + dense KV (torch's allocated peak on CUDA, the exact tracked tensor peak on CPU)."""
+    df = df[(df["status"] == "ok") & (df["cache"] == "dense")].copy()
+    if df["system"].nunique() < 2:
         return None
     cases = sorted({(int(c), int(b)) for c, b in zip(df["ctx"], df["batch"])})
     systems = [s for s in SYSTEM_ORDER if s in set(df["system"])] + sorted(set(df["system"]) - set(SYSTEM_ORDER))
-    # like with like: torch's allocated peak on CUDA, the process's peak RSS on CPU (HF has no tensor tracker)
     cuda = df["device_kind"] == "cuda"
-    peak = df["peak_alloc_bytes"].astype("float64").where(cuda, df["peak_rss_bytes"].astype("float64"))
-    df["peak_ratio"] = peak / (df["weights_bytes"] + df["kv_bytes_dense"]).astype("float64")
+    df["peak_ratio"] = df["peak_alloc_bytes"].astype("float64") / (df["weights_bytes"] + df["kv_bytes_dense"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(systems)
     for i, system in enumerate(systems):
@@ -282,7 +286,7 @@ def systems_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
             values = [rows[col].get(case, np.nan) for case in cases]
             ax.bar(np.arange(len(cases)) + i * width, values, width, label=system)
     labels = [f"ctx {ctx_label(c)}, batch {b}" for c, b in cases]
-    memory = "peak allocated" if cuda.all() else "peak RSS" if not cuda.any() else "peak (allocated | RSS)"
+    memory = "peak allocated" if cuda.all() else "peak tensor bytes" if not cuda.any() else "peak (allocated | tensors)"
     for ax, ylabel in zip(axes, ["decode ms/step (p50)", f"{memory} / (weights + KV)"]):
         ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
         ax.set_xticklabels(labels)
@@ -302,9 +306,13 @@ def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
     timed = _ok(df)
     models = sorted(timed[timed["decode_ms_p50"].notna()]["model"].unique())
     figures = [(f"memory_time_vs_ctx_{m}", memory_time_vs_ctx(df, m)) for m in models]
-    figures += [("throughput_vs_batch", throughput_vs_batch(df)), ("backend_matrix", backend_matrix(df)),
-                ("quality_vs_bytes", quality_vs_bytes(df)), ("passkey_heatmap", passkey_heatmap(df)),
-                ("systems_side_by_side", systems_side_by_side(df))]  # fmt: skip
+    figures += [
+        ("throughput_vs_batch", throughput_vs_batch(df)),
+        ("backend_matrix", backend_matrix(df)),
+        ("quality_vs_bytes", quality_vs_bytes(df)),
+        ("passkey_heatmap", passkey_heatmap(df)),
+        ("systems_side_by_side", systems_side_by_side(df)),
+    ]
     for name, fig in figures:
         if fig is not None:
             path = out / f"{name}.png"

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -24,11 +25,53 @@ from torch import Tensor
 from model.generate import prefill
 from model.gpt import GPT
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.\n")  # fmt: skip
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
+
+
+@dataclass
+class Quality:
+    """The quality columns of a row (None where the evaluation was not asked for)."""
+
+    eval: str  # the evaluations run, "+"-joined
+    kl_vs_dense: float | None = None
+    top1_agree: float | None = None
+    passkey_acc: float | None = None
+    passkey_by_depth: str | None = None  # JSON {depth: accuracy}
+    eval_question: str | None = None
+    ppl: float | None = None
+
+
+def evaluate(spec, system) -> Quality:
+    """The evaluations `spec.evals` names, on fresh caches of the job's kind and size (kvbench's system)."""
+    model, tokenizer, knobs = system.model, system.tokenizer, spec.eval_knobs
+    setup = CacheSetup(spec.cache, spec.cache_kwargs, spec.cache_length)
+    result = Quality(eval="+".join(spec.evals))
+    if "fidelity" in spec.evals:
+        scores = fidelity(model, tokenizer, setup, spec.ctx, knobs["tokens"], spec.prefill_chunk)
+        result.kl_vs_dense, result.top1_agree = scores["kl_vs_dense"], scores["top1_agree"]
+    if "passkey" in spec.evals:
+        found = passkey(
+            model,
+            tokenizer,
+            setup,
+            spec.ctx,
+            knobs["depths"],
+            knobs["trials"],
+            knobs["seed"],
+            knobs["question"],
+            spec.prefill_chunk,
+        )
+        result.passkey_acc, result.eval_question = found["passkey_acc"], knobs["question"]
+        result.passkey_by_depth = json.dumps(found["passkey_by_depth"])
+    if "ppl" in spec.evals:
+        result.ppl = perplexity(model, tokenizer, setup, spec.ctx, knobs["ppl_chunk"])["ppl"]
+    return result
 
 
 @dataclass
@@ -83,8 +126,7 @@ _DENSE_REFERENCE: dict[tuple, tuple[list[int], list[Tensor]]] = {}
 
 
 @torch.inference_mode()
-def fidelity(model: GPT, tokenizer, setup: CacheSetup, ctx: int, tokens: int = 32, prefill_chunk: int = 2048
-             ) -> dict:  # fmt: skip
+def fidelity(model: GPT, tokenizer, setup: CacheSetup, ctx: int, tokens: int = 32, prefill_chunk: int = 2048) -> dict:
     device = model.lm_head.weight.device
     prompt = torch.tensor([corpus(tokenizer)[:ctx]], device=device)  # (1, ctx)
     key = (id(model), ctx, tokens, prefill_chunk)
@@ -119,8 +161,18 @@ def passkey_prompt(tokenizer, ctx: int, depth: float, key: str) -> tuple[list[in
 
 
 @torch.inference_mode()
-def passkey(model: GPT, tokenizer, setup: CacheSetup, ctx: int, depths: list[float], trials: int, seed: int = 0,
-            question: str = "in_prefill", prefill_chunk: int = 2048, answer_tokens: int = 8) -> dict:  # fmt: skip
+def passkey(
+    model: GPT,
+    tokenizer,
+    setup: CacheSetup,
+    ctx: int,
+    depths: list[float],
+    trials: int,
+    seed: int = 0,
+    question: str = "in_prefill",
+    prefill_chunk: int = 2048,
+    answer_tokens: int = 8,
+) -> dict:
     if question not in ("in_prefill", "after_prefill"):
         raise ValueError(f"question={question!r}; valid choices: in_prefill, after_prefill")
     device = model.lm_head.weight.device

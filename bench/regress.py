@@ -2,16 +2,16 @@
 
 Rows are matched by configuration (the `KEY` columns), not by hash or file name. What is checked:
 
-* deterministic columns must be equal: bytes of weights, analytic dense KV, caches, and the CPU tracked peak
-  of live tensors (`exact`);
+* deterministic columns must be equal: bytes of weights, analytic dense KV and caches (`exact`), and the CPU's
+  tracked peak of live tensors (`exact_tracked`: peak_alloc_bytes where its source is the tensor tracker);
 * quality columns within an absolute tolerance (`quality`);
 * timings only as ratios to dense within the same results (these machines are noisy; absolute seconds are never
   compared): a cache's decode step / dense's, and its prefill / dense's, may grow by at most `ratio` (relative);
 * a row that was `ok` must still be `ok`, and every baseline row must have a counterpart.
 
 Prints a table of what regressed and exits 1; exits 0 when everything holds. Reads parquet only (no torch).
-Tolerances file (JSON): {"exact": [...], "quality": {"col": abs_tol}, "ratio": {"col": rel_tol}}; any part given
-replaces the default of that part.
+Tolerances file (JSON): {"exact": [...], "exact_tracked": [...], "quality": {"col": abs_tol}, "ratio": {"col":
+rel_tol}}; any part given replaces the default of that part.
 """
 
 from __future__ import annotations
@@ -25,16 +25,44 @@ import pandas as pd
 
 from bench.results import load
 
-KEY = ["model", "weights", "dtype", "device_kind", "cache", "cache_kwargs", "cache_budget", "ctx", "batch",
-       "new_tokens", "sdpa_requested", "prefill_chunk", "repeats", "seed"]  # fmt: skip
+KEY = [
+    "system",
+    "model",
+    "weights",
+    "dtype",
+    "device_kind",
+    "cache",
+    "cache_kwargs",
+    "cache_budget",
+    "ctx",
+    "batch",
+    "new_tokens",
+    "sdpa_requested",
+    "prefill_chunk",
+    "repeats",
+    "seed",
+]
 DEFAULT_TOLERANCES = {
-    "exact": ["weights_bytes", "kv_bytes_dense", "cache_bytes", "peak_tracked_bytes"],
+    "exact": ["weights_bytes", "kv_bytes_dense", "cache_bytes"],
+    "exact_tracked": ["peak_alloc_bytes", "peak_alloc_prefill_bytes", "peak_alloc_decode_bytes"],
     "quality": {"kl_vs_dense": 1e-3, "top1_agree": 0.02, "passkey_acc": 0.0, "ppl": 0.05},
     "ratio": {"decode_ms_p50": 0.5, "prefill_s": 1.0},  # decode ratio to dense may grow 50%, prefill 100%
 }
 # Rows sharing these with a dense row are timed against it.
-_PEERS = ["model", "weights", "dtype", "device_kind", "ctx", "batch", "new_tokens", "sdpa_requested",
-          "prefill_chunk", "repeats", "seed"]  # fmt: skip
+_PEERS = [
+    "system",
+    "model",
+    "weights",
+    "dtype",
+    "device_kind",
+    "ctx",
+    "batch",
+    "new_tokens",
+    "sdpa_requested",
+    "prefill_chunk",
+    "repeats",
+    "seed",
+]
 
 
 def _key(row: pd.Series) -> tuple:
@@ -80,7 +108,8 @@ def compare(current: pd.DataFrame, baseline: pd.DataFrame, tolerances: dict | No
         if b["status"] == "ok" and c["status"] != "ok":
             flag(key, "status", "ok", f"{c['status']}: {c['error']}", "must stay ok")
             continue
-        for col in tol["exact"]:
+        tracked = b["peak_alloc_source"] == "tensor_tracker"
+        for col in tol["exact"] + (tol["exact_tracked"] if tracked else []):
             if col in b and pd.notna(b[col]) and (pd.isna(c[col]) or int(c[col]) != int(b[col])):
                 flag(key, col, int(b[col]), None if pd.isna(c[col]) else int(c[col]), "exact")
         for col, atol in tol["quality"].items():

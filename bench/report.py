@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +37,11 @@ def ctx_label(ctx: int) -> str:
 
 
 def cache_label(row) -> str:
-    """`h2o`, or `h2o/int8` when the cache runs on a quantized buffer."""
+    """`h2o`, or `h2o/int8` when the cache runs on a quantized buffer; another library's system by its name
+    (`hf_static`)."""
+    system = row.get("system") if hasattr(row, "get") else None
+    if isinstance(system, str) and system != "kvbench":
+        return system
     try:
         kwargs = json.loads(row["cache_kwargs"]) if isinstance(row["cache_kwargs"], str) else {}
     except (KeyError, ValueError):
@@ -56,8 +59,11 @@ def summary_line(row: dict, skipped: bool = False) -> str:
         return f"[{row.get('status')}] {head}: {row.get('error')}"
     peak = row.get("peak_alloc_bytes")
     src = "tensors" if row.get("peak_alloc_source") == "tensor_tracker" else "allocated"
-    quality = [f"{k} {row[k]:.3g}" for k in ("kl_vs_dense", "top1_agree", "passkey_acc", "ppl")
-               if row.get(k) is not None and not pd.isna(row.get(k))]  # fmt: skip
+    quality = [
+        f"{k} {row[k]:.3g}"
+        for k in ("kl_vs_dense", "top1_agree", "passkey_acc", "ppl")
+        if row.get(k) is not None and not pd.isna(row.get(k))
+    ]
     if row.get("prefill_s") is None or pd.isna(row.get("prefill_s")):  # repeats=0: a quality-only row
         return f"[ok] {head}: quality only | cache {human_bytes(row.get('cache_bytes'))} | " + ", ".join(quality)
     return (
@@ -68,8 +74,21 @@ def summary_line(row: dict, skipped: bool = False) -> str:
     )
 
 
-TABLE_COLUMNS = ["model", "cache", "ctx", "batch", "sdpa", "status", "prefill s", "decode tok/s", "ms/step p50",
-                 "peak alloc", "peak rss/nvml", "cache bytes", "vs dense KV"]  # fmt: skip
+TABLE_COLUMNS = [
+    "model",
+    "cache",
+    "ctx",
+    "batch",
+    "sdpa",
+    "status",
+    "prefill s",
+    "decode tok/s",
+    "ms/step p50",
+    "peak alloc",
+    "peak rss/nvml",
+    "cache bytes",
+    "vs dense KV",
+]
 
 
 def comparison_table(df: pd.DataFrame) -> str:
@@ -87,10 +106,22 @@ def comparison_table(df: pd.DataFrame) -> str:
         )
         sdpa = str(r["sdpa_used"] if pd.notna(r["sdpa_used"]) else r["sdpa_requested"])
         lines.append(
-            [r["model"], cache_label(r), ctx_label(int(r["ctx"])), str(r["batch"]), sdpa, r["status"],
-             _fmt(r["prefill_s"], ".3f"), _fmt(r["decode_tok_s"], ".1f"), _fmt(r["decode_ms_p50"], ".2f"),
-             human_bytes(r["peak_alloc_bytes"]), human_bytes(peak_other), human_bytes(r["cache_bytes"]), ratio]
-        )  # fmt: skip
+            [
+                r["model"],
+                cache_label(r),
+                ctx_label(int(r["ctx"])),
+                str(r["batch"]),
+                sdpa,
+                r["status"],
+                _fmt(r["prefill_s"], ".3f"),
+                _fmt(r["decode_tok_s"], ".1f"),
+                _fmt(r["decode_ms_p50"], ".2f"),
+                human_bytes(r["peak_alloc_bytes"]),
+                human_bytes(peak_other),
+                human_bytes(r["cache_bytes"]),
+                ratio,
+            ]
+        )
     widths = [max(len(h), *(len(str(line[i])) for line in lines)) for i, h in enumerate(TABLE_COLUMNS)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 6 else f"{{:>{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*TABLE_COLUMNS), fmt.format(*("-" * w for w in widths))]
@@ -109,9 +140,18 @@ def quality_table(df: pd.DataFrame) -> str:
     lines = []
     for _, r in df.iterrows():
         budget = "all" if r["cache"] == "dense" else f"{r['cache_budget'] / r['ctx']:.0%}"
-        lines.append([cache_label(r), budget, ctx_label(int(r["ctx"])), _fmt(r["kl_vs_dense"], ".4f"),
-                      _fmt(r["top1_agree"], ".3f"), _fmt(r["passkey_acc"], ".2f"), _fmt(r["ppl"], ".2f"),
-                      human_bytes(r["cache_bytes"])])  # fmt: skip
+        lines.append(
+            [
+                cache_label(r),
+                budget,
+                ctx_label(int(r["ctx"])),
+                _fmt(r["kl_vs_dense"], ".4f"),
+                _fmt(r["top1_agree"], ".3f"),
+                _fmt(r["passkey_acc"], ".2f"),
+                _fmt(r["ppl"], ".2f"),
+                human_bytes(r["cache_bytes"]),
+            ]
+        )
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*x) for x in lines])
@@ -123,9 +163,6 @@ TOUCHED: dict[str, set[str]] = {}
 
 class SweepSummary(Callback):
     """Hydra callback: after a multirun, print the comparison table of the jobs it ran (or skipped)."""
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        self.started = time.time()
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from bench.results import load

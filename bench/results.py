@@ -14,41 +14,83 @@ from pathlib import Path
 
 import pandas as pd
 
-# DESIGN.md's schema (never rename these; add columns freely). Values: the pandas dtype of the column.
+# Version 2 dropped columns that always held another column's value (`device`: device_kind; `peak_tracked_bytes`:
+# peak_alloc_bytes where peak_alloc_source is tensor_tracker) and settings that left the harness (`compile_mode`,
+# `kernel_options`, `weight_layout`). `load` reads rows of every version as version 2.
+SCHEMA_VERSION = 2
+DROPPED = {
+    "device": "device_kind",
+    "peak_tracked_bytes": "peak_alloc_bytes",
+    "compile_mode": None,
+    "kernel_options": None,
+    "weight_layout": None,
+}  # column -> the column that holds its value (None: gone)
+
+# The schema of docs/design.md (never rename these; add columns freely). Values: the pandas dtype of the column.
 SCHEMA: dict[str, str] = {
     # identity
-    "run_id": "string", "sweep_id": "string", "config_hash": "string", "started_at": "string",
-    "git_commit": "string", "device_name": "string", "device_kind": "string", "driver_version": "string",
-    "torch_version": "string", "cuda_version": "string",
+    "run_id": "string",
+    "sweep_id": "string",
+    "config_hash": "string",
+    "started_at": "string",
+    "git_commit": "string",
+    "device_name": "string",
+    "device_kind": "string",
+    "driver_version": "string",
+    "torch_version": "string",
+    "cuda_version": "string",
     # config
-    "model": "string", "n_params": "Int64", "dtype": "string", "cache": "string", "cache_budget": "Int64",
-    "cache_kwargs": "string", "ctx": "Int64", "batch": "Int64", "new_tokens": "Int64", "sdpa_requested": "string",
-    "sdpa_used": "string", "prefill_chunk": "Int64", "repeats": "Int64", "seed": "Int64",
+    "model": "string",
+    "n_params": "Int64",
+    "dtype": "string",
+    "cache": "string",
+    "cache_budget": "Int64",
+    "cache_kwargs": "string",
+    "ctx": "Int64",
+    "batch": "Int64",
+    "new_tokens": "Int64",
+    "sdpa_requested": "string",
+    "sdpa_used": "string",
+    "prefill_chunk": "Int64",
+    "repeats": "Int64",
+    "seed": "Int64",
     # status
-    "status": "string", "error": "string",
+    "status": "string",
+    "error": "string",
     # time
-    "prefill_s": "float64", "decode_ms_p50": "float64", "decode_ms_p90": "float64", "decode_tok_s": "float64",
+    "prefill_s": "float64",
+    "decode_ms_p50": "float64",
+    "decode_ms_p90": "float64",
+    "decode_tok_s": "float64",
     "total_s": "float64",
     # memory (bytes)
-    "weights_bytes": "Int64", "kv_bytes_dense": "Int64", "cache_bytes": "Int64", "peak_alloc_bytes": "Int64",
-    "peak_reserved_bytes": "Int64", "peak_nvml_bytes": "Int64", "peak_rss_bytes": "Int64",
+    "weights_bytes": "Int64",
+    "kv_bytes_dense": "Int64",
+    "cache_bytes": "Int64",
+    "peak_alloc_bytes": "Int64",
+    "peak_reserved_bytes": "Int64",
+    "peak_nvml_bytes": "Int64",
+    "peak_rss_bytes": "Int64",
     # derived
     "mbu": "float64",
     # quality
-    "kl_vs_dense": "float64", "top1_agree": "float64", "passkey_acc": "float64", "ppl": "float64",
-}  # fmt: skip
+    "kl_vs_dense": "float64",
+    "top1_agree": "float64",
+    "passkey_acc": "float64",
+    "ppl": "float64",
+}
 
-# Columns beyond DESIGN.md's list that the harness writes.
+# Columns beyond the design's list that the harness writes.
 EXTRA: dict[str, str] = {
+    "schema_version": "Int64",
+    "system": "string",  # kvbench | hf_dynamic | hf_static | hf_static_compiled (bench/systems)
     "weights": "string",  # random | pretrained
-    "device": "string",  # cpu | cuda
     "cache_length": "Int64",  # slots per sequence and KV head actually allocated
     "sdpa_used_prefill": "string",
     "sdpa_used_decode": "string",
     "prefill_s_min": "float64",
     "decode_ms_mean": "float64",
-    "peak_alloc_source": "string",  # torch.cuda | tensor_tracker
-    "peak_tracked_bytes": "Int64",  # CPU: exact peak of live tensor bytes (deterministic)
+    "peak_alloc_source": "string",  # torch.cuda | tensor_tracker (CPU: exact peak of live tensor bytes)
     "peak_alloc_prefill_bytes": "Int64",
     "peak_alloc_decode_bytes": "Int64",
     "peak_nvml_source": "string",
@@ -62,20 +104,15 @@ EXTRA: dict[str, str] = {
     "spawn_overhead_s": "float64",  # isolation=process: starting the child and its imports (wall - total_s)
     "nvml_index": "Int64",  # CUDA: the GPU as NVML (nvidia-smi) numbers it
     "compile": "boolean",  # decode step compiled (model/compiled_decode.py)
-    "compile_mode": "string",  # torch.compile mode: reduce-overhead (CUDA graphs) | default
-    "decode_attention": "string",  # compiled decode step's attention: sdpa | sdpa_gqa (masked SDPA) | flex | triton
-    "decode_kernel": "string",  # what it runs: flex, triton, or sdpa:<backend> as PyTorch chose it for the step
-    "weight_layout": "string",  # in_out (x @ W) | out_in (F.linear): how the Linear weights were stored
-    "cuda_graphs": "string",  # compiled decode on CUDA: trees (torch.compile reduce-overhead) | manual (our graph)
-    "kernel_options": "string",  # decode_attention=flex|triton: kernel options asked for, e.g. BLOCK_N=64,num_stages=3
+    "decode_attention": "string",  # compiled decode step's form: sdpa | sdpa_gqa | triton | grouped
+    "decode_kernel": "string",  # what it runs: grouped, triton:<launch options>, or sdpa:<backend> PyTorch chose
+    "cuda_graphs": "string",  # compiled decode on CUDA: manual (one graph of ours) | trees (torch.compile's)
     "warmup_released_bytes": "Int64",  # CUDA: cached allocator memory handed back after the warm-up (measure.py)
     "compile_s": "float64",  # the warm-up's first decode steps, compilation and graph recording included
     "cudagraph_skips": "Int64",  # compile_mode=reduce-overhead: graphs inductor declined to capture (0 expected)
     "alloc_conf": "string",  # CUDA: the allocator options the job asked for (PYTORCH_CUDA_ALLOC_CONF syntax)
     "expandable_segments": "boolean",  # CUDA: the allocator's segments were expandable (seen in its snapshot)
-    "system": "string",  # bench.compare_hf: kvbench | hf_static_compiled | hf_static | hf_dynamic
-    "alloc_before_bytes": "Int64",  # bench.compare_hf, CUDA: bytes still allocated when the system started (0)
-    "transformers_version": "string",
+    "transformers_version": "string",  # the HF systems' library
     "eval": "string",  # quality evaluations run: fidelity+passkey+ppl
     "eval_question": "string",  # passkey: in_prefill | after_prefill
     "passkey_by_depth": "string",  # JSON {depth: accuracy}
@@ -104,6 +141,7 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    df = _upgrade(df)
     for col, dtype in COLUMNS.items():
         if col not in df:
             df[col] = pd.Series([None] * len(df), dtype=dtype)
@@ -111,6 +149,28 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
             df[col] = df[col].astype(dtype)
     extra = [c for c in df.columns if c not in COLUMNS]
     return df[list(COLUMNS) + extra]
+
+
+def _upgrade(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of an older schema as the current one: a dropped column's value moves to the column that holds it now,
+    where that is empty; rows without a system are kvbench's."""
+    df = df.copy()
+    for old, new in DROPPED.items():
+        if old not in df:
+            continue
+        if new is not None:
+            df[new] = df[new].fillna(df[old]) if new in df else df[old]
+        df = df.drop(columns=old)
+    if len(df):
+        if "schema_version" not in df:
+            df["schema_version"] = 1
+        df["schema_version"] = df["schema_version"].fillna(1)
+        df["system"] = df["system"].fillna("kvbench") if "system" in df else "kvbench"
+        if "cache" in df:  # bench.compare_hf named HF's dense caches by class
+            df.loc[
+                df["system"].astype(str).str.startswith("hf_") & df["cache"].isin(["static", "dynamic"]), "cache"
+            ] = "dense"
+    return df
 
 
 def write_row(sweep_dir: str | Path, row: dict) -> Path:

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from bench import launch
-from bench.spec import BenchConfig, ConfigError, KernelOptions, resolve
+from bench.spec import BenchConfig, ConfigError, resolve
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
@@ -50,8 +50,11 @@ def main(cfg: DictConfig) -> dict:
     else:
         row = launch.execute(spec, sweep_id=cfg.sweep, config_hash=cfg_hash, isolate=bool(cfg.isolate))
         if row is None:  # its process was killed from outside: no row, so that a rerun redoes it
-            print(f"[killed] config {cfg_hash}: the job's process was killed; no row written (run the same "
-                  "command again to redo it)", flush=True)  # fmt: skip
+            print(
+                f"[killed] config {cfg_hash}: the job's process was killed; no row written (run the same "
+                "command again to redo it)",
+                flush=True,
+            )
             return {"status": "killed", "config_hash": cfg_hash}
         results.write_row(sweep_dir, row)
         print(report.summary_line(row), flush=True)
@@ -62,8 +65,21 @@ def main(cfg: DictConfig) -> dict:
 
 # ---- validation before Hydra runs anything ------------------------------------------------------------------------
 
-_HYDRA_FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--info", "-i",
-                           "--experimental-rerun", "-p", "--package", "--cfg", "-c"}  # fmt: skip
+_HYDRA_FLAGS_WITH_VALUE = {
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-cd",
+    "--config-dir",
+    "--info",
+    "-i",
+    "--experimental-rerun",
+    "-p",
+    "--package",
+    "--cfg",
+    "-c",
+}
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], bool, bool]:
@@ -92,10 +108,6 @@ def _one_line(err: Exception) -> str:
         listing = text.split("Available options")[1].split("Config search path")[0]
         options = [line.strip() for line in listing.splitlines()[1:] if line.strip()]
         return f"{group}={given!r} is not valid; valid choices: {', '.join(options)}"
-    if "not in 'KernelOptions'" in cause:
-        key = cause.split("'")[1]
-        valid = ", ".join(f"kernel_options.{f.name}" for f in fields(KernelOptions))
-        return f"kernel_options.{key} is not an option; valid: {valid}"
     if "not in 'BenchConfig'" in cause:
         key = cause.split("'")[1]
         return f"{key!r} is not a setting; valid settings: {', '.join(f.name for f in fields(BenchConfig))}"
@@ -134,9 +146,11 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
 
 
 # Launchers from optional packages (`pip install "kvbench[launchers]"`): the module each needs.
-LAUNCHER_PLUGINS = {"joblib": "hydra_plugins.hydra_joblib_launcher",
-                    "submitit_local": "hydra_plugins.hydra_submitit_launcher",
-                    "submitit_slurm": "hydra_plugins.hydra_submitit_launcher"}  # fmt: skip
+LAUNCHER_PLUGINS = {
+    "joblib": "hydra_plugins.hydra_joblib_launcher",
+    "submitit_local": "hydra_plugins.hydra_submitit_launcher",
+    "submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+}
 
 
 def _check_launcher(overrides: list[str]) -> None:
@@ -146,8 +160,9 @@ def _check_launcher(overrides: list[str]) -> None:
         name = arg.split("=", 1)[1] if arg.startswith("hydra/launcher=") else None
         if name in LAUNCHER_PLUGINS and importlib.util.find_spec(LAUNCHER_PLUGINS[name]) is None:
             package = "hydra-joblib-launcher" if name == "joblib" else "hydra-submitit-launcher"
-            raise ConfigError(f"hydra/launcher={name} needs {package}: pip install 'kvbench[launchers]' "
-                              "(installed launchers: basic)")  # fmt: skip
+            raise ConfigError(
+                f"hydra/launcher={name} needs {package}: pip install 'kvbench[launchers]' (installed launchers: basic)"
+            )
 
 
 def validate(argv: list[str]) -> list[tuple[str, str]]:
@@ -195,8 +210,11 @@ def cli(argv: list[str] | None = None) -> None:
     main()
     missing = [h for d, h in planned if not results.has_row(d, h)]
     if missing:  # a job's process was killed (or the launcher lost it): exit 1, and a rerun redoes exactly these
-        print(f"kvbench: {len(missing)} of {len(planned)} jobs have no row (their process was killed or lost); "
-              "run the same command again to redo them", file=sys.stderr)  # fmt: skip
+        print(
+            f"kvbench: {len(missing)} of {len(planned)} jobs have no row (their process was killed or lost); "
+            "run the same command again to redo them",
+            file=sys.stderr,
+        )
         raise SystemExit(1)
 
 

@@ -13,19 +13,17 @@ import torch
 
 from caches import KVCacheParams, cache_class, cache_names
 from model.attention import BACKENDS
-from model.compiled_decode import (
-    CUDA_GRAPHS_KNOB,
-    DECODE_ATTENTION,
-    MANUAL_NEEDS_IDEMPOTENT,
-    resolve_cuda_graphs,
-    resolve_decode_attention,
-)
 from model.config import CONFIGS
-from model.gpt import WEIGHT_LAYOUTS
 from model.load import PRETRAINED
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 WEIGHTS = ("random", "pretrained")
 DEVICES = ("auto", "cpu", "cuda")
 INJECT = ("none", "oom", "error")
@@ -56,18 +54,6 @@ class EvalConfig:
 
 
 @dataclass
-class KernelOptions:
-    """Options of the compiled decode step's attention kernel, for decode_attention=flex (inductor's flex decoding
-    template) or triton (model/triton_decode.py), e.g. `kernel_options.num_stages=3`; null leaves the kernel's
-    own choice."""
-
-    BLOCK_N: int | None = None  # keys per tile
-    num_stages: int | None = None  # software pipelining depth of the K/V loads
-    num_warps: int | None = None
-    SPLIT_KV: int | None = None  # splits of the key range per (sequence, KV head)
-
-
-@dataclass
 class BenchConfig:
     """Schema of conf/config.yaml. `cache` is the cache group: `name`, `budget` and the cache's own knobs."""
 
@@ -76,6 +62,7 @@ class BenchConfig:
     ctx: str = "8k"  # prompt tokens per sequence: 8192, 8k, 32k, 128k
     batch: int = 1
     cache: dict[str, Any] = field(default_factory=lambda: {"name": "dense", "budget": None})
+    system: dict[str, Any] = field(default_factory=lambda: {"name": "kvbench"})  # what is measured (bench/systems)
     sdpa: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     new_tokens: int = 32
@@ -94,10 +81,6 @@ class BenchConfig:
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)
     compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: see _resolve_compile
     expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
-    decode_attention: str = "auto"  # auto | sdpa | sdpa_gqa | flex | triton: the compiled step's attention
-    kernel_options: KernelOptions = field(default_factory=KernelOptions)  # decode_attention=flex|triton: options
-    cuda_graphs: str = "auto"  # auto | trees | manual: how the compiled decode step is captured on CUDA
-    weight_layout: str = "in_out"  # in_out (x @ W) | out_in (F.linear): how every Linear stores its weight
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -125,29 +108,20 @@ class JobSpec:
     inject: str
     compile: bool  # decode through model/compiled_decode.py
     expandable_segments: bool  # CUDA allocator with expandable segments (always False on CPU)
-    decode_attention: str | None = None  # the compiled decode step's attention (None: compile=false)
-    kernel_options: dict | None = None  # flex or triton kernel options (None: the kernel's defaults)
-    cuda_graphs: str | None = None  # trees | manual on CUDA with compile (None: no CUDA graphs)
-    weight_layout: str = "in_out"  # model/gpt.py, Linear.set_layout
+    system: str = "kvbench"  # bench/systems: kvbench's own core, or another library's caches
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
 
     def identity(self) -> dict:
         """What defines the measurement: hashed for resume (where results go and `force` are not part of it).
-        expandable_segments=False is PyTorch's default allocator, what every job ran with before the setting
-        existed: left out of the hash, so that those rows still count (on CPU it is always False). The same for
-        decode_attention when it is None (eager decode) or sdpa (what the compiled step did before flex)."""
+        A setting at the value every job had before the setting existed is left out, so that the rows of those
+        jobs still count: PyTorch's default allocator (expandable_segments false; always on CPU), and kvbench's
+        own system."""
         identity = asdict(self)
         if not self.expandable_segments:
             del identity["expandable_segments"]
-        if self.decode_attention in (None, "sdpa"):
-            del identity["decode_attention"]
-        if not self.kernel_options:
-            del identity["kernel_options"]
-        if self.cuda_graphs in (None, "trees"):
-            del identity["cuda_graphs"]
-        if self.weight_layout == "in_out":  # the storage every job had before the knob
-            del identity["weight_layout"]
+        if self.system == "kvbench":
+            del identity["system"]
         return identity
 
     @property
@@ -159,8 +133,10 @@ def parse_ctx(value: Any) -> int:
     text = str(value).strip().lower()
     m = re.fullmatch(r"(\d+)(k?)", text)
     if not m or int(m.group(1)) == 0:
-        raise ConfigError(f"ctx={value!r} is not a context length; valid: a positive integer or a number of k "
-                          "tokens (1k = 1024), e.g. 8192, 8k, 32k, 128k")  # fmt: skip
+        raise ConfigError(
+            f"ctx={value!r} is not a context length; valid: a positive integer or a number of k "
+            "tokens (1k = 1024), e.g. 8192, 8k, 32k, 128k"
+        )
     return int(m.group(1)) * (1024 if m.group(2) else 1)
 
 
@@ -179,14 +155,18 @@ def _positive(key: str, value: Any) -> int:
 def resolve_budget(budget: Any, ctx: int) -> int:
     """budget <= 1: a fraction of ctx; > 1: a number of tokens. Must lie in (0, ctx]."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-        raise ConfigError(f"cache.budget={budget!r} is not valid; use a fraction of ctx in (0, 1] (e.g. 0.25) "
-                          "or a number of tokens <= ctx (e.g. 2048)")  # fmt: skip
+        raise ConfigError(
+            f"cache.budget={budget!r} is not valid; use a fraction of ctx in (0, 1] (e.g. 0.25) "
+            "or a number of tokens <= ctx (e.g. 2048)"
+        )
     tokens = int(round(budget * ctx)) if budget <= 1 else int(budget)
     if budget > 1 and budget != int(budget):
         raise ConfigError(f"cache.budget={budget!r} is not valid; a token budget must be a whole number")
     if tokens > ctx:
-        raise ConfigError(f"cache.budget={budget!r} ({tokens} tokens) is larger than ctx={ctx}; valid: a fraction "
-                          f"in (0, 1] or at most {ctx} tokens")  # fmt: skip
+        raise ConfigError(
+            f"cache.budget={budget!r} ({tokens} tokens) is larger than ctx={ctx}; valid: a fraction "
+            f"in (0, 1] or at most {ctx} tokens"
+        )
     return max(1, tokens)
 
 
@@ -208,15 +188,21 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     _choice("model", model, ["auto", *CONFIGS])
     weights = _choice("weights", get("weights"), WEIGHTS)
     if weights == "pretrained" and model not in PRETRAINED:
-        raise ConfigError(f"weights='pretrained' is not available for model={model!r}; models with real weights "
-                          f"offline: {', '.join(PRETRAINED)}")  # fmt: skip
+        raise ConfigError(
+            f"weights='pretrained' is not available for model={model!r}; models with real weights "
+            f"offline: {', '.join(PRETRAINED)}"
+        )
     ctx = parse_ctx(get("ctx"))
     batch = _positive("batch", get("batch"))
     new_tokens = _positive("new_tokens", get("new_tokens"))
     prefill_chunk = _positive("prefill_chunk", get("prefill_chunk"))
     repeats = get("repeats")
-    if not (isinstance(repeats, int) and repeats == 0 and get("eval") is not None and any(
-            _get(get("eval"), name) for name in EVALS)):  # fmt: skip
+    if not (
+        isinstance(repeats, int)
+        and repeats == 0
+        and get("eval") is not None
+        and any(_get(get("eval"), name) for name in EVALS)
+    ):
         repeats = _positive("repeats", repeats)  # 0 (no timed phases) only for a quality-only run
     sdpa = _choice("sdpa", get("sdpa"), BACKENDS)
     dtype = get("dtype")
@@ -232,8 +218,9 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     every_knob = {k for n in cache_names() for k in _knobs(cache_class(n))}
     unknown = sorted(set(cache_cfg) - every_knob)
     if unknown:
-        raise ConfigError(f"cache.{unknown[0]} is not a knob of cache {name!r}; valid knobs: "
-                          f"{', '.join(['budget', *knobs])}")  # fmt: skip
+        raise ConfigError(
+            f"cache.{unknown[0]} is not a knob of cache {name!r}; valid knobs: {', '.join(['budget', *knobs])}"
+        )
     # Knobs of other caches are ignored here, so that one sweep can set them for the caches that have them.
     cache_cfg = {k: v for k, v in cache_cfg.items() if k in knobs}
     if name == "dense":
@@ -252,85 +239,64 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     if threads is not None:
         _positive("threads", threads)
     inject = _choice("inject", get("inject"), INJECT)
-    compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa)
-    decode_attention = _resolve_decode_attention(get("decode_attention", "auto"), device, compile_, sdpa,
-                                                 cls.requires_attn_weights)  # fmt: skip
-    kernel_options = _resolve_kernel_options(get("kernel_options"), decode_attention)
-    cuda_graphs = _choice("cuda_graphs", str(get("cuda_graphs", "auto")).strip().lower(), CUDA_GRAPHS_KNOB)
-    compiled_on_cuda = compile_ and device == "cuda"
-    if cuda_graphs == "auto":  # a compiled CUDA step: manual, or trees for a score-based cache; else no graph (None)
-        cuda_graphs = resolve_cuda_graphs("auto", cls.requires_attn_weights) if compiled_on_cuda else "trees"
-    if cuda_graphs == "manual" and compile_ and cls.requires_attn_weights:
-        raise ConfigError(f"cuda_graphs=manual with cache={name}: {MANUAL_NEEDS_IDEMPOTENT}")
-    if cuda_graphs == "manual" and not (compile_ and device == "cuda"):
-        raise ConfigError("cuda_graphs=manual captures the compiled decode step on CUDA; it needs compile=true and "
-                          "device=cuda (valid choices here: trees)")  # fmt: skip
-    weight_layout = _choice("weight_layout", str(get("weight_layout", "in_out")).strip().lower(), WEIGHT_LAYOUTS)
+    system = _resolve_system(get("system"))
+    compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa, system)
     expandable = get("expandable_segments", True)
     if not isinstance(expandable, bool):
         raise ConfigError(f"expandable_segments={expandable!r} is not valid; valid choices: true, false")
     evals, eval_knobs = _resolve_eval(get("eval"), weights)
     return JobSpec(
-        model=model, weights=weights, ctx=ctx, batch=batch, cache=name, cache_kwargs=cache_cfg,
-        cache_budget=cache_budget, cache_length=cache_length, sdpa=sdpa, dtype=dtype, device=device,
-        new_tokens=new_tokens, prefill_chunk=prefill_chunk, repeats=repeats, seed=int(get("seed")),
-        warmup=bool(get("warmup")), threads=threads, track_tensors=bool(get("track_tensors")),
-        nvml_period_ms=float(get("nvml_period_ms")), inject=inject, compile=compile_,
-        expandable_segments=expandable and device == "cuda", decode_attention=decode_attention,
-        kernel_options=kernel_options, cuda_graphs=cuda_graphs if compile_ and device == "cuda" else None,
-        weight_layout=weight_layout, evals=evals,
+        model=model,
+        weights=weights,
+        ctx=ctx,
+        batch=batch,
+        cache=name,
+        cache_kwargs=cache_cfg,
+        cache_budget=cache_budget,
+        cache_length=cache_length,
+        sdpa=sdpa,
+        dtype=dtype,
+        device=device,
+        new_tokens=new_tokens,
+        prefill_chunk=prefill_chunk,
+        repeats=repeats,
+        seed=int(get("seed")),
+        warmup=bool(get("warmup")),
+        threads=threads,
+        track_tensors=bool(get("track_tensors")),
+        nvml_period_ms=float(get("nvml_period_ms")),
+        inject=inject,
+        compile=compile_,
+        expandable_segments=expandable and device == "cuda",
+        system=system,
+        evals=evals,
         eval_knobs=eval_knobs,
-    )  # fmt: skip
+    )
 
 
-def _resolve_compile(value: Any, device: str, cache: str, sdpa: str) -> bool:
-    """compile=auto: on CUDA, with sdpa=auto, for the caches whose compiled step a GPU run has shown working
-    (`compiled_by_default`: dense, last_recent); true: asks for it (refused where it cannot be; a forced SDPA kernel
-    then runs in the compiled step); false: the eager decode step."""
-    text = str(value).strip().lower()
-    _choice("compile", text, ["auto", "true", "false"])
-    supported = [n for n in cache_names() if cache_class(n).supports_compiled_decode]
+def _resolve_system(node: Any) -> str:
+    """system=<name> (conf/system/): kvbench, or another library's caches (a missing optional extra: one line)."""
+    from bench.systems import SYSTEMS, missing_extra
+
+    name = _get(node, "name", "kvbench") if node is not None else "kvbench"
+    _choice("system", name, SYSTEMS)
+    why = missing_extra(name)
+    if why:
+        raise ConfigError(why)
+    return name
+
+
+def _resolve_compile(value: Any, device: str, cache: str, sdpa: str, system: str) -> bool:
+    """compile=auto: on CUDA, with sdpa=auto, for the caches whose compiled step a GPU run has shown giving the eager
+    step's tokens (`compiled_by_default`); true: asks for it (a combination the compiled step cannot run is an
+    `unsupported` row, model/compiled_decode.py `plan`); false: the eager decode step. Other systems compile or not
+    by their own name (hf_static_compiled)."""
+    text = _choice("compile", str(value).strip().lower(), ["auto", "true", "false"])
+    if system != "kvbench":
+        return system.endswith("_compiled")
     if text == "auto":
         return device == "cuda" and cache_class(cache).compiled_by_default and sdpa == "auto"
-    if text == "false":
-        return False
-    if cache not in supported:
-        raise ConfigError(f"compile=true needs a cache with a compiled decode step; valid caches: "
-                          f"{', '.join(supported)} (got cache={cache!r}; use compile=false or auto)")  # fmt: skip
-    if sdpa == "eager" and not cache_class(cache).requires_attn_weights:
-        raise ConfigError("compile=true runs an SDPA kernel (or FlexAttention) in the decode step; valid: "
-                          "sdpa=auto, flash, efficient, cudnn, math (got sdpa='eager'; use compile=false for the eager "
-                          "path)")  # fmt: skip
-    return True
-
-
-def _resolve_decode_attention(
-    value: Any, device: str, compiled: bool, sdpa: str = "auto", weighted: bool = False
-) -> str | None:
-    """The compiled decode step's attention (model/compiled_decode.py): None when the decode step is eager."""
-    text = _choice("decode_attention", str(value).strip().lower(), DECODE_ATTENTION)
-    if not compiled:
-        return None
-    try:
-        return resolve_decode_attention(text, device, compiled=True, sdpa=sdpa, weighted=weighted)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def _resolve_kernel_options(value: Any, decode_attention: str | None) -> dict | None:
-    """kernel_options.BLOCK_N=64 kernel_options.num_stages=3 -> {"BLOCK_N": 64, "num_stages": 3}: the options set
-    (None when none are)."""
-    get = value.get if hasattr(value, "get") else lambda k, d=None: getattr(value, k, d)
-    options = {k: get(k) for k in KernelOptions.__dataclass_fields__ if value is not None and get(k) is not None}
-    if not options:
-        return None
-    for key, number in options.items():
-        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
-            raise ConfigError(f"kernel_options.{key}={number!r} is not valid; it must be an integer >= 1 (or null)")
-    if decode_attention not in ("flex", "triton"):
-        raise ConfigError(f"kernel_options apply to the compiled decode step with decode_attention=flex or triton; "
-                          f"this job decodes with {decode_attention or 'the eager step (compile=false)'}")  # fmt: skip
-    return options
+    return text == "true"
 
 
 def _get(node: Any, key: str, default: Any = None) -> Any:

@@ -3,7 +3,7 @@
     python benchmarks/compiled_vs_eager.py                          # CUDA: llama-3.2-1b bf16, ctx 4k, batch 2
     python benchmarks/compiled_vs_eager.py --model tiny --ctx 1024  # CPU
 
---variant applies to dense and last_recent; h2o decodes through its own grouped step (under graph trees). Prints
+Each cache decodes through the form and CUDA graph `model.compiled_decode.plan` picks for it. Prints
 one JSON line per cache: steps until the first differing token (of --steps), max |logit difference| over
 the steps both agree on, ms/step p50 of each path (after a warm-up that compiles and records the CUDA graphs),
 and how many CUDA graphs inductor declined to record. On CUDA in bf16 the two paths reduce in different orders,
@@ -21,10 +21,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from bench.measure import sync
-from caches import cache_class
-from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, CompiledDecode
+from model.compiled_decode import CompiledDecode
 from model.config import Config
-from model.gpt import GPT, WEIGHT_LAYOUTS
+from model.gpt import GPT
 
 
 @torch.inference_mode()
@@ -51,67 +50,67 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--caches", default="dense,last_recent,dense-int8", help="comma-separated, from the default")
-    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float32"],
-                    help="float32 separates a wrong token from bf16 rounding between near-tied logits")  # fmt: skip
-    ap.add_argument("--graphs", default="trees", choices=CUDA_GRAPHS, help="CUDA: how the step is captured")
-    ap.add_argument("--attention", default="auto", choices=DECODE_ATTENTION, help="compiled step's attention")
-    ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
-                    help="the compiled step's SDPA kernel (the eager reference keeps auto)")  # fmt: skip
+    ap.add_argument("--caches", default="dense,last_recent,dense-int8,h2o", help="comma-separated, from the default")
     ap.add_argument(
-        "--weight-layout", default="in_out", choices=WEIGHT_LAYOUTS, help="how the Linear weights are stored"
+        "--dtype",
+        default="bfloat16" if cuda else "float32",
+        choices=["bfloat16", "float32"],
+        help="float32 separates a wrong token from bf16 rounding between near-tied logits",
     )
-    ap.add_argument("--variant", help="instead of --attention, --sdpa, --graphs: a benchmarks/decode_variants.py "
-                    "variant, e.g. triton:graphs=manual:BLOCK_N=128 (kernel options included)")  # fmt: skip
+    ap.add_argument(
+        "--sdpa",
+        default="auto",
+        choices=["auto", "flash", "efficient", "cudnn", "math"],
+        help="the compiled step's SDPA kernel (the eager reference keeps auto)",
+    )
     args = ap.parse_args()
-    variant = {"attention": args.attention, "sdpa": args.sdpa, "graphs": args.graphs, "kernel_options": None}
-    if args.variant:
-        from decode_variants import parse_variant  # benchmarks/, beside this script
-
-        try:
-            variant = parse_variant(args.variant)
-        except ValueError as err:
-            ap.error(str(err))
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
     with torch.device(device):
         model = GPT(Config.from_name(args.model)).eval().requires_grad_(False)
     torch.set_default_dtype(torch.float32)
-    model.set_weight_layout(args.weight_layout)  # both paths: the tokens compare the decode steps, not layouts
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.ctx), generator=gen).to(device)
-    cases = {"dense": ("dense", args.ctx + args.steps + 8, {}),
-             "last_recent": ("last_recent", args.ctx // 4, {"sink_tokens": 4}),
-             "dense-int8": ("dense", args.ctx + args.steps + 8, {"buffer": "int8"}),
-             # fills during the first half of the steps, then evicts: both phases of the score-based step
-             "h2o": ("h2o", args.ctx + args.steps // 2, {})}  # fmt: skip
+    cases = {
+        "dense": ("dense", args.ctx + args.steps + 8, {}),
+        "last_recent": ("last_recent", args.ctx // 4, {"sink_tokens": 4}),
+        "dense-int8": ("dense", args.ctx + args.steps + 8, {"buffer": "int8"}),
+        # fills during the first half of the steps, then evicts: both phases of the score-based step
+        "h2o": ("h2o", args.ctx + args.steps // 2, {}),
+    }
     for name in args.caches.split(","):
         cache, length, knobs = cases[name]
         model.set_kv_caches(args.batch, cache, length, **knobs)
         eager_tokens, eager_logits, eager_s = greedy(model, prompt, model, args.steps, device)
         skips = counters["inductor"]["cudagraph_skips"]
-        weighted = cache_class(cache).requires_attn_weights  # its one formulation, under graph trees
-        model.set_attention_backend("auto" if weighted else variant["sdpa"])
-        decoder = CompiledDecode(model, attention="auto" if weighted else variant["attention"],
-                                 kernel_options=None if weighted else variant["kernel_options"],
-                                 graphs="trees" if weighted else variant["graphs"])  # fmt: skip
+        model.set_attention_backend(args.sdpa)
+        decoder = CompiledDecode(model)
         model.set_attention_backend("auto")  # the prefills stay as the eager reference's
         greedy(model, prompt[:, : min(args.ctx, 256)], decoder, 3, device)  # compile, record the graphs
         compiled_tokens, compiled_logits, compiled_s = greedy(model, prompt, decoder, args.steps, device)
         differs = (compiled_tokens != eager_tokens).any(0).nonzero()
         agree = int(differs[0]) if len(differs) else args.steps
         diff = (compiled_logits[:, :agree] - eager_logits[:, :agree]).abs().max().item() if agree else None
-        print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
-                          "ctx": args.ctx, "batch": args.batch, "cache": cache, **knobs, "mode": decoder.mode,
-                          "dtype": args.dtype, "variant": args.variant, "weight_layout": args.weight_layout,
-                          "attention": decoder.attention,
-                          "kernel": decoder.kernel, "graphs": decoder.graphs,
-                          "steps_agreeing": agree,
-                          "of": args.steps, "max_logit_diff": diff,
-                          "eager_ms_p50": statistics.median(eager_s) * 1e3,
-                          "compiled_ms_p50": statistics.median(compiled_s) * 1e3,
-                          "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}), flush=True)  # fmt: skip
+        result = {
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "model": args.model,
+            "ctx": args.ctx,
+            "batch": args.batch,
+            "cache": cache,
+            **knobs,
+            "dtype": args.dtype,
+            "form": decoder.plan.form,
+            "kernel": decoder.plan.kernel,
+            "graphs": decoder.plan.graphs,
+            "steps_agreeing": agree,
+            "of": args.steps,
+            "max_logit_diff": diff,
+            "eager_ms_p50": statistics.median(eager_s) * 1e3,
+            "compiled_ms_p50": statistics.median(compiled_s) * 1e3,
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
+        }
+        print(json.dumps(result), flush=True)
         model.clear_kv_caches()
 
 

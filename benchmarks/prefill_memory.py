@@ -39,8 +39,10 @@ def chunk_transient(model: GPT, batch: int, chunk: int, ctx: int, device: torch.
         before = torch.cuda.memory_allocated(device)
         model(ids, input_pos=ctx - chunk, skip_lm_head=True)
         sync(device)
-        out = {"transient_bytes": torch.cuda.max_memory_allocated(device) - before,
-               "peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}  # fmt: skip
+        out = {
+            "transient_bytes": torch.cuda.max_memory_allocated(device) - before,
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
+        }
     else:
         with TensorTracker() as tracker:
             model(ids, input_pos=ctx - chunk, skip_lm_head=True)
@@ -63,9 +65,20 @@ def main() -> None:
         model = GPT(Config.from_name(args.model, n_layer=1)).to(DTYPES[args.dtype]).eval()
     result = chunk_transient(model, args.batch, args.chunk, ctx, device)
     tokens = args.batch * args.chunk
-    print(json.dumps({"model": args.model, "dtype": args.dtype, "device": device.type, "ctx": ctx,
-                      "batch": args.batch, "chunk": args.chunk, **result,
-                      "bytes_per_token": round(result["transient_bytes"] / tokens, 1)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "dtype": args.dtype,
+                "device": device.type,
+                "ctx": ctx,
+                "batch": args.batch,
+                "chunk": args.chunk,
+                **result,
+                "bytes_per_token": round(result["transient_bytes"] / tokens, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.job import _prefill
 from bench.measure import measured_bandwidth, sync
 from bench.spec import DTYPES, parse_ctx
-from model.compiled_decode import CUDA_GRAPHS, DECODE_ATTENTION, CompiledDecode
+from model.compiled_decode import CompiledDecode
 from model.config import CONFIGS, Config
+from model.generate import prefill
 from model.gpt import GPT
 
 
@@ -41,8 +41,10 @@ def kernel_table(prof, device: torch.device, steps: int) -> list[dict]:
         entry = per_name[event.name]
         entry[0] += us
         entry[1] += 1
-    rows = [{"kernel": name[:120], "us_per_step": us / steps, "calls_per_step": n / steps}
-            for name, (us, n) in per_name.items()]  # fmt: skip
+    rows = [
+        {"kernel": name[:120], "us_per_step": us / steps, "calls_per_step": n / steps}
+        for name, (us, n) in per_name.items()
+    ]
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
@@ -85,10 +87,12 @@ def main() -> None:
     ap.add_argument("--ctx", type=parse_ctx, default=32768)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--cache", default="dense")
-    ap.add_argument("--attention", default="auto", choices=DECODE_ATTENTION, help="compiled step's attention")
-    ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
-                    help="the SDPA kernel (prefill, and the compiled step's sdpa forms)")  # fmt: skip
-    ap.add_argument("--graphs", default="trees", choices=CUDA_GRAPHS, help="CUDA: how the step is captured")
+    ap.add_argument(
+        "--sdpa",
+        default="auto",
+        choices=["auto", "flash", "efficient", "cudnn", "math"],
+        help="the SDPA kernel (prefill, and the compiled step's sdpa forms)",
+    )
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(DTYPES))
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--top", type=int, default=15)
@@ -101,8 +105,8 @@ def main() -> None:
     model.set_kv_caches(args.batch, args.cache, length if args.cache == "dense" else args.ctx // 4)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.ctx), device=device)  # (B, ctx)
     model.set_attention_backend(args.sdpa)
-    decoder = CompiledDecode(model, attention=args.attention, graphs=args.graphs)
-    token = _prefill(model, ids, 2048, None)
+    decoder = CompiledDecode(model)
+    token = prefill(model, ids, 2048).argmax(-1, keepdim=True)  # (B, 1)
     pos = args.ctx
     t0 = time.perf_counter()
     for _ in range(3):  # compile; CUDA graphs are recorded on the third call
@@ -128,22 +132,39 @@ def main() -> None:
     kv = sum(c.size_estimate() for c in model.kv_caches)  # the whole buffer: the compiled step reads every slot
     bandwidth = measured_bandwidth(device)
     summary = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model, "ctx": args.ctx,
-        "batch": args.batch, "cache": args.cache, "dtype": args.dtype, "mode": decoder.mode,
-        "attention": decoder.attention, "kernel": decoder.kernel, "graphs": decoder.graphs, "compile_s": compile_s,
-        "synced_ms_p50": statistics.median(synced) * 1e3, "back_to_back_ms": back_to_back * 1e3,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "model": args.model,
+        "ctx": args.ctx,
+        "batch": args.batch,
+        "cache": args.cache,
+        "dtype": args.dtype,
+        "form": decoder.plan.form,
+        "kernel": decoder.plan.kernel,
+        "graphs": decoder.plan.graphs,
+        "compile_s": compile_s,
+        "synced_ms_p50": statistics.median(synced) * 1e3,
+        "back_to_back_ms": back_to_back * 1e3,
         "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3 if cuda else None,
-        "bytes_per_step": weights + kv, "bandwidth_bytes_s": bandwidth,
+        "bytes_per_step": weights + kv,
+        "bandwidth_bytes_s": bandwidth,
         "roofline_ms": (weights + kv) / bandwidth * 1e3 if bandwidth else None,
-    }  # fmt: skip
+    }
     print(json.dumps(summary), flush=True)
     for row in kernels[: args.top]:
         print(json.dumps(row), flush=True)
     if cuda:  # where the host's time goes (guards, graph replay, our Python): the ops' own CPU time per step
         host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.top]
         for event in host:
-            print(json.dumps({"host": event.key[:120], "self_cpu_us_per_step": event.self_cpu_time_total / profiled,
-                              "calls_per_step": event.count / profiled}), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "host": event.key[:120],
+                        "self_cpu_us_per_step": event.self_cpu_time_total / profiled,
+                        "calls_per_step": event.count / profiled,
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

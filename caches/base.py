@@ -36,14 +36,6 @@ class KVCacheParams:
         if self.n_head % self.n_query_groups:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_query_groups={self.n_query_groups}")
 
-    @property
-    def kv_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch_size, self.n_query_groups, self.cache_length, self.head_size)
-
-    @property
-    def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
 
 class KVCache(nn.Module):
     """Base class: validates every call, tracks `next_token_pos`, and leaves storage and eviction to subclasses.
@@ -58,7 +50,7 @@ class KVCache(nn.Module):
     # step can be compiled with fixed shapes and captured in a CUDA graph (model/compiled_decode.py).
     supports_compiled_decode: ClassVar[bool] = False
     # compile=auto (bench/spec.py) decodes this cache through the compiled step on CUDA: set where a GPU run has
-    # shown that step working (results/baselines/h200/)
+    # shown that step giving the eager step's tokens
     compiled_by_default: ClassVar[bool] = False
 
     def __init__(self, params: KVCacheParams) -> None:
@@ -67,8 +59,6 @@ class KVCache(nn.Module):
         self.next_token_pos: int | None = None
         self.batch_size: int | None = None  # effective batch size, fixed by the last prefill
         self.attn_opts = AttentionOptions()
-        self.last_backend: str | None = None  # attention backend that ran the last call
-        self.backends_seen: set[str] = set()  # every backend that ran since the owner last cleared it
 
     @property
     def cache_length(self) -> int:
@@ -83,6 +73,8 @@ class KVCache(nn.Module):
     def max_tokens_forward(self) -> int:
         """Most tokens one call after the prefill may bring."""
         return self.cache_length
+
+    # ---- the checked API: prefill, chunks and eager decode steps ------------------------------------------------
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
         """query (B, n_head, T, hs); key, value (B, n_query_groups, T, hs), RoPE applied.
@@ -145,6 +137,18 @@ class KVCache(nn.Module):
     def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
+        raise NotImplementedError
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, vis: Visibility) -> Tensor:
+        return attention(query, key, value, vis, self.attn_opts)[0]
+
+    def token_positions(self) -> Tensor:
+        """(B, n_query_groups, n_cached): the token position held by each filled slot."""
+        raise NotImplementedError
+
+    # ---- the compiled-decode API (model/compiled_decode.py) -----------------------------------------------------
+
     def decode_step(self, query: Tensor, key: Tensor, value: Tensor, pos: Tensor) -> Tensor:
         """One token per sequence at position `pos`, a 0-d int64 tensor on the cache's device (no Python int: a
         captured graph replays with the same arguments, and the position is read on the device). Fixed shapes,
@@ -157,17 +161,7 @@ class KVCache(nn.Module):
         captured graph, cannot touch Python state): called by the compiled step after every step."""
         self.next_token_pos = input_pos + 1
 
-    def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
-        raise NotImplementedError
-
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, vis: Visibility) -> Tensor:
-        out, self.last_backend, _ = attention(query, key, value, vis, self.attn_opts)
-        self.backends_seen.add(self.last_backend)
-        return out
-
-    def token_positions(self) -> Tensor:
-        """(B, n_query_groups, n_cached): the token position held by each filled slot."""
-        raise NotImplementedError
+    # ---- size and reset -------------------------------------------------------------------------------------
 
     def size_estimate(self) -> int:
         """Bytes held by the cache's buffers now (every buffer it registered, payload and bookkeeping)."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.attention import AttentionOptions, static_decode_attention
+from model.attention import AttentionOptions
+from model.decode_attention import static_decode_attention
 
 BUFFERS = ("float", "int8", "int4")
 
@@ -30,8 +31,9 @@ class KVBuffer(nn.Module):
         self.dtype = dtype
         self.head_size = head_size
         for name, width, dt in self._layout():
-            self.register_buffer(name, torch.zeros(batch, groups, slots, width, device=device, dtype=dt),
-                                 persistent=False)  # fmt: skip
+            self.register_buffer(
+                name, torch.zeros(batch, groups, slots, width, device=device, dtype=dt), persistent=False
+            )
 
     @classmethod
     def layout(cls, head_size: int, dtype: torch.dtype) -> list[tuple[str, int, torch.dtype]]:
@@ -153,18 +155,19 @@ class QuantizedKVBuffer(KVBuffer):
         return tuple(self._dequantize(stored[f"{p}_q"], stored[f"{p}_scale"], stored[f"{p}_zero"]) for p in "kv")
 
     def attend_all(self, query: Tensor, B: int, n_valid: Tensor, opts: AttentionOptions) -> Tensor:
-        """As KVBuffer's, but with decode_attention=triton the kernel reads the codes, scales and zeros and
-        dequantizes tile by tile (1 byte per value at int8, not the 2 of a dequantized copy written and read
-        again); the other formulations attend a dequantized copy of the whole buffer."""
-        if opts.decode_attention != "triton":
+        """As KVBuffer's, but in the Triton form the kernel reads the codes, scales and zeros and dequantizes tile
+        by tile (1 byte per value at int8, not the 2 of a dequantized copy written and read again); the SDPA forms
+        attend a dequantized copy of the whole buffer."""
+        if opts.decode_form != "triton":
             return super().attend_all(query, B, n_valid, opts)
         from model import triton_decode
 
         stored = {name: getattr(self, name)[:B] for name in self.names}
-        quantized = {"bits": self.bits, "group_size": self.group_size,
-                     **{n: stored[n] for n in ("k_scale", "k_zero", "v_scale", "v_zero")}}  # fmt: skip
-        return triton_decode.decode_attention(query, stored["k_q"], stored["v_q"], n_valid, opts.scale,
-                                              opts.kernel_options, quantized=quantized)  # fmt: skip
+        scales = {n: stored[n] for n in ("k_scale", "k_zero", "v_scale", "v_zero")}
+        quantized = {"bits": self.bits, "group_size": self.group_size, **scales}
+        return triton_decode.decode_attention(
+            query, stored["k_q"], stored["v_q"], n_valid, opts.scale, opts.launch, quantized=quantized
+        )
 
     def error(self, key: Tensor, value: Tensor) -> Tensor:
         k, v = self.decode(self.encode(key, value))
@@ -197,15 +200,14 @@ def buffer_class(name: str) -> type[KVBuffer]:
     return _BUFFER_CLASSES[name]
 
 
-def make_buffer(params, buffer: str = "float", group_size: int = 32, slots: int | None = None) -> KVBuffer:
-    """A buffer of `slots` (default: params.cache_length) slots per sequence and KV head."""
+def make_buffer(params, buffer: str = "float", group_size: int = 32) -> KVBuffer:
+    """A buffer of params.cache_length slots per sequence and KV head."""
     cls = buffer_class(buffer)
-    args = (params.batch_size, params.n_query_groups, slots or params.cache_length, params.head_size,
-            params.device, params.dtype)  # fmt: skip
-    return cls(*args) if cls is KVBuffer else cls(*args, group_size=group_size)
+    args = (params.batch_size, params.n_query_groups, params.cache_length, params.head_size, params.device)
+    return cls(*args, params.dtype) if cls is KVBuffer else cls(*args, params.dtype, group_size=group_size)
 
 
-def buffer_nbytes(params, buffer: str = "float", group_size: int = 32, slots: int | None = None) -> int:
+def buffer_nbytes(params, buffer: str = "float", group_size: int = 32) -> int:
     cls = buffer_class(buffer)
-    args = (params.batch_size, params.n_query_groups, slots or params.cache_length, params.head_size, params.dtype)
+    args = (params.batch_size, params.n_query_groups, params.cache_length, params.head_size, params.dtype)
     return cls.nbytes(*args) if cls is KVBuffer else cls.nbytes(*args, group_size=group_size)

@@ -17,14 +17,9 @@ class DenseCache(KVCache):
     supports_compiled_decode = True
     compiled_by_default = True
 
-    def __init__(
-        self, params: KVCacheParams, buffer: str = "float", group_size: int = 32, static_decode: bool = False
-    ) -> None:
+    def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:
         super().__init__(params)
         self.buf = make_buffer(params, buffer, group_size)
-        # static_decode: a decode step attends the whole buffer under a (1, cache_length) mask, so that every
-        # step has the same shapes (what CUDA graphs need); otherwise it attends the filled prefix, unmasked.
-        self.static_decode = static_decode
 
     @property
     def max_prefill_length(self) -> int:
@@ -51,10 +46,6 @@ class DenseCache(KVCache):
         B, _, T, _ = key.shape
         end = input_pos + T
         self.buf.write_range(B, input_pos, key, value)
-        if self.static_decode and T == 1:
-            k, v = self.buf.read(B, self.cache_length)  # (B, G, cache_length, hs)
-            slots = torch.arange(self.cache_length, device=k.device)  # slot i holds position i
-            return self._attend(query, k, v, Visibility(q_start=input_pos, k_pos=slots))
         k, v = self.buf.read(B, end)  # (B, G, end, hs)
         # A decode step sees every key (no mask); a chunk builds its own (T, end) causal slice.
         return self._attend(query, k, v, Visibility(q_start=input_pos))
@@ -70,7 +61,5 @@ class DenseCache(KVCache):
         return positions.expand(self.batch_size or self.params.batch_size, self.params.n_query_groups, n)
 
     @classmethod
-    def size_estimate_apriori(
-        cls, params: KVCacheParams, buffer: str = "float", group_size: int = 32, static_decode: bool = False
-    ) -> int:
+    def size_estimate_apriori(cls, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> int:
         return buffer_nbytes(params, buffer, group_size)

@@ -35,10 +35,8 @@ class LastRecentCache(KVCache):
         sink_tokens: int = 0,
         buffer: str = "float",
         group_size: int = 32,
-        static_decode: bool = False,
     ) -> None:
         super().__init__(params)
-        self.static_decode = static_decode  # decode attends the whole buffer, empty slots masked (fixed shapes)
         if not 0 <= sink_tokens < params.cache_length:
             raise ValueError(f"sink_tokens must be in [0, cache_length={params.cache_length}), got {sink_tokens}")
         self.sink_tokens = sink_tokens
@@ -67,9 +65,6 @@ class LastRecentCache(KVCache):
         slot = self._slot(input_pos)
         self.buf.write_range(B, slot, key, value)
         self.pos[slot] = input_pos
-        if self.static_decode:
-            k, v = self.buf.read(B, self.cache_length)  # (B, G, cache_length, hs)
-            return self._attend(query, k, v, Visibility(q_start=input_pos, k_pos=self.pos))  # empty slots: -1
         k, v = self.buf.read(B, min(input_pos + 1, self.cache_length))  # (B, G, n, hs)
         vis = Visibility(q_start=input_pos, all_visible=True)  # the buffer now holds exactly what q may see
         return self._attend(query, k, v, vis)
@@ -123,5 +118,5 @@ class LastRecentCache(KVCache):
 
     @classmethod
     def size_estimate_apriori(cls, params: KVCacheParams, buffer: str = "float", group_size: int = 32, **knobs) -> int:
-        """The other knobs (sink_tokens, static_decode) do not change the bytes."""
+        """sink_tokens does not change the bytes."""
         return buffer_nbytes(params, buffer, group_size) + params.cache_length * 8  # K/V and int64 slot positions

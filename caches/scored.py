@@ -27,7 +27,8 @@ from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams
 from caches.buffers import buffer_nbytes, make_buffer
-from model.attention import Visibility, grouped_attention, static_weighted_decode
+from model.attention import Visibility, grouped_attention
+from model.decode_attention import static_weighted_decode
 
 INF = float("inf")
 
@@ -42,13 +43,12 @@ class ScoredCache(KVCache):
         super().__init__(params)
         B, G, L = params.batch_size, params.n_query_groups, params.cache_length
         self.buf = make_buffer(params, buffer, group_size)
-        self.register_buffer("pos", torch.full((B, G, L), -1, device=params.device, dtype=torch.long),
-                             persistent=False)  # fmt: skip
-        self.register_buffer("score", torch.zeros(B, G, L, device=params.device, dtype=torch.float32),
-                             persistent=False)  # fmt: skip
+        self.register_buffer("pos", torch.full((B, G, L), -1, device=params.device, dtype=torch.long), persistent=False)
+        self.register_buffer("score", torch.zeros(B, G, L, device=params.device, dtype=torch.float32), persistent=False)
         if self.uses_quant_error:
-            self.register_buffer("qerr", torch.zeros(B, G, L, device=params.device, dtype=torch.float32),
-                                 persistent=False)  # fmt: skip
+            self.register_buffer(
+                "qerr", torch.zeros(B, G, L, device=params.device, dtype=torch.float32), persistent=False
+            )
         self.n_filled = 0  # filled slots (a prefix), the same for every sequence and head
 
     # ---- the policy ----------------------------------------------------------------------------------------------
@@ -94,8 +94,6 @@ class ScoredCache(KVCache):
             out, weights = self._prefill_attention(query, key, value, p, w_from)
         else:
             out, weights = grouped_attention(query, segments, self.attn_opts, w_from)
-            self.last_backend = "eager"
-            self.backends_seen.add("eager")
         w_old = weights[0] if weights is not None and n else None
         w_new = weights[-1] if weights is not None else None
         cand_score = self.candidate_scores(self.score[:B, :, :n], w_old, w_new, T)  # (B, G, n + T)

@@ -1,6 +1,7 @@
-"""Multi-head attention over whatever keys a KV cache hands in.
+"""Multi-head attention over whatever keys a KV cache hands in (prefill, chunks and eager decode steps; the
+compiled decode step's fixed-shape forms are in model/decode_attention.py).
 
-The rules (DESIGN.md, "Attention rules"):
+The rules (docs/design.md, "Attention rules"):
 
 * No mask cache. Who may see whom is described by token positions (`Visibility`) and turned into the cheapest
   form for this one call: `is_causal=True` for a causal prefill at position 0 (no mask at all), nothing for a
@@ -15,6 +16,9 @@ The rules (DESIGN.md, "Attention rules"):
   PyTorch choose among the fused kernels, memory-friendly ones first, and reports what it chose.
 * Score-based caches need the softmax weights each key received, summed over the queries of its KV group:
   the eager path returns them, computed block by block in the same pass.
+
+Which backend ran is not kept by anyone: `attention()` returns it, and every call made inside a
+`record_backends()` block adds it to that block's set (the harness's `sdpa_used` columns).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -29,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 # torch.nn.attention.bias imports torch._dynamo, and inductor and triton with it: 120-140 MiB of resident memory
 # in every job's process. Only forced flash on CUDA uses it (bottom-right causal chunks), so it is imported there,
@@ -38,8 +43,6 @@ if TYPE_CHECKING:
     from torch.nn.attention.bias import CausalBias
 
 BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "eager")
-# how a compiled decode step attends (static_decode_attention)
-DECODE_FORMULATIONS = ("sdpa", "sdpa_gqa", "flex", "triton")
 _SDP = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -64,6 +67,26 @@ class UnsupportedBackend(RuntimeError):
     """The requested attention backend has no kernel for this call (a result to record, not a bug)."""
 
 
+_RECORDERS: list[set[str]] = []
+
+
+@contextmanager
+def record_backends() -> Iterator[set[str]]:
+    """`with record_backends() as used:` collects the backend of every attention call made inside the block."""
+    used: set[str] = set()
+    _RECORDERS.append(used)
+    try:
+        yield used
+    finally:
+        _RECORDERS.remove(used)
+
+
+def record(backend: str) -> None:
+    """Tell the open `record_backends()` blocks that `backend` ran a call."""
+    for used in _RECORDERS:
+        used.add(backend)
+
+
 @dataclass
 class AttentionOptions:
     backend: str = "auto"
@@ -71,15 +94,14 @@ class AttentionOptions:
     softcap: float | None = None  # tanh softcapping of the logits (eager path only)
     sliding_window: int | None = None  # model-level window (eager path only)
     block_size: int = 256  # query rows per block in the eager path
-    decode_attention: str = "sdpa"  # the compiled decode step's formulation (DECODE_FORMULATIONS)
-    kernel_options: dict | None = None  # decode_attention=flex or triton: kernel options (BLOCK_N, num_stages, ...)
+    # How a compiled decode step attends its buffer (model/decode_attention.py), set by CompiledDecode: the
+    # form and, for the Triton kernel, its resolved launch options. Not a user setting.
+    decode_form: str = "sdpa"
+    launch: dict | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {self.backend!r}; valid choices: {', '.join(BACKENDS)}")
-        if self.decode_attention not in DECODE_FORMULATIONS:
-            raise ValueError(f"unknown decode_attention {self.decode_attention!r}; valid choices: "
-                             f"{', '.join(DECODE_FORMULATIONS)}")  # fmt: skip
 
 
 @dataclass
@@ -158,6 +180,7 @@ def attention(
         why = "attention weights" if need_weights else "logit softcapping" if opts.softcap else "a model-level window"
         raise UnsupportedBackend(f"{opts.backend} cannot run this call: {why} need the eager path")
     out, used = sdpa(query, key, value, vis, opts, window)
+    record(used)
     return out, used, None
 
 
@@ -190,8 +213,9 @@ def sdpa(
         used = None
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
-            out[:, :, t0:t1], used = sdpa(query[:, :, t0:t1], key, value, replace(vis, q_start=vis.q_start + t0),
-                                          opts, window)  # fmt: skip
+            out[:, :, t0:t1], used = sdpa(
+                query[:, :, t0:t1], key, value, replace(vis, q_start=vis.q_start + t0), opts, window
+            )
         return out, used
     mask = None if is_causal else _mask_rows(vis, 0, T, S, query.device, window)
     if mask is not None and mask.dim() == 4 and gqa:
@@ -207,9 +231,9 @@ def sdpa(
         key = key.repeat_interleave(n_head // n_groups, dim=1)
         value = value.repeat_interleave(n_head // n_groups, dim=1)
         gqa = False
-    used = _choose_backend(query, key, value, mask, is_causal, gqa, opts.backend)
+    used = choose_backend(query, key, value, mask, is_causal, gqa, opts.backend)
     try:
-        with sdpa_kernel(*_kernel_order(opts.backend)):
+        with sdpa_kernel(*kernel_order(opts.backend)):
             out = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, is_causal=is_causal, scale=opts.scale, enable_gqa=gqa
             )
@@ -263,7 +287,7 @@ def _flash_runs_bottom_right(query: Tensor, key: Tensor, value: Tensor, gqa: boo
 _choice_memo: dict[tuple, str] = {}
 
 
-def _choose_backend(
+def choose_backend(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, gqa: bool, backend: str
 ) -> str:
     """Ask PyTorch which kernel it would run (raising UnsupportedBackend with its reasons when none can).
@@ -282,7 +306,7 @@ def _choose_backend(
     )
     if memo_key in _choice_memo:
         return _choice_memo[memo_key]
-    with warnings.catch_warnings(record=True) as caught, sdpa_kernel(*_kernel_order(backend)):
+    with warnings.catch_warnings(record=True) as caught, sdpa_kernel(*kernel_order(backend)):
         warnings.simplefilter("always")
         try:
             chosen = torch._fused_sdp_choice(q, k, v, mask, 0.0, is_causal, scale=None, enable_gqa=gqa)
@@ -378,149 +402,12 @@ def grouped_attention(
         out[:, :, :, t0:t1] = acc.view(B, n_groups, q_per_kv, tb, hs)
     if weights is not None:
         weights = list(weights.split(sizes, dim=-1))
+    record("eager")
     return out.view(B, n_head, T, hs), weights
 
 
-def static_decode_attention(
-    query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, opts: AttentionOptions
-) -> Tensor:
-    """One query per sequence over a whole fixed-size buffer whose first `n_valid` slots are filled, for a
-    compiled decode step. query (B, n_head, 1, hs); key, value (B, G, S, hs); n_valid a 0-d int64 tensor (the
-    same for every sequence and head). Returns (B, 1, n_head * hs). K/V are read once per KV head, never expanded.
-
-    `opts.decode_attention` picks the formulation:
-    * "flex": FlexAttention with a block mask over the filled blocks only (`kv_idx < n_valid`), which compiles
-      to a split-K decoding kernel on CUDA.
-    * "sdpa": SDPA under a boolean slot mask, with the query heads of each KV group as that group's rows:
-      query (B, G, n_head / G, hs) against key (B, G, S, hs), so no `enable_gqa` is needed.
-    * "sdpa_gqa": SDPA under the slot mask with query (B, n_head, 1, hs) and `enable_gqa` (DESIGN.md's minimal
-      static-cache model).
-    * "triton": our split-K grouped-query kernel over the filled slots (model/triton_decode.py).
-    The SDPA forms run the kernel `opts.backend` names, and under "auto" the first of flash, cuDNN,
-    mem-efficient and math that can (`_AUTO_PRIORITY`), chosen when the step is traced. PyTorch's own order puts
-    cuDNN after math: with a mask and `enable_gqa` (flash and mem-efficient cannot), a compiled step traced
-    without this order decomposed SDPA into the math path, K/V expanded to float32 every step (H200, torch 2.11:
-    44 ms/step at 32k x 4, results/baselines/h200/).
-    """
-    B, H, T, hs = query.shape
-    if T != 1:
-        raise ValueError(f"static_decode_attention takes one query per sequence, got T={T}")
-    if opts.decode_attention == "flex":
-        out = _flex_decode(query, key, value, n_valid, opts.scale, opts.kernel_options)  # (B, n_head, 1, hs)
-        return out.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, n_head * hs)
-    if opts.decode_attention == "triton":
-        from model import triton_decode
-
-        return triton_decode.decode_attention(query, key, value, n_valid, opts.scale, opts.kernel_options)
-    G = key.shape[1]
-    visible = torch.arange(key.shape[2], device=key.device) < n_valid  # (S,)
-    mask = visible.view(1, 1, 1, -1)  # (1, 1, 1, S)
-    with sdpa_kernel(*_kernel_order(opts.backend)):
-        if opts.decode_attention == "sdpa_gqa":
-            # (B, n_head, 1, hs)
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=opts.scale, enable_gqa=G != H)
-            return out.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, n_head * hs)
-        # head h is row h % q_per_kv of group h // q_per_kv
-        grouped = query.reshape(B, G, H // G, hs)  # (B, G, q_per_kv, hs)
-        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=opts.scale)  # (B, G, qpk, hs)
-    return out.reshape(B, 1, H * hs)  # (B, 1, n_head * hs), heads in order
-
-
-def static_weighted_decode(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    filled: Tensor,
-    new_key: Tensor,
-    new_value: Tensor,
-    opts: AttentionOptions,
-) -> tuple[Tensor, Tensor]:
-    """A compiled decode step's attention for a score-based cache: one query per sequence over every slot of a
-    fixed-size buffer (`filled` False at empty slots) and over the step's own token, which is not in the buffer
-    yet, with one softmax over both; the same operations as `grouped_attention` with two segments, at fixed shapes.
-
-    query (B, n_head, 1, hs); key, value (B, G, L, hs); filled (B, G, L) bool; new_key, new_value (B, G, 1, hs).
-    Returns (output (B, 1, n_head * hs), float32 softmax weights (B, G, L + 1) summed over each group's query heads,
-    0 at empty slots, the step's token last). K/V are read once per KV head, never expanded.
-    """
-    B, H, _, hs = query.shape
-    G, L = key.shape[1], key.shape[2]
-    scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(hs)
-    q = query.view(B, G, H // G, hs)  # (B, G, q_per_kv, hs): head h is row h % q_per_kv of group h // q_per_kv
-    old = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)  # (B, G, q_per_kv, L)
-    old = old.masked_fill(~filled.unsqueeze(2), float("-inf"))
-    new = torch.matmul(q, new_key.transpose(-1, -2)).mul_(scale)  # (B, G, q_per_kv, 1)
-    probs = torch.softmax(torch.cat([old, new], dim=-1).float(), dim=-1)  # (B, G, q_per_kv, L + 1)
-    weights = probs.sum(dim=2)  # (B, G, L + 1)
-    probs = probs.to(query.dtype)
-    out = torch.matmul(probs[..., :L], value).add_(torch.matmul(probs[..., L:], new_value))  # (B, G, q_per_kv, hs)
-    return out.reshape(B, 1, H * hs), weights  # (B, 1, n_head * hs), heads in order
-
-
-def _kernel_order(backend: str) -> tuple[list[SDPBackend], bool]:
+def kernel_order(backend: str) -> tuple[list[SDPBackend], bool]:
     """sdpa_kernel's arguments for an SDPA call: the forced kernel, or `_AUTO_PRIORITY` as the order."""
     if backend not in _SDP and backend != "auto":
-        raise ValueError(f"SDPA runs its own kernels only; valid choices: auto, {', '.join(_SDP)} "
-                         f"(got {backend!r})")  # fmt: skip
+        raise ValueError(f"SDPA runs its own kernels only; valid choices: auto, {', '.join(_SDP)} (got {backend!r})")
     return (_AUTO_PRIORITY, True) if backend == "auto" else ([_SDP[backend]], False)
-
-
-def static_decode_kernel(query: Tensor | None, key: Tensor | None, opts: AttentionOptions) -> str:
-    """The kernel a static decode step's attention runs for query (B, n_head, 1, hs) and key (B, G, S, hs) (any
-    values; only shapes, strides, dtype and device count): "flex", "triton:<launch options>", or "sdpa:<backend>" as
-    PyTorch chooses it under the step's kernel order, which is what the compiled step is traced with (query and
-    key may be None for flex and triton). Raises UnsupportedBackend when a forced SDPA kernel cannot run the step."""
-    if opts.decode_attention == "triton" and opts.kernel_options:  # its launch options, as resolved
-        return "triton:" + ",".join(f"{k}={v}" for k, v in sorted(opts.kernel_options.items()))
-    if opts.decode_attention in ("flex", "triton"):
-        return opts.decode_attention
-    B, H, _, hs = query.shape
-    G = key.shape[1]
-    mask = torch.ones(1, 1, 1, key.shape[2], dtype=torch.bool, device=key.device)  # (1, 1, 1, S)
-    if opts.decode_attention == "sdpa_gqa":
-        return "sdpa:" + _choose_backend(query, key, key, mask, False, G != H, opts.backend)
-    grouped = query.reshape(B, G, H // G, hs)  # (B, G, q_per_kv, hs)
-    return "sdpa:" + _choose_backend(grouped, key, key, mask, False, False, opts.backend)
-
-
-FLEX_BLOCK = 128  # key slots per block of the flex block mask
-
-
-def _forward_only() -> dict:
-    """BlockMask.from_kv_blocks also transposes the block lists for a backward pass (a scatter, a sum and a sort,
-    in every layer of every decode step) unless told not to; torch versions without the flag always do."""
-    return (
-        {"compute_q_blocks": False}
-        if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
-        else {}
-    )
-
-
-_FORWARD_ONLY = _forward_only()
-
-
-def _flex_decode(
-    query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, scale: float | None, kernel_options: dict | None = None
-) -> Tensor:
-    """FlexAttention over the blocks that hold filled slots: ceil(n_valid / FLEX_BLOCK) blocks are read, and
-    inside the last one `kv_idx < n_valid` masks the empty slots. query (B, n_head, 1, hs) -> (B, n_head, 1, hs).
-    kernel_options go to the compiled kernel (on CUDA the split-K decoding template: BLOCK_N, num_stages,
-    num_warps, SPLIT_KV); None keeps inductor's defaults."""
-
-    S = key.shape[2]
-    n_blocks = -(-S // FLEX_BLOCK)
-    used = (n_valid + FLEX_BLOCK - 1) // FLEX_BLOCK  # 0-d: blocks holding filled slots
-    kv_num_blocks = used.to(torch.int32).view(1, 1, 1)  # (B=1, H=1, query blocks=1), broadcast
-    kv_indices = torch.arange(n_blocks, dtype=torch.int32, device=key.device).view(1, 1, 1, n_blocks)
-
-    def filled(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return kv_idx < n_valid
-
-    block_mask = BlockMask.from_kv_blocks(
-        kv_num_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=filled, seq_lengths=(query.shape[2], S),
-        **_FORWARD_ONLY,
-    )  # fmt: skip
-    options = dict(kernel_options) if kernel_options else None  # inductor fills in its defaults in place
-    return flex_attention(
-        query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=options
-    )

@@ -6,7 +6,7 @@ needed here: the harness compares KV caches, so what matters is the shape of the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,6 @@ class Config:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_query_groups={self.n_query_groups}")
 
     @property
-    def q_per_kv(self) -> int:
-        return self.n_head // self.n_query_groups
-
-    @property
     def n_params(self) -> int:
         """Parameter count, tied embeddings counted once (analytic; the tests check it against the module)."""
         d, hs = self.n_embd, self.head_size
@@ -57,9 +53,6 @@ class Config:
         if name not in CONFIGS:
             raise ValueError(f"unknown model {name!r}; valid names: {', '.join(CONFIGS)}")
         return replace(CONFIGS[name], **overrides)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 _LLAMA3_ROPE_32 = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 8192}

@@ -29,40 +29,20 @@ from model.config import Config
 LayerHook = Callable[[Tensor, int, "int | None"], None]
 
 
-WEIGHT_LAYOUTS = ("in_out", "out_in")  # how a Linear stores its weight (Linear.set_layout)
-
-
 class Linear(nn.Module):
-    """y = x @ W (+ bias) for W (in_features, out_features), stored that way (`layout="in_out"`, what the loaders
-    write). `set_layout("out_in")` stores W transposed, (out, in), and multiplies through F.linear: each output is
-    then a dot product over one contiguous row, the layout matrix-vector kernels are written for (a decode step
-    multiplies a handful of rows by every weight: benchmarks/decode_gemm_layout.py times both)."""
+    """y = x @ W (+ bias) for W (in_features, out_features), stored that way (what the loaders write): a decode step
+    multiplies a handful of rows by every weight, and `x @ W` streams W at least as fast as F.linear's (out, in)
+    layout on the CPU and on an H200."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.layout = "in_out"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.layout == "out_in":
-            return F.linear(x, self.weight, self.bias)
         y = x @ self.weight
         return y if self.bias is None else y + self.bias
-
-    def weight_in_out(self) -> Tensor:
-        """W as (in_features, out_features), a view whatever the storage."""
-        return self.weight.t() if self.layout == "out_in" else self.weight
-
-    @torch.no_grad()
-    def set_layout(self, layout: str) -> None:
-        """Store W as `layout` (one transposed copy, then the old storage is freed)."""
-        if layout not in WEIGHT_LAYOUTS:
-            raise ValueError(f"weight layout {layout!r} is not valid; valid choices: {', '.join(WEIGHT_LAYOUTS)}")
-        if layout != self.layout:
-            self.weight = nn.Parameter(self.weight.t().contiguous(), requires_grad=self.weight.requires_grad)
-            self.layout = layout
 
 
 class RMSNorm(nn.Module):
@@ -247,7 +227,7 @@ class GPT(nn.Module):
     def embed(self, idx: Tensor) -> Tensor:
         if self.wte is not None:
             return self.wte(idx)
-        return F.embedding(idx, self.lm_head.weight_in_out().t())  # (B, T, n_embd), rows of the (vocab, n_embd) view
+        return F.embedding(idx, self.lm_head.weight.t())  # (B, T, n_embd), rows of the (vocab, n_embd) view
 
     def forward(self, idx: Tensor, input_pos: int | None = None, skip_lm_head: bool = False) -> Tensor:
         """idx (B, T) token ids. Returns logits (B, T, vocab), or the final normed hidden states (B, T, n_embd)
@@ -280,12 +260,6 @@ class GPT(nn.Module):
         """hook(x, block_idx, input_pos) runs before each block and once more (block_idx = n_layer) after the
         last, before the final norm."""
         self.hook = hook
-
-    def set_weight_layout(self, layout: str) -> None:
-        """Every Linear's storage as `layout` (Linear.set_layout); a tied embedding follows the output head."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.set_layout(layout)
 
     # ---- KV caches ---------------------------------------------------------------------------------------------
 

@@ -231,3 +231,32 @@ def _from_hf_state_dict(state: dict[str, Tensor], config: Config, device, dtype:
     for name, param in model.named_parameters():
         param.copy_(ours[name].contiguous())  # copy_ casts to the model's dtype and device
     return model.eval()
+
+
+@torch.no_grad()
+def to_hf_state_dict(model: GPT) -> dict[str, Tensor]:
+    """Our weights under HF Llama / Qwen2 tensor names, the inverse of `_from_hf_state_dict`: another library's
+    model built from the same shape then holds exactly our weights (bench/systems/hf.py)."""
+    config = model.config
+    hs, inner = config.head_size, config.intermediate_size
+    sizes = [config.n_head * hs, config.n_query_groups * hs, config.n_query_groups * hs]
+    embed = model.wte.weight if model.wte is not None else model.lm_head.weight.t()  # (vocab, n_embd)
+    state = {
+        "model.norm.weight": model.norm.weight,
+        "model.embed_tokens.weight": embed,
+        "lm_head.weight": model.lm_head.weight.t(),
+    }
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        for name, w in zip("qkv", block.attn.qkv.weight.t().split(sizes)):  # (out, in) each
+            state[p + f"self_attn.{name}_proj.weight"] = w
+        if config.qkv_bias:
+            for name, b in zip("qkv", block.attn.qkv.bias.split(sizes)):
+                state[p + f"self_attn.{name}_proj.bias"] = b
+        state[p + "self_attn.o_proj.weight"] = block.attn.proj.weight.t()
+        fc = block.mlp.fc.weight.t()  # (2 * intermediate, n_embd): gate rows, then up rows
+        state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"] = fc[:inner], fc[inner:]
+        state[p + "mlp.down_proj.weight"] = block.mlp.proj.weight.t()
+        state[p + "input_layernorm.weight"] = block.norm_1.weight
+        state[p + "post_attention_layernorm.weight"] = block.norm_2.weight
+    return {k: v.contiguous() for k, v in state.items()}

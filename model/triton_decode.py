@@ -24,7 +24,7 @@ try:
 except ImportError:  # triton ships with CUDA builds of torch; on the CPU it is only needed for the interpreter
     triton = tl = None
 
-OPTIONS = ("BLOCK_N", "num_stages", "num_warps", "SPLIT_KV")  # what `kernel_options` may set
+OPTIONS = ("BLOCK_N", "num_stages", "num_warps", "SPLIT_KV")  # the launch options (resolve_options)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -39,8 +39,19 @@ def unavailable_reason(device: torch.device) -> str | None:
 if triton is not None:
 
     @triton.jit
-    def _load_tile(base, scale_base, zero_base, idx, inside, stride_s, stride_qs,
-                   HS: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+    def _load_tile(
+        base,
+        scale_base,
+        zero_base,
+        idx,
+        inside,
+        stride_s,
+        stride_qs,
+        HS: tl.constexpr,
+        BITS: tl.constexpr,
+        GS: tl.constexpr,
+        DTYPE: tl.constexpr,
+    ):
         """Rows `idx` of one KV head's K or V, (BLOCK_N, HS) in DTYPE: stored as is (BITS 0), or dequantized from
         8- or 4-bit codes (4-bit: channel 2i in the low nibble of byte i, 2i + 1 in the high one) as code * scale
         + zero, per group of GS channels with float16 scale and zero, as caches/buffers.py stores them. Every load
@@ -67,17 +78,45 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(
-        Q, K, V, K_SCALE, K_ZERO, V_SCALE, V_ZERO, N_VALID, OUT, LSE,
-        stride_qb, stride_qh,
-        stride_kb, stride_kg, stride_ks,
-        stride_vb, stride_vg, stride_vs,
-        stride_qsb, stride_qsg, stride_qss,
-        stride_ob, stride_og, stride_os, stride_om,
-        stride_lb, stride_lg, stride_ls,
+        Q,
+        K,
+        V,
+        K_SCALE,
+        K_ZERO,
+        V_SCALE,
+        V_ZERO,
+        N_VALID,
+        OUT,
+        LSE,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kg,
+        stride_ks,
+        stride_vb,
+        stride_vg,
+        stride_vs,
+        stride_qsb,
+        stride_qsg,
+        stride_qss,
+        stride_ob,
+        stride_og,
+        stride_os,
+        stride_om,
+        stride_lb,
+        stride_lg,
+        stride_ls,
         scale_log2: tl.constexpr,
-        G: tl.constexpr, QPK: tl.constexpr, HS: tl.constexpr, SPLITS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-    ):  # fmt: skip
+        G: tl.constexpr,
+        QPK: tl.constexpr,
+        HS: tl.constexpr,
+        SPLITS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+        BITS: tl.constexpr,
+        GS: tl.constexpr,
+    ):
         """Program (b * G + g, split): query heads g * QPK .. of sequence b against its share of slots
         [lo, hi) of KV head g. Writes the normalised partial output (QPK, HS) and its log2-sum-exp (QPK,).
         BITS 8 or 4: K and V are codes, with scales and zeros (B, G, S, HS / GS) at K_SCALE .. V_ZERO, which
@@ -93,8 +132,11 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HS)
         cols = tl.arange(0, BLOCK_N)
-        q = tl.load(Q + b * stride_qb + (g * QPK + rows)[:, None] * stride_qh + dims[None, :],
-                    mask=rows[:, None] < QPK, other=0.0)  # (BLOCK_M, HS) # fmt: skip
+        q = tl.load(
+            Q + b * stride_qb + (g * QPK + rows)[:, None] * stride_qh + dims[None, :],
+            mask=rows[:, None] < QPK,
+            other=0.0,
+        )  # (BLOCK_M, HS)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the log2-scaled scores
         s_sum = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m)
         acc = tl.zeros([BLOCK_M, HS], tl.float32)
@@ -104,8 +146,19 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             idx = start + cols
             inside = idx < hi
-            k = _load_tile(k_base, K_SCALE + quant, K_ZERO + quant, idx, inside, stride_ks, stride_qss,
-                           HS, BITS, GS, Q.dtype.element_ty)  # (BLOCK_N, HS) # fmt: skip
+            k = _load_tile(
+                k_base,
+                K_SCALE + quant,
+                K_ZERO + quant,
+                idx,
+                inside,
+                stride_ks,
+                stride_qss,
+                HS,
+                BITS,
+                GS,
+                Q.dtype.element_ty,
+            )  # (BLOCK_N, HS)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
             else:
@@ -115,8 +168,19 @@ if triton is not None:
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             s_sum = s_sum * alpha + tl.sum(p, 1)
-            v = _load_tile(v_base, V_SCALE + quant, V_ZERO + quant, idx, inside, stride_vs, stride_qss,
-                           HS, BITS, GS, Q.dtype.element_ty)  # (BLOCK_N, HS) # fmt: skip
+            v = _load_tile(
+                v_base,
+                V_SCALE + quant,
+                V_ZERO + quant,
+                idx,
+                inside,
+                stride_vs,
+                stride_qss,
+                HS,
+                BITS,
+                GS,
+                Q.dtype.element_ty,
+            )  # (BLOCK_N, HS)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -157,8 +221,11 @@ def resolve_options(batch: int, groups: int, slots: int, device: torch.device, o
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown Triton decode option {unknown[0]!r}; valid: {', '.join(OPTIONS)}")
-    resolved = {"BLOCK_N": options.get("BLOCK_N") or 64, "num_warps": options.get("num_warps") or 4,
-                "num_stages": options.get("num_stages") or 3}  # fmt: skip
+    resolved = {
+        "BLOCK_N": options.get("BLOCK_N") or 64,
+        "num_warps": options.get("num_warps") or 4,
+        "num_stages": options.get("num_stages") or 3,
+    }
     resolved["SPLIT_KV"] = options.get("SPLIT_KV") or default_splits(batch, groups, slots, resolved["BLOCK_N"], device)
     return resolved
 
@@ -174,10 +241,22 @@ if triton is not None:
         "int num_warps, int num_stages) -> (Tensor, Tensor)",
     )
     def _split(
-        query: Tensor, key: Tensor, value: Tensor, k_scale: Tensor, k_zero: Tensor, v_scale: Tensor,
-        v_zero: Tensor, n_valid: Tensor, scale: float, bits: int, group_size: int, block_n: int, splits: int,
-        num_warps: int, num_stages: int,
-    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        k_scale: Tensor,
+        k_zero: Tensor,
+        v_scale: Tensor,
+        v_zero: Tensor,
+        n_valid: Tensor,
+        scale: float,
+        bits: int,
+        group_size: int,
+        block_n: int,
+        splits: int,
+        num_warps: int,
+        num_stages: int,
+    ) -> tuple[Tensor, Tensor]:
         """The split kernel as an opaque op for torch.compile (it reads its inputs, writes only its outputs):
         (partial outputs (B, G, SPLITS, QPK, hs) float32, their log2-sum-exp (B, G, SPLITS, QPK))."""
         B, H, _, hs = query.shape
@@ -187,23 +266,67 @@ if triton is not None:
         partial = torch.empty(B, G, splits, qpk, hs, dtype=torch.float32, device=query.device)
         lse = torch.empty(B, G, splits, qpk, dtype=torch.float32, device=query.device)
         _split_kernel[(B * G, splits)](
-            q, key, value, k_scale, k_zero, v_scale, v_zero, n_valid, partial, lse,
-            q.stride(0), q.stride(1),
-            key.stride(0), key.stride(1), key.stride(2),
-            value.stride(0), value.stride(1), value.stride(2),
-            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
-            partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
-            lse.stride(0), lse.stride(1), lse.stride(2),
+            q,
+            key,
+            value,
+            k_scale,
+            k_zero,
+            v_scale,
+            v_zero,
+            n_valid,
+            partial,
+            lse,
+            q.stride(0),
+            q.stride(1),
+            key.stride(0),
+            key.stride(1),
+            key.stride(2),
+            value.stride(0),
+            value.stride(1),
+            value.stride(2),
+            k_scale.stride(0),
+            k_scale.stride(1),
+            k_scale.stride(2),
+            partial.stride(0),
+            partial.stride(1),
+            partial.stride(2),
+            partial.stride(3),
+            lse.stride(0),
+            lse.stride(1),
+            lse.stride(2),
             scale_log2=scale * math.log2(math.e),
-            G=G, QPK=qpk, HS=hs, SPLITS=splits,
-            BLOCK_M=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n, IEEE=query.dtype == torch.float32,
-            BITS=bits, GS=group_size, num_warps=num_warps, num_stages=num_stages,
-        )  # fmt: skip
+            G=G,
+            QPK=qpk,
+            HS=hs,
+            SPLITS=splits,
+            BLOCK_M=max(16, triton.next_power_of_2(qpk)),
+            BLOCK_N=block_n,
+            IEEE=query.dtype == torch.float32,
+            BITS=bits,
+            GS=group_size,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
         return partial, lse
 
     @_split.register_fake
-    def _(query, key, value, k_scale, k_zero, v_scale, v_zero, n_valid, scale, bits, group_size, block_n, splits,
-          num_warps, num_stages):  # fmt: skip
+    def _(
+        query,
+        key,
+        value,
+        k_scale,
+        k_zero,
+        v_scale,
+        v_zero,
+        n_valid,
+        scale,
+        bits,
+        group_size,
+        block_n,
+        splits,
+        num_warps,
+        num_stages,
+    ):
         B, H, _, hs = query.shape
         G = key.shape[1]
         partial = query.new_empty(B, G, splits, H // G, hs, dtype=torch.float32)
@@ -211,9 +334,14 @@ if triton is not None:
 
 
 def decode_attention(
-    query: Tensor, key: Tensor, value: Tensor, n_valid: Tensor, scale: float | None = None,
-    options: dict | None = None, quantized: dict | None = None,
-) -> Tensor:  # fmt: skip
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    n_valid: Tensor,
+    scale: float | None = None,
+    options: dict | None = None,
+    quantized: dict | None = None,
+) -> Tensor:
     """query (B, n_head, 1, hs); key, value (B, G, S, hs), last dimension contiguous; n_valid a 0-d int64 tensor:
     slots 0 .. n_valid - 1 are attended. Returns (B, 1, n_head * hs), heads in order. options: see
     `resolve_options` (a compiled step passes them resolved). quantized: K and V are 8- or 4-bit codes
@@ -236,13 +364,27 @@ def decode_attention(
     else:
         bits, group_size = quantized["bits"], quantized["group_size"]
         if bits not in (8, 4) or hs % group_size or group_size & (group_size - 1):
-            raise ValueError(f"quantized K/V need bits 8 or 4 and a power-of-two group size dividing {hs}; got "
-                             f"bits={bits}, group_size={group_size}")  # fmt: skip
+            raise ValueError(
+                f"quantized K/V need bits 8 or 4 and a power-of-two group size dividing {hs}; got "
+                f"bits={bits}, group_size={group_size}"
+            )
         extras = tuple(quantized[name] for name in ("k_scale", "k_zero", "v_scale", "v_zero"))
         if len({t.stride() for t in extras}) != 1:
             raise ValueError("quantized K/V: scales and zeros must share one layout")
-    partial, lse = _split(query, key, value, *extras, n_valid, scale, bits, group_size, options["BLOCK_N"],
-                          options["SPLIT_KV"], options["num_warps"], options["num_stages"])  # fmt: skip
+    partial, lse = _split(
+        query,
+        key,
+        value,
+        *extras,
+        n_valid,
+        scale,
+        bits,
+        group_size,
+        options["BLOCK_N"],
+        options["SPLIT_KV"],
+        options["num_warps"],
+        options["num_stages"],
+    )
     weights = torch.softmax(lse * math.log(2), dim=2)  # (B, G, SPLITS, QPK): each split's share of the softmax
     out = (partial * weights.unsqueeze(-1)).sum(2)  # (B, G, QPK, hs)
     return out.to(query.dtype).reshape(B, 1, H * hs)  # (B, 1, n_head * hs), head h = g * QPK + row

@@ -77,8 +77,10 @@ class NaiveScoredCache:
                 for h in range(g * (H // self.G), (g + 1) * (H // self.G)):
                     for t in range(T):
                         qpos = p + t
-                        logits = [float(q[b, h, t].double() @ c.k) / math.sqrt(hs) if c.pos <= qpos else -math.inf
-                                  for c in cands]  # fmt: skip
+                        logits = [
+                            float(q[b, h, t].double() @ c.k) / math.sqrt(hs) if c.pos <= qpos else -math.inf
+                            for c in cands
+                        ]
                         m = max(logits)
                         e = [math.exp(x - m) for x in logits]
                         z = sum(e)
@@ -134,8 +136,10 @@ class NaiveScoredCache:
         if self.policy in ("h2o", "qh2o"):
             ranks = [c.score / (end - c.pos) if self.normalize else c.score for c in cands]
             if self.policy == "qh2o":
-                ranks = [self.alpha * a + (1 - self.alpha) * (1 - e)
-                         for a, e in zip(_minmax(ranks), _minmax([c.err for c in cands]))]  # fmt: skip
+                ranks = [
+                    self.alpha * a + (1 - self.alpha) * (1 - e)
+                    for a, e in zip(_minmax(ranks), _minmax([c.err for c in cands]))
+                ]
             protect = end - self.recent
         elif self.policy == "tova":
             ranks, protect = [c.score for c in cands], math.inf

@@ -5,7 +5,16 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import attention as A
-from model.attention import AttentionOptions, UnsupportedBackend, Visibility, _mask_rows, attention, visible_mask
+from model.attention import (
+    AttentionOptions,
+    UnsupportedBackend,
+    Visibility,
+    _mask_rows,
+    attention,
+    record_backends,
+    visible_mask,
+)
+from model.decode_attention import static_decode_attention
 
 
 def _qkv(B=2, H=8, G=2, T=12, S=12, hs=16, seed=0):
@@ -214,16 +223,15 @@ def test_flash_chunks_on_the_cpu_keep_their_mask():
     assert not A._flash_runs_bottom_right(q, k, v, True)
 
 
-@pytest.mark.parametrize("formulation", ["sdpa", "flex"])
+@pytest.mark.parametrize("form", ["sdpa", "sdpa_gqa"])
 @pytest.mark.parametrize("H,G,S,n_valid", [(8, 2, 300, 201), (8, 4, 256, 256), (8, 8, 130, 1), (4, 1, 129, 128)])
-def test_static_decode_attention_matches_naive_over_filled_slots(formulation, H, G, S, n_valid):
+def test_static_decode_attention_matches_naive_over_filled_slots(form, H, G, S, n_valid):
     """One query per sequence over a fixed buffer whose first n_valid slots are filled (the rest hold garbage that
-    must not count): both formulations against naive attention over the filled slots, for GQA ratios 1-8 and
-    buffers that are not whole flex blocks (A.FLEX_BLOCK)."""
+    must not count): each SDPA form against naive attention over the filled slots, for GQA ratios 1-8."""
     q, k, v = _qkv(B=2, H=H, G=G, T=1, S=S, hs=16, seed=n_valid)
     k[:, :, n_valid:] = 1e4  # empty slots: anything read from them would dominate the softmax
-    opts = AttentionOptions(decode_attention=formulation)
-    out = A.static_decode_attention(q, k, v, torch.tensor(n_valid), opts)  # (B, 1, H * hs)
+    opts = AttentionOptions(decode_form=form)
+    out = static_decode_attention(q, k, v, torch.tensor(n_valid), opts)  # (B, 1, H * hs)
     expected = naive_attention(q, k[:, :, :n_valid], v[:, :, :n_valid], torch.ones(1, n_valid, dtype=torch.bool))
     torch.testing.assert_close(out, expected.transpose(1, 2).reshape(2, 1, H * 16), atol=1e-5, rtol=1e-5)
 
@@ -231,30 +239,18 @@ def test_static_decode_attention_matches_naive_over_filled_slots(formulation, H,
 def test_grouped_sdpa_decode_never_expands_kv():
     q, k, v = _qkv(B=1, H=8, G=2, T=1, S=64, hs=16)
     with _Spy() as spy:
-        A.static_decode_attention(q, k, v, torch.tensor(40), AttentionOptions(decode_attention="sdpa"))
+        static_decode_attention(q, k, v, torch.tensor(40), AttentionOptions(decode_form="sdpa"))
     expanded = [c for c in spy.calls if any(s[-2:] == (64, 16) and s[1] == 8 for s in c[1] if len(s) == 4)]
     assert not expanded, expanded
     assert spy.calls
 
 
-def test_flex_decode_reads_only_the_filled_blocks(monkeypatch):
-    """The block mask lists ceil(n_valid / FLEX_BLOCK) blocks: the flex kernel never loads the empty tail."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    real_from = BlockMask.from_kv_blocks
-    seen = []
-
-    def spy(kv_num_blocks, kv_indices, **kw):
-        seen.append(int(kv_num_blocks.reshape(-1)[0]))
-        return real_from(kv_num_blocks, kv_indices, **kw)
-
-    monkeypatch.setattr(BlockMask, "from_kv_blocks", spy)
-    q, k, v = _qkv(B=1, H=4, G=2, T=1, S=1000, hs=16)
-    for n_valid in (1, 128, 129, 300, 1000):
-        A.static_decode_attention(q, k, v, torch.tensor(n_valid), AttentionOptions(decode_attention="flex"))
-    assert seen == [1, 1, 2, 3, 8]
-
-
-def test_unknown_decode_attention_lists_choices():
-    with pytest.raises(ValueError, match="valid choices: sdpa, sdpa_gqa, flex, triton"):
-        AttentionOptions(decode_attention="cudnn")
+def test_backends_are_recorded_by_the_open_blocks_only():
+    """`record_backends()` collects what ran inside it (the harness's sdpa_used columns); nothing is kept after."""
+    q, k, v = _qkv()
+    with record_backends() as outer:
+        attention(q, k, v, Visibility(q_start=0), AttentionOptions(backend="math"))
+        with record_backends() as inner:
+            attention(q, k, v, Visibility(q_start=0), AttentionOptions(backend="eager"))
+    attention(q, k, v, Visibility(q_start=0), AttentionOptions(backend="flash"))
+    assert (outer, inner) == ({"math", "eager"}, {"eager"})

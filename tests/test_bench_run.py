@@ -49,64 +49,29 @@ def test_expandable_segments_is_a_cuda_setting(cuda):
     assert "expandable_segments" not in specs[1].identity()  # the default allocator: hashes as before the knob
 
 
-@pytest.mark.parametrize("cuda", [False, True])
-def test_decode_attention_is_resolved_and_hashed_only_where_it_changes_the_step(cuda):
-    """auto is sdpa_gqa on CUDA and sdpa on the CPU; an eager decode step has none. sdpa (what the compiled step
-    did before the knob) and unset kernel options stay out of the hash, so earlier rows still resume. cuda_graphs=auto
-    is our manual graph for a compiled CUDA step, and no graph at all elsewhere."""
+def test_the_system_is_hashed_only_when_it_is_not_kvbench():
+    """Rows from before the `system` group resume: kvbench's jobs hash as they did; another system's job is another
+    configuration, compiled or not by its own name."""
     specs = {}
-    for overrides in (["compile=true"], ["compile=false"], ["compile=true", "decode_attention=sdpa"]):
+    for system in ("kvbench", "hf_static", "hf_static_compiled"):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-        specs[" ".join(overrides)] = resolve(cfg, cuda_available=cuda)
-    assert specs["compile=true"].decode_attention == ("sdpa_gqa" if cuda else "sdpa")
-    assert specs["compile=false"].decode_attention is None
-    for spec in specs.values():
-        assert "kernel_options" not in spec.identity()
-        assert ("decode_attention" in spec.identity()) == (spec.decode_attention == "sdpa_gqa")
-        assert ("cuda_graphs" in spec.identity()) == (spec.cuda_graphs == "manual")  # trees or none: not hashed
-    assert specs["compile=true"].cuda_graphs == ("manual" if cuda else None)
-    assert specs["compile=false"].cuda_graphs is None
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # a forced SDPA kernel: auto is sdpa
-        forced = resolve(compose(config_name="config", overrides=["compile=true", "sdpa=cudnn"]), cuda_available=cuda)
-        assert forced.compile and forced.decode_attention == "sdpa" and forced.sdpa == "cudnn"
-        with pytest.raises(ConfigError, match="sdpa='cudnn' cannot apply; valid choices with a forced SDPA kernel"):
-            resolve(compose(config_name="config", overrides=["compile=true", "sdpa=cudnn", "decode_attention=flex"]),
-                    cuda_available=True)  # fmt: skip
-    if cuda:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(
-                config_name="config",
-                overrides=["decode_attention=flex", "kernel_options.num_stages=3", "cuda_graphs=manual"],
-            )
-        spec = resolve(cfg, cuda_available=True)
-        assert spec.kernel_options == {"num_stages": 3} and spec.identity()["kernel_options"] == {"num_stages": 3}
-        assert spec.cuda_graphs == "manual" and spec.identity()["cuda_graphs"] == "manual"
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # trees when asked
-            trees = resolve(compose(config_name="config", overrides=["compile=true", "cuda_graphs=trees"]),
-                            cuda_available=True)  # fmt: skip
-        assert trees.cuda_graphs == "trees" and "cuda_graphs" not in trees.identity()
+            specs[system] = resolve(compose(config_name="config", overrides=[f"system={system}"]), cuda_available=False)
+    assert "system" not in specs["kvbench"].identity() and specs["hf_static"].identity()["system"] == "hf_static"
+    assert [s.compile for s in specs.values()] == [False, False, True]
 
 
 @pytest.mark.parametrize("cuda", [False, True])
-def test_a_score_based_cache_compiles_when_asked_with_its_grouped_step(cuda):
-    """compile=auto leaves h2o eager (its compiled step's tokens have not been checked on a GPU yet); compile=true
-    runs the grouped step, under sdpa=auto or eager (what h2o runs anyway), captured by graph trees (cuda_graphs=auto:
-    the step cannot run twice at one position), and refuses another formulation."""
+def test_compile_auto_takes_the_caches_whose_compiled_step_ran_on_a_gpu(cuda):
+    """compile=auto: on CUDA with sdpa=auto for dense and last_recent; true asks for it for any cache (how it
+    decodes is the plan's business at run time, model/compiled_decode.py)."""
 
     def spec(*overrides):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return resolve(compose(config_name="config", overrides=["cache=h2o", *overrides]), cuda_available=cuda)
+            return resolve(compose(config_name="config", overrides=list(overrides)), cuda_available=cuda)
 
-    assert not spec().compile and spec().decode_attention is None
-    for sdpa in ("auto", "eager"):
-        asked = spec("compile=true", f"sdpa={sdpa}")
-        assert asked.compile and asked.decode_attention == asked.identity()["decode_attention"] == "grouped"
-        assert asked.cuda_graphs == ("trees" if cuda else None)
-    with pytest.raises(ConfigError, match="decode_attention=flex: a score-based cache evicts by attention weights"):
-        spec("compile=true", "decode_attention=flex")
-    with pytest.raises(ConfigError, match="cuda_graphs=manual with cache=h2o: graphs='manual' runs a step twice"):
-        spec("compile=true", "cuda_graphs=manual")
+    assert spec("cache=dense").compile == cuda and spec("cache=last_recent").compile == cuda
+    assert not spec("cache=dense", "sdpa=cudnn").compile and not spec("cache=h2o").compile
+    assert spec("cache=h2o", "compile=true").compile and not spec("cache=dense", "compile=false").compile
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))
@@ -119,11 +84,24 @@ def test_users_command_writes_one_ok_row_per_job(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = rows(tmp_path)
     assert len(df) == 4 and (df["status"] == "ok").all(), df[["cache", "ctx", "status", "error"]]
-    assert set(zip(df["cache"], df["ctx"])) == {("dense", 1024), ("dense", 2048), ("last_recent", 1024),
-                                                ("last_recent", 2048)}  # fmt: skip
+    assert set(zip(df["cache"], df["ctx"])) == {
+        ("dense", 1024),
+        ("dense", 2048),
+        ("last_recent", 1024),
+        ("last_recent", 2048),
+    }
     assert set(results.SCHEMA) <= set(df.columns)
-    for col in ["prefill_s", "decode_ms_p50", "decode_tok_s", "weights_bytes", "kv_bytes_dense", "cache_bytes",
-                "peak_alloc_bytes", "peak_rss_bytes", "total_s"]:  # fmt: skip
+    for col in [
+        "prefill_s",
+        "decode_ms_p50",
+        "decode_tok_s",
+        "weights_bytes",
+        "kv_bytes_dense",
+        "cache_bytes",
+        "peak_alloc_bytes",
+        "peak_rss_bytes",
+        "total_s",
+    ]:
         assert df[col].notna().all() and (df[col] > 0).all(), col
     assert df["mbu"].isna().all() and (df["device_kind"] == "cpu").all()
     rss_file = df["rss_file_bytes"]  # the libraries' part of the resident set
@@ -157,9 +135,9 @@ def test_users_command_writes_one_ok_row_per_job(tmp_path):
 def test_deterministic_tracked_peak(tmp_path):
     proc = bench(tmp_path, "ctx=1k", "force=true", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    first = rows(tmp_path)["peak_tracked_bytes"].item()
+    first = rows(tmp_path)["peak_alloc_bytes"].item()
     bench(tmp_path, "ctx=1k", "force=true", *SMALL)
-    assert rows(tmp_path)["peak_tracked_bytes"].item() == first > 0
+    assert rows(tmp_path)["peak_alloc_bytes"].item() == first > 0
 
 
 def test_failures_are_rows_and_the_sweep_goes_on(tmp_path):
@@ -187,35 +165,34 @@ BAD = {
     "batch=abc": "batch=abc is not valid",
     "eval=passkey ctx=1k": "needs real weights",
     "eval=passkey weights=pretrained model=smollm2-135m eval.question=later": "eval.question='later' is not valid",
-    "compile=true cache=h2o decode_attention=sdpa": "decode_attention=sdpa: a score-based cache evicts by attention "
-    "weights, which only its grouped step returns; valid choice: auto",
-    "compile=true sdpa=eager": "valid: sdpa=auto, flash, efficient, cudnn, math (got sdpa='eager'",
     "compile=maybe": "compile='maybe' is not valid; valid choices: auto, true, false",
     "expandable_segments=maybe": "expandable_segments=maybe is not valid; valid choices: true, false",
-    "decode_attention=cudnn": "decode_attention='cudnn' is not valid; valid choices: auto, sdpa, sdpa_gqa, flex, "
-    "triton",
-    "compile=true decode_attention=flex": "decode_attention=flex compiles on CUDA only; valid choices on cpu: auto, "
-    "sdpa, sdpa_gqa",
-    "kernel_options.BLOCK=64": "kernel_options.BLOCK is not an option; valid: kernel_options.BLOCK_N, "
-    "kernel_options.num_stages, kernel_options.num_warps, kernel_options.SPLIT_KV",
-    "kernel_options.num_stages=0": "kernel_options.num_stages=0 is not valid; it must be an integer >= 1",
-    "kernel_options.num_stages=3": "kernel_options apply to the compiled decode step with decode_attention=flex or "
-    "triton",
-    "cuda_graphs=manual": "cuda_graphs=manual captures the compiled decode step on CUDA; it needs compile=true and "
-    "device=cuda (valid choices here: trees)",
-    "cuda_graphs=yes": "cuda_graphs='yes' is not valid; valid choices: auto, trees, manual",
-    "weight_layout=col": "weight_layout='col' is not valid; valid choices: in_out, out_in",
+    "decode_attention=flex": "'decode_attention' is not a setting; valid settings: model, weights, ctx",
+    "system=vllm": "system='vllm' is not valid; valid choices: hf_dynamic, hf_static, hf_static_compiled, kvbench",
     "hydra/launcher=xyz cache=dense,h2o -m": "hydra/launcher='xyz' is not valid; valid choices: basic, joblib, "
     "submitit_local, submitit_slurm",
 }
 
 
 @pytest.mark.parametrize("args", list(BAD))
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args):
-    proc = bench(tmp_path, *args.split())
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("kvbench: error: ") and BAD[args] in lines[0], proc.stderr
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, capsys, monkeypatch):
+    """In this process (the validation runs before Hydra starts anything); the subprocess case is below."""
+    from bench.run import cli
+
+    monkeypatch.setattr(sys, "argv", ["bench.run"])
+    with pytest.raises(SystemExit) as exit_:
+        cli([*args.split(), f"results_dir={tmp_path / 'results'}"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith("kvbench: error: ") and BAD[args] in lines[0], lines
+    assert not (tmp_path / "results").exists()
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    proc = bench(tmp_path, "cache=dense,lru", "ctx=1k", "-m")
+    assert proc.returncode == 2 and proc.stderr.strip() == "kvbench: error: " + (
+        "cache='lru' is not valid; valid choices: dense, h2o, last_recent, qh2o, snapkv, tova"
+    )
     assert not (tmp_path / "results").exists()
 
 
@@ -225,38 +202,31 @@ def test_validate_rejects_a_sweep_without_multirun():
 
 
 def test_compile_true_decodes_through_the_compiled_step(tmp_path):
-    proc = bench(tmp_path, "cache=dense,last_recent,h2o", "compile=true,false", "ctx=512", "-m", *SMALL)
+    proc = bench(tmp_path, "cache=dense,h2o", "compile=true,false", "ctx=512", "-m", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = rows(tmp_path)
-    assert len(df) == 6 and (df["status"] == "ok").all(), df[["cache", "compile", "error"]]
+    assert len(df) == 4 and (df["status"] == "ok").all(), df[["cache", "compile", "error"]]
     compiled = df[df["compile"].astype(bool)]
-    assert len(compiled) == 3 and set(compiled["sdpa_used_decode"]) == {"compiled"}
-    assert set(compiled["compile_mode"]) == {"default"} and (compiled["compile_s"] > 0).all()  # no CUDA graphs
+    assert set(compiled["sdpa_used_decode"]) == {"compiled"} and (compiled["compile_s"] > 0).all()
+    assert compiled["cuda_graphs"].isna().all()  # no CUDA graphs on the CPU
     eager = df[~df["compile"].astype(bool)].set_index("cache")["sdpa_used_decode"]
-    assert eager.to_dict() == {"dense": "flash", "last_recent": "flash", "h2o": "eager"}
-    kernels = compiled.set_index("cache")["decode_kernel"].to_dict()
-    # CPU: the flash kernel of the CPU, under a mask; h2o: the grouped step, which returns the weights it scores by
-    assert kernels == {"dense": "sdpa:flash", "last_recent": "sdpa:flash", "h2o": "grouped"}
+    assert eager.to_dict() == {"dense": "flash", "h2o": "eager"}
+    forms = compiled.set_index("cache")[["decode_attention", "decode_kernel"]].to_dict("index")
+    # CPU: the grouped-rows SDPA form on the CPU's flash kernel; h2o: the grouped step, which returns the weights
+    assert forms == {
+        "dense": {"decode_attention": "sdpa", "decode_kernel": "sdpa:flash"},
+        "h2o": {"decode_attention": "grouped", "decode_kernel": "grouped"},
+    }
     # the tracked pass runs the same fixed-shape step eagerly: same cache bytes, a peak of the same order
     for cache, group in df.groupby("cache"):
         assert group["cache_bytes"].nunique() == 1, cache
-        on, off = (group[group["compile"].astype(bool) == flag]["peak_tracked_bytes"].item() for flag in (True, False))
+        on, off = (group[group["compile"].astype(bool) == flag]["peak_alloc_bytes"].item() for flag in (True, False))
         assert 0.5 < on / off < 2, (cache, on, off)
-
-
-def test_weight_layout_is_a_sweep_axis_recorded_and_hashed_when_not_the_default(tmp_path):
-    """Both storages run (compiled decode on the CPU), the row says which, and only out_in enters the hash (rows
-    from before the knob keep resuming)."""
-    proc = bench(tmp_path, "weight_layout=in_out,out_in", "compile=true", "ctx=512", "-m", *SMALL)
+    # a combination the compiled step cannot run is a row that says why
+    proc = bench(tmp_path, "compile=true", "sdpa=eager", "ctx=512", "sweep=refused", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    df = rows(tmp_path)
-    assert sorted(df["weight_layout"]) == ["in_out", "out_in"] and (df["status"] == "ok").all(), df.get("error")
-    assert df["cache_bytes"].nunique() == 1 and df["config_hash"].nunique() == 2
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        specs = {
-            v: resolve(compose(config_name="config", overrides=[f"weight_layout={v}"])) for v in ("in_out", "out_in")
-        }
-    assert "weight_layout" not in specs["in_out"].identity() and specs["out_in"].identity()["weight_layout"] == "out_in"
+    row = rows(tmp_path, "refused").iloc[0]
+    assert row["status"] == "unsupported" and "sdpa=eager: the compiled decode step runs an SDPA kernel" in row["error"]
 
 
 def test_compiled_jobs_in_one_process_do_not_pile_up_compiled_code():
@@ -268,9 +238,27 @@ def test_compiled_jobs_in_one_process_do_not_pile_up_compiled_code():
     from bench.job import run_job
 
     torch._dynamo.reset()
-    for cache in ("dense", "last_recent", "h2o"):
+    for cache in ("dense", "h2o"):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=[f"cache={cache}", "compile=true", "ctx=256", *SMALL])
         with torch._dynamo.config.patch(recompile_limit=1):
             row = run_job(resolve(cfg), sweep_id="test", config_hash=cache, progress=False)
         assert row["status"] == "ok", row.get("error")
+
+
+def test_systems_side_by_side_each_in_its_own_process(tmp_path):
+    """The consolidation's command: one row per system, with the `system` column, each from a process of its own,
+    on the same weights (the same dense cache bytes), and their figure."""
+    proc = bench(
+        tmp_path, "system=kvbench,hf_dynamic,hf_static", "model=tiny", "ctx=1k", "new_tokens=8", "repeats=1", "-m"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = rows(tmp_path)
+    assert sorted(df["system"]) == ["hf_dynamic", "hf_static", "kvbench"] and (df["status"] == "ok").all(), df.error
+    assert (df["isolation"] == "process").all() and df["pid"].nunique() == 3
+    assert df["weights_bytes"].nunique() == 1 and df["cache_bytes"].nunique() == 1
+    assert (df["peak_alloc_source"] == "tensor_tracker").all() and (df["peak_alloc_bytes"] > df["weights_bytes"]).all()
+    assert "hf_static" in proc.stdout  # the table names the systems
+    from bench.plot import systems_side_by_side
+
+    assert systems_side_by_side(df) is not None

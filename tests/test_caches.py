@@ -146,23 +146,3 @@ def test_causal_prefill_allocates_no_square_mask(tiny):
     square = [c for c in spy.calls if any(len(s) >= 2 and s[-2:] == (T, T) for s in c[1])]
     assert not square, square
     assert any(s[-2:] == (3, T + 3) for c in spy.calls for s in c[1] if len(s) >= 2)  # the chunk's mask, seen
-
-
-@pytest.mark.parametrize("cache,kwargs,length", [("dense", {}, 64), ("last_recent", {"sink_tokens": 2}, 20)])
-def test_static_decode_keeps_shapes_fixed_and_results_equal(tiny, cache, kwargs, length):
-    """static_decode: every decode step runs the same ops on the same shapes (what CUDA graphs need), and the
-    logits equal the default path's."""
-    idx = _ids(2, 40, seed=4)
-    tiny.set_kv_caches(batch_size=2, cache=cache, cache_length=length, **kwargs)
-    expected = _run(tiny, idx, [12])
-    tiny.set_kv_caches(batch_size=2, cache=cache, cache_length=length, static_decode=True, **kwargs)
-    with torch.inference_mode():
-        outs = [tiny(idx[:, :12], input_pos=0)]
-        steps = []
-        for pos in range(12, 40):
-            with _Spy() as spy:
-                outs.append(tiny(idx[:, pos : pos + 1], input_pos=pos))
-            steps.append(spy.calls)
-    torch.testing.assert_close(torch.cat(outs, dim=1), expected, atol=1e-5, rtol=1e-5)
-    # same ops on the same shapes at every step (the first also asks PyTorch which kernel to use, once)
-    assert all(s == steps[1] for s in steps[2:])

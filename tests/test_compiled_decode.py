@@ -1,9 +1,8 @@
 """The compiled decode step (model/compiled_decode.py) against the eager one: same greedy tokens over 64 steps,
-the int API's checks outside the graph, one graph for every step, and what it refuses. On CPU torch.compile runs
-inductor without CUDA graphs, with the SDPA formulation; the flex formulation (what CUDA compiles) is checked here
-eagerly, and compiled with CUDA graphs on the GPU machine (benchmarks/gpu_decode.sh). The score-based caches'
-step (caches/scored.py, decode_step) keeps the tokens the eager step keeps, while the buffer fills and once it
-evicts."""
+the int API's checks outside the graph, one graph for every step, and what its plan refuses. On CPU torch.compile
+runs inductor without CUDA graphs; both SDPA forms (sdpa_gqa is what CUDA runs) are checked here, compiled. The
+score-based caches' step (caches/scored.py, decode_step) keeps the tokens the eager step keeps, while the buffer
+fills and once it evicts."""
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch._dynamo.utils import counters
 from traced import call_targets, traced_step
 
 from model.attention import UnsupportedBackend
-from model.compiled_decode import CompiledDecode, compiled_decode_caches
+from model.compiled_decode import CompiledDecode, DecodePlan, plan
 from model.gpt import GPT
 
 PROMPT, STEPS, BATCH = 100, 64, 2
@@ -47,7 +46,7 @@ def prompt(model):
 
 @torch.inference_mode()
 def greedy(
-    model, prompt, case: str, step: str, attention: str = "auto", backend: str = "auto", kept: list | None = None
+    model, prompt, case: str, step: str, form: str | None = None, backend: str = "auto", kept: list | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, STEPS), logits of every step (B, STEPS, vocab)); step: eager | static | compiled; backend: the
     SDPA kernel of the step (the eager reference always runs its own default). kept: gets each layer's cached
@@ -58,7 +57,7 @@ def greedy(
     model.set_kv_caches(BATCH, cache, length, **knobs)
     model.set_attention_backend("auto" if step == "eager" else backend)
     token = model(prompt, input_pos=0)[:, -1:].argmax(-1)  # (B, 1)
-    decoder = model if step == "eager" else CompiledDecode(model, compile=step == "compiled", attention=attention)
+    decoder = model if step == "eager" else CompiledDecode(model, compile=step == "compiled", form=form)
     tokens, logits = [], []
     for i in range(STEPS):
         out = decoder(token, input_pos=PROMPT + i)  # (B, 1, vocab)
@@ -71,25 +70,24 @@ def greedy(
     return torch.cat(tokens, 1), torch.cat(logits, 1)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "sdpa_gqa", "flex"])
+@pytest.mark.parametrize("form", ["sdpa", "sdpa_gqa"])
 @pytest.mark.parametrize("case", [c for c in CASES if c not in SCORED])
-def test_the_fixed_shape_step_equals_the_eager_step(model, prompt, case, attention):
-    """Every attention formulation of the fixed-shape step (flex runs eagerly here: what CUDA compiles)."""
+def test_the_fixed_shape_step_equals_the_eager_step(model, prompt, case, form):
+    """Both SDPA forms of the fixed-shape step, run eagerly (the Triton form: tests/test_triton_decode.py)."""
     eager_tokens, eager_logits = greedy(model, prompt, case, "eager")
-    static_tokens, static_logits = greedy(model, prompt, case, "static", attention)
+    static_tokens, static_logits = greedy(model, prompt, case, "static", form)
     assert torch.equal(static_tokens, eager_tokens)
     assert (static_logits - eager_logits).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize(
-    "case, attention, backend",
-    [("dense", "sdpa", "auto"), ("last_recent", "sdpa", "auto"), ("dense_int8", "sdpa", "auto"),
-     ("dense", "sdpa_gqa", "auto"), ("last_recent", "sdpa_gqa", "math")],
-)  # fmt: skip
-def test_compiled_decode_gives_the_eager_greedy_tokens(model, prompt, case, attention, backend):
+    "case, form, backend",
+    [("last_recent", "sdpa", "auto"), ("dense_int8", "sdpa", "auto"), ("dense", "sdpa_gqa", "math")],
+)
+def test_compiled_decode_gives_the_eager_greedy_tokens(model, prompt, case, form, backend):
     graphs = counters["stats"]["unique_graphs"]
     eager_tokens, eager_logits = greedy(model, prompt, case, "eager")
-    compiled_tokens, compiled_logits = greedy(model, prompt, case, "compiled", attention, backend)
+    compiled_tokens, compiled_logits = greedy(model, prompt, case, "compiled", form, backend)
     assert torch.equal(compiled_tokens, eager_tokens)
     # inductor fuses the quantizer's divide-and-round differently: now and then a value lands one int8 level over
     tolerance = 1e-2 if "int8" in case else 1e-4
@@ -109,7 +107,7 @@ def test_the_score_based_step_keeps_what_the_eager_step_keeps(model, prompt, cas
     assert all(torch.equal(a, b) for a, b in zip(kept_eager, kept_static, strict=True))
 
 
-@pytest.mark.parametrize("case", ["h2o_filling", "tova", "qh2o_filling"])
+@pytest.mark.parametrize("case", ["h2o_filling", "tova"])
 def test_the_score_based_step_compiles_to_one_graph_with_the_eager_tokens(model, prompt, case):
     """Compiled whole (fullgraph: no data-dependent shape, no host synchronisation, what CUDA graphs need), one
     graph for the filling steps and the evicting ones alike."""
@@ -151,7 +149,7 @@ def test_the_int_api_is_checked_and_a_new_prefill_moves_the_device_position(mode
 @pytest.mark.parametrize("case", ["dense", "last_recent", "dense_int8"])
 @torch.inference_mode()
 def test_a_step_repeated_at_its_position_changes_nothing(model, prompt, case):
-    """What graphs='manual' relies on (its warm-up runs the real step, then the first replay runs it again at the
+    """What the manual CUDA graph relies on (its warm-up runs the real step, then the first replay runs it again at the
     same position): the step writes the same K/V to the same slot, so running it twice leaves the same caches and
     the same logits as running it once. last_recent is past its buffer here (the ring evicts on every step)."""
     cache, length, knobs = CASES[case]
@@ -171,79 +169,54 @@ def test_a_step_repeated_at_its_position_changes_nothing(model, prompt, case):
     model.clear_kv_caches()
 
 
-def test_what_compiled_decode_refuses(model):
-    assert compiled_decode_caches() == ["dense", "h2o", "last_recent", "qh2o", "snapkv", "tova"]
+def test_the_plan_of_each_cache_and_what_it_refuses(model):
+    """One place decides the form and the CUDA graph; a combination that cannot run is an UnsupportedBackend (the
+    harness's `unsupported` row), a misuse a ValueError."""
     model.set_kv_caches(1, "h2o", 64)
-    with pytest.raises(ValueError, match="evicts by attention weights, which only its grouped step returns; valid "):
-        CompiledDecode(model, compile=False, attention="sdpa")
+    assert plan(model) == plan(model, compile=False) == DecodePlan("grouped", None, "grouped")
+    with pytest.raises(ValueError, match="evicts by attention weights, which only its 'grouped' step returns"):
+        plan(model, form="sdpa")
     model.set_attention_backend("flash")  # as the eager step: no fused kernel returns the weights
     with pytest.raises(UnsupportedBackend, match="flash cannot run this call: attention weights need the eager"):
-        CompiledDecode(model, compile=False)
+        plan(model)
     model.set_attention_backend("eager")  # what the score-based caches run anyway
-    decoder = CompiledDecode(model, compile=False)
-    assert decoder.attention == decoder.kernel == "grouped"
-    with pytest.raises(ValueError, match="does not allow \\(it would score and evict twice\\); valid choices: trees"):
-        CompiledDecode(model, graphs="manual")
-    model.set_attention_backend("auto")
+    assert plan(model).form == "grouped"
     model.set_kv_caches(1, "dense", 64)
     model.set_attention_backend("eager")
-    with pytest.raises(ValueError, match="sdpa='eager': the compiled decode step runs one SDPA kernel"):
-        CompiledDecode(model)
-    model.set_attention_backend("cudnn")  # flex runs no SDPA kernel; on this CPU cuDNN has none for the step
-    with pytest.raises(ValueError, match="sdpa='cudnn' cannot apply; valid choices with a forced SDPA kernel"):
-        CompiledDecode(model, compile=False, attention="flex")
+    with pytest.raises(UnsupportedBackend, match="sdpa=eager: the compiled decode step runs an SDPA kernel"):
+        plan(model)
+    model.set_attention_backend("cudnn")  # this CPU has no cuDNN kernel for the step
     with pytest.raises(UnsupportedBackend, match="cudnn has no kernel"):
-        CompiledDecode(model, compile=False)
+        plan(model)
     model.set_attention_backend("auto")
+    assert plan(model) == DecodePlan("sdpa", None, "sdpa:flash")  # the CPU's form
+    with pytest.raises(ValueError, match="form='flex' is not valid; valid choices: sdpa, sdpa_gqa, triton"):
+        plan(model, form="flex")
+    model.set_kv_caches(1, "dense", 64, buffer="int8")
+    assert plan(model).form == "sdpa"  # the Triton form is CUDA's (compiled); its test runs it eagerly here
     model.set_start_of_layer_hook(lambda x, i, pos: None)
     with pytest.raises(ValueError, match="hook"):
-        CompiledDecode(model)
+        plan(model)
     model.set_start_of_layer_hook(None)
-    with pytest.raises(ValueError, match="decode_attention=flex compiles on CUDA only; valid choices on cpu: auto"):
-        CompiledDecode(model, attention="flex")
-    with pytest.raises(ValueError, match="valid choices: auto, sdpa, sdpa_gqa, flex, triton"):
-        CompiledDecode(model, attention="cudnn")
-    with pytest.raises(ValueError, match="kernel_options apply to attention='flex' or 'triton' only"):
-        CompiledDecode(model, attention="sdpa", kernel_options={"num_stages": 3})
-    assert CompiledDecode(model).attention == "sdpa"  # auto on the CPU
-    with pytest.raises(ValueError, match="graphs='manual' captures the compiled step in a CUDA graph"):
-        CompiledDecode(model, graphs="manual")
-    with pytest.raises(ValueError, match="valid choices: trees, manual"):
-        CompiledDecode(model, graphs="yes")
-    decoder = CompiledDecode(model, compile=False, attention="flex", kernel_options={"num_stages": 3})
-    assert all(c.attn_opts.kernel_options == {"num_stages": 3} for c in model.kv_caches)
-    assert decoder.attention == "flex"
     model.clear_kv_caches()
     with pytest.raises(ValueError, match="set_kv_caches"):
-        CompiledDecode(model)
+        plan(model)
 
 
-@torch.inference_mode()
-def test_the_flex_step_graph_builds_its_block_mask_for_the_forward_pass_only(model, prompt):
-    """What inductor gets on CUDA (traced here through AOT without compiling): one flex attention per layer, and
-    none of the block-list transpose a backward pass would need (a scatter, a sum and a sort per layer)."""
-    model.set_kv_caches(BATCH, "dense", PROMPT + 8)
-    token = model(prompt, input_pos=0)[:, -1:].argmax(-1)
-    ops = call_targets(traced_step(CompiledDecode(model, compile=False, attention="flex"), token)[0])
-    assert ops.count("flex_attention") == model.config.n_layer
-    assert not [op for op in ops if op.startswith(("aten.sort", "aten.index_put"))]
-    model.clear_kv_caches()
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "sdpa_gqa"])
+@pytest.mark.parametrize("form", ["sdpa", "sdpa_gqa"])
 @pytest.mark.parametrize(
     "backend, kernel, traced",
     [("auto", "sdpa:flash", "_scaled_dot_product_flash_attention_for_cpu"), ("math", "sdpa:math", "aten.bmm")],
 )
 @torch.inference_mode()
-def test_the_sdpa_kernel_named_is_the_one_traced_into_the_step(model, prompt, attention, backend, kernel, traced):
+def test_the_sdpa_kernel_named_is_the_one_traced_into_the_step(model, prompt, form, backend, kernel, traced):
     """`kernel` reports what the step's SDPA runs, and the traced graph (what inductor compiles) has that kernel in
     every layer: the kernel order is applied inside the step, not only around the eager call."""
     model.set_kv_caches(BATCH, "dense", PROMPT + 8)
     token = model(prompt, input_pos=0)[:, -1:].argmax(-1)
     model.set_attention_backend(backend)
-    decoder = CompiledDecode(model, compile=False, attention=attention)
-    assert decoder.kernel == kernel
+    decoder = CompiledDecode(model, compile=False, form=form)
+    assert decoder.plan.kernel == kernel
     ops = call_targets(traced_step(decoder, token)[0])
     sdpa_ops = [op for op in ops if "scaled_dot_product" in op]
     if traced == "aten.bmm":  # the math path: two batched matmuls per layer, no fused kernel

@@ -41,8 +41,9 @@ def test_joblib_two_workers_two_processes_and_resume_across_launchers(tmp_path):
     dense_file = next((tmp_path / "results" / "default").glob("*.parquet"))
     mtime = dense_file.stat().st_mtime_ns
 
-    proc = bench(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "cache=dense,last_recent,h2o", "-m",
-                 *SMALL)  # fmt: skip
+    proc = bench(
+        tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "cache=dense,last_recent,h2o", "-m", *SMALL
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     df = rows(tmp_path)
@@ -58,8 +59,14 @@ def test_joblib_two_workers_two_processes_and_resume_across_launchers(tmp_path):
 
 def test_submitit_local_runs_each_job_in_its_own_process(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    proc = bench(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1",
-                 "cache=dense,last_recent", "-m", *SMALL)  # fmt: skip
+    proc = bench(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.cpus_per_task=1",
+        "cache=dense,last_recent",
+        "-m",
+        *SMALL,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = rows(tmp_path)
     assert len(df) == 2 and (df["status"] == "ok").all(), df[["cache", "status", "error"]]
@@ -80,8 +87,11 @@ def test_the_submitit_slurm_config_makes_a_one_gpu_sbatch_script(tmp_path, monke
     from bench.run import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=submitit_slurm",
-                      "hydra.launcher.partition=gpu"], return_hydra_config=True)  # fmt: skip
+        cfg = compose(
+            config_name="config",
+            overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
     assert params["_target_"].endswith("SlurmLauncher") and params["gpus_per_task"] == 1
     # what hydra-submitit-launcher's launch() hands submitit: shared keys as they are, the others prefixed
@@ -96,8 +106,13 @@ def test_the_submitit_slurm_config_makes_a_one_gpu_sbatch_script(tmp_path, monke
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     script = executor._executor._make_submission_file_text("python -m bench.run", "uid")
-    for line in ("#SBATCH --gpus-per-task=1", "#SBATCH --partition=gpu", "#SBATCH --time=60",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --ntasks-per-node=1"):  # fmt: skip
+    for line in (
+        "#SBATCH --gpus-per-task=1",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=60",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --ntasks-per-node=1",
+    ):
         assert line in script, script
 
 
@@ -141,8 +156,9 @@ LONG = ["ctx=8k", "repeats=4", "new_tokens=8", "cache=dense,last_recent", "-m"]
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_job_killed_mid_run_leaves_no_row_and_the_rerun_redoes_exactly_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    sweep = subprocess.Popen(bench_cmd(tmp_path, *LONG), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    sweep = subprocess.Popen(
+        bench_cmd(tmp_path, *LONG), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     child = _job_process_mid_run(sweep)
     os.kill(child, signal.SIGKILL)
     out, err = sweep.communicate(timeout=300)
@@ -162,8 +178,9 @@ def test_a_job_killed_mid_run_leaves_no_row_and_the_rerun_redoes_exactly_it(tmp_
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_sweep_takes_its_running_job_with_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    sweep = subprocess.Popen(bench_cmd(tmp_path, *LONG), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
+    sweep = subprocess.Popen(
+        bench_cmd(tmp_path, *LONG), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     child = _job_process_mid_run(sweep)
     sweep.kill()  # SIGKILL, as a preempted node or an OOM-killed launcher gets
     sweep.wait(timeout=30)
@@ -191,7 +208,7 @@ def test_memory_figures_do_not_depend_on_the_place_in_the_sweep(tmp_path):
         one = first[first["cache"] == cache].iloc[0]
         two = second[second["cache"] == cache].iloc[0]
         assert one["config_hash"] == two["config_hash"]
-        for col in ("peak_tracked_bytes", "peak_alloc_prefill_bytes", "peak_alloc_decode_bytes", "cache_bytes"):
+        for col in ("peak_alloc_bytes", "peak_alloc_prefill_bytes", "peak_alloc_decode_bytes", "cache_bytes"):
             assert one[col] == two[col] > 0, (cache, col)
 
 

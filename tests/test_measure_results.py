@@ -107,8 +107,9 @@ def test_an_eager_job_loads_no_compiler():
     clones before and after) for code it never ran: an eager job must not import it."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-c", _EAGER_JOBS], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _EAGER_JOBS], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded, flex_loads_it = proc.stdout.splitlines()[-2:]
     assert loaded == ""
@@ -146,10 +147,24 @@ def test_config_hash_is_stable_and_sensitive():
 
 
 def test_summary_and_table_render():
-    row = {"model": "tiny", "cache": "dense", "ctx": 8192, "batch": 1, "sdpa_requested": "auto", "status": "ok",
-           "sdpa_used": "flash", "prefill_s": 0.5, "decode_ms_p50": 1.25, "decode_tok_s": 800.0,
-           "peak_alloc_bytes": 3 * 2**20, "peak_alloc_source": "tensor_tracker", "cache_bytes": 2**20,
-           "kv_bytes_dense": 2**20, "device_kind": "cpu", "peak_rss_bytes": 2**30}  # fmt: skip
+    row = {
+        "model": "tiny",
+        "cache": "dense",
+        "ctx": 8192,
+        "batch": 1,
+        "sdpa_requested": "auto",
+        "status": "ok",
+        "sdpa_used": "flash",
+        "prefill_s": 0.5,
+        "decode_ms_p50": 1.25,
+        "decode_tok_s": 800.0,
+        "peak_alloc_bytes": 3 * 2**20,
+        "peak_alloc_source": "tensor_tracker",
+        "cache_bytes": 2**20,
+        "kv_bytes_dense": 2**20,
+        "device_kind": "cpu",
+        "peak_rss_bytes": 2**30,
+    }
     line = summary_line(row)
     assert line.startswith("[ok] tiny dense ctx=8k") and "1.25 ms/step" in line and "3.0 MiB" in line
     table = comparison_table(results.to_frame([row, {**row, "cache": "last_recent", "cache_bytes": 2**18}]))
@@ -162,8 +177,8 @@ def test_mbu_is_bytes_per_step_over_step_time_over_bandwidth(monkeypatch):
     from bench import job, measure
 
     monkeypatch.setattr(measure, "measured_bandwidth", lambda device: 4e12)  # an H200-like 4 TB/s
-    cols = job.mbu_columns(bytes_per_step=6e9, step_ms=2.5, device=torch.device("cuda"))
-    assert cols == {"bandwidth_bytes_s": 4e12, "mbu": pytest.approx(0.6)}  # 6 GB in 2.5 ms = 2.4 TB/s
+    result = job.roofline(step_bytes=6e9, step_ms=2.5, device=torch.device("cuda"))
+    assert (result.bandwidth_bytes_s, result.mbu) == (4e12, pytest.approx(0.6))  # 6 GB in 2.5 ms = 2.4 TB/s
 
 
 def test_the_copy_bandwidth_is_timed_on_the_device_in_batches(monkeypatch):
@@ -212,13 +227,16 @@ def test_the_copy_bandwidth_is_timed_on_the_device_in_batches(monkeypatch):
     assert bandwidth == pytest.approx((1 << 30) / 2.0e-4)  # 512 MiB read + 512 MiB written in the best 0.2 ms
 
 
-def test_timing_columns():
-    from bench.job import timing_columns
+def test_timing_from_the_timed_seconds():
+    from bench.job import timing
 
-    cols = timing_columns([2.0, 1.0, 3.0], [0.001 * k for k in range(1, 11)], batch=4)
-    assert cols["prefill_s"] == 2.0 and cols["prefill_s_min"] == 1.0
-    assert cols["decode_ms_p50"] == pytest.approx(5.5) and cols["decode_ms_p90"] == pytest.approx(9.0)
-    assert cols["decode_tok_s"] == pytest.approx(4 * 10 / 0.055)
+    t = timing(
+        [2.0, 1.0, 3.0], [0.001 * k for k in range(1, 11)], batch=4, used={"prefill": {"flash"}, "decode": {"compiled"}}
+    )
+    assert t.prefill_s == 2.0 and t.prefill_s_min == 1.0
+    assert t.decode_ms_p50 == pytest.approx(5.5) and t.decode_ms_p90 == pytest.approx(9.0)
+    assert t.decode_tok_s == pytest.approx(4 * 10 / 0.055)
+    assert t.sdpa_used == "flash|compiled"
 
 
 @pytest.mark.parametrize("var", ["PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])

@@ -1,6 +1,5 @@
 """Prefill's transient memory: beyond weights and caches, one chunk holds a few activations per token, one block
-of the MLP and at most MASK_ELEMENTS of attention mask, whatever the batch and context (issue 8: peak <= 1.10x
-weights + KV at ctx 32k, batch 4)."""
+of the MLP and at most MASK_ELEMENTS of attention mask, whatever the batch and context."""
 
 import pytest
 import torch

@@ -87,8 +87,13 @@ def test_bad_paths_exit_2(tmp_path):
 
 
 def test_figures_from_the_baselines(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.plot", str(H200), "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.plot", str(H200), "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == [
@@ -128,8 +133,9 @@ def test_notebook_runs_top_to_bottom():
     from nbclient import NotebookClient
 
     nb = nbformat.read(ROOT / "notebooks" / "compare_caches.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
-                   ).execute()  # fmt: skip
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.attention import UnsupportedBackend
+
 pytest.importorskip("triton")
 
 
@@ -25,8 +27,10 @@ def kernel():
         # Triton 3.6's interpreter takes a loop bound with int() of a 1-element array, which NumPy 2 refuses
         # (3.7.1 and 3.9.0 run these tests). A CUDA build of torch 2.11 pins triton 3.6.0; `make setup` gives a
         # CPU torch triton 3.9.0 (pyproject.toml, extra `interpreter`).
-        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run under NumPy {numpy.__version__}: "
-                    "triton>=3.7 or numpy<2 runs these")  # fmt: skip
+        pytest.skip(
+            f"triton {triton.__version__}'s interpreter cannot run under NumPy {numpy.__version__}: "
+            "triton>=3.7 or numpy<2 runs these"
+        )
     why = module.unavailable_reason(DEVICE)
     assert why is None, why  # on the CPU, tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported
     return module
@@ -71,10 +75,14 @@ def test_quantized_buffers_are_dequantized_in_the_kernel(kernel, buffer, dtype):
     buf = buffer_class(buffer)(B, G, S, hs, DEVICE, dtype, group_size=32)
     buf.write_range(B, 0, *(torch.randn(B, G, S, hs, generator=gen).to(DEVICE, dtype) for _ in range(2)))
     query = torch.randn(B, H, 1, hs, generator=gen).to(DEVICE, dtype)
-    quantized = {"bits": buf.bits, "group_size": 32, **{n: getattr(buf, n) for n in ("k_scale", "k_zero", "v_scale",
-                                                                                    "v_zero")}}  # fmt: skip
-    out = kernel.decode_attention(query, buf.k_q, buf.v_q, torch.tensor(n_valid, device=DEVICE),
-                                  options={"SPLIT_KV": 3}, quantized=quantized)  # fmt: skip
+    quantized = {
+        "bits": buf.bits,
+        "group_size": 32,
+        **{n: getattr(buf, n) for n in ("k_scale", "k_zero", "v_scale", "v_zero")},
+    }
+    out = kernel.decode_attention(
+        query, buf.k_q, buf.v_q, torch.tensor(n_valid, device=DEVICE), options={"SPLIT_KV": 3}, quantized=quantized
+    )
     key, value = buf.read(B, n_valid)  # (B, G, n_valid, hs) in dtype, as the eager path reads them
     expected = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), enable_gqa=True)
     expected = expected.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, H * hs)
@@ -95,36 +103,34 @@ def test_bad_input_is_refused_with_the_valid_choices(kernel):
         kernel.decode_attention(torch.zeros(1, 4, 2, 32, device=DEVICE), kv, kv, torch.tensor(8))
 
 
-STEP_CASES = [  # cache, slots, knobs, kernel options, the launch options the step settles on
-    ("dense", 600, {}, None, "BLOCK_N=64,SPLIT_KV=4,num_stages=3,num_warps=4"),  # 4 splits: the CPU's default
-    ("last_recent", 48, {"sink_tokens": 4}, {"BLOCK_N": 16, "SPLIT_KV": 3}, "BLOCK_N=16,SPLIT_KV=3,num_stages=3,"
-     "num_warps=4"),
-    ("dense", 600, {"buffer": "int8"}, None, "BLOCK_N=64,SPLIT_KV=4,num_stages=3,num_warps=4"),  # codes read
-    ("last_recent", 48, {"buffer": "int4"}, {"BLOCK_N": 16}, "BLOCK_N=16,SPLIT_KV=1,num_stages=3,num_warps=4"),
-]  # fmt: skip
+STEP_CASES = {  # cache, slots, knobs, the launch options the plan settles on (4 splits: the CPU's default)
+    "dense": ("dense", 600, {}, "BLOCK_N=64,SPLIT_KV=4,num_stages=3,num_warps=4"),
+    "last_recent": ("last_recent", 48, {"sink_tokens": 4}, "BLOCK_N=64,SPLIT_KV=1,num_stages=3,num_warps=4"),
+    "dense_int8": ("dense", 600, {"buffer": "int8"}, "BLOCK_N=64,SPLIT_KV=4,num_stages=3,num_warps=4"),
+    "last_recent_int4": ("last_recent", 48, {"buffer": "int4"}, "BLOCK_N=64,SPLIT_KV=1,num_stages=3,num_warps=4"),
+}
 
 
-@pytest.mark.parametrize("cache, length, knobs, options, launch", STEP_CASES,
-                         ids=["dense", "last_recent", "dense_int8", "last_recent_int4"])  # fmt: skip
+@pytest.mark.parametrize("case", list(STEP_CASES))
 @torch.inference_mode()
-def test_the_decode_step_through_the_kernel_gives_the_eager_tokens(kernel, cache, length, knobs, options, launch):
-    """The fixed-shape step with decode_attention=triton (run eagerly: compiling it needs CUDA) against the eager
-    step, 32 greedy steps; last_recent is past its buffer (eviction, sinks); on quantized buffers the kernel reads
-    the codes (the eager step, a dequantized copy)."""
+def test_the_decode_step_through_the_kernel_gives_the_eager_tokens(kernel, case):
+    """The fixed-shape step in the Triton form (run eagerly: compiling it needs CUDA) against the eager step, 32
+    greedy steps; last_recent is past its buffer (eviction, sinks); on quantized buffers the kernel reads the codes
+    (the eager step, a dequantized copy)."""
     from model.compiled_decode import CompiledDecode
     from model.gpt import GPT
 
+    cache, length, knobs, launch = STEP_CASES[case]
     model = GPT.from_name("tiny").to(DEVICE).eval()
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.config.vocab_size, (2, 100), generator=gen).to(DEVICE)
     runs = []
-    for attention in (None, "triton"):
+    for form in (None, "triton"):
         model.set_kv_caches(2, cache, length, **knobs)
         token = model(prompt, input_pos=0)[:, -1:].argmax(-1)  # (B, 1)
-        step = model if attention is None else CompiledDecode(model, compile=False, attention=attention,
-                                                              kernel_options=options)  # fmt: skip
-        if attention:
-            assert step.kernel == f"triton:{launch}"
+        step = model if form is None else CompiledDecode(model, compile=False, form=form)
+        if form:
+            assert step.plan.kernel == f"triton:{launch}"
         tokens, logits = [], []
         for i in range(32):
             out = step(token, input_pos=100 + i)  # (B, 1, vocab)
@@ -137,16 +143,17 @@ def test_the_decode_step_through_the_kernel_gives_the_eager_tokens(kernel, cache
     assert (triton_logits - eager_logits).abs().max() <= 1e-4
 
 
-def test_triton_is_refused_where_it_cannot_run(monkeypatch):
-    from model.compiled_decode import resolve_decode_attention
+def test_triton_is_refused_where_it_cannot_run(monkeypatch, tiny):
+    """Without CUDA or the interpreter, or compiled off CUDA: an `unsupported` row's reason."""
+    from model import triton_decode
+    from model.compiled_decode import plan
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="decode_attention=triton compiles on CUDA only; valid choices on cpu"):
-        resolve_decode_attention("triton", "cpu", compiled=True)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1.*valid choices here: auto, sdpa, sdpa_gqa"):
-        resolve_decode_attention("triton", "cpu", compiled=False)
-    with pytest.raises(ValueError, match="sdpa='math' cannot apply"):
-        resolve_decode_attention("triton", "cuda", compiled=True, sdpa="math")
+    tiny.set_kv_caches(1, "dense", 64, buffer="int8")
+    with pytest.raises(UnsupportedBackend, match="compiles on CUDA only"):
+        plan(tiny, compile=True, form="triton")
+    monkeypatch.setattr(triton_decode, "unavailable_reason", lambda device: "no Triton here")
+    with pytest.raises(UnsupportedBackend, match="the Triton decode kernel cannot run: no Triton here"):
+        plan(tiny, compile=False, form="triton")
 
 
 @pytest.mark.parametrize("buffer", ["float", "int8"])
@@ -165,7 +172,7 @@ def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel
     prompt = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(2))
     model.set_kv_caches(2, "dense", 600, buffer=buffer)
     token = model(prompt.to(DEVICE), input_pos=0)[:, -1:].argmax(-1)
-    decoder = CompiledDecode(model, compile=False, attention="triton")
+    decoder = CompiledDecode(model, compile=False, form="triton")
     decoder.pos.fill_(100)  # the device position, which the int API would set
     expected = decoder._step(token)
     decoder.pos.fill_(100)
@@ -180,9 +187,10 @@ def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel
     model.clear_kv_caches()
 
 
-@pytest.mark.parametrize("dtype, block_n, num_warps, bits", [("bf16", 64, 4, 0), ("bf16", 128, 8, 0),
-                                                             ("fp16", 32, 2, 0), ("bf16", 64, 4, 8),
-                                                             ("bf16", 64, 4, 4)])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype, block_n, num_warps, bits",
+    [("bf16", 64, 4, 0), ("bf16", 128, 8, 0), ("fp16", 32, 2, 0), ("bf16", 64, 4, 8), ("bf16", 64, 4, 4)],
+)
 def test_the_kernel_compiles_for_sm90_with_pipelined_vector_loads(dtype, block_n, num_warps, bits):
     """The GPU build, here on the CPU: Triton compiles the kernel for sm_90 (H100/H200) with its bundled ptxas, with
     the specialisation its launcher applies on a GPU (pointers and strides divisible by 16). K and V must arrive

@@ -28,17 +28,39 @@ COUNTED = ("cp.async.cg.shared.global", "cp.async.wait_group", "mma.sync", "ld.g
 def main() -> None:
     dtype, block_n, num_warps, bits = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     names = list(inspect.signature(_split_kernel.fn).parameters)
-    constexprs = {"scale_log2": 0.125 * math.log2(math.e), "G": 8, "QPK": 4, "HS": 64, "SPLITS": 9, "BLOCK_M": 16,
-                  "BLOCK_N": block_n, "IEEE": False, "BITS": bits, "GS": 32}  # fmt: skip
+    constexprs = {
+        "scale_log2": 0.125 * math.log2(math.e),
+        "G": 8,
+        "QPK": 4,
+        "HS": 64,
+        "SPLITS": 9,
+        "BLOCK_M": 16,
+        "BLOCK_N": block_n,
+        "IEEE": False,
+        "BITS": bits,
+        "GS": 32,
+    }
     kv = f"*{dtype}" if bits == 0 else "*u8"
-    pointers = {"Q": f"*{dtype}", "K": kv, "V": kv, "N_VALID": "*i64", "OUT": "*fp32", "LSE": "*fp32",
-                **{name: "*fp16" for name in ("K_SCALE", "K_ZERO", "V_SCALE", "V_ZERO")}}  # fmt: skip
+    pointers = {
+        "Q": f"*{dtype}",
+        "K": kv,
+        "V": kv,
+        "N_VALID": "*i64",
+        "OUT": "*fp32",
+        "LSE": "*fp32",
+        **{name: "*fp16" for name in ("K_SCALE", "K_ZERO", "V_SCALE", "V_ZERO")},
+    }
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and n != "N_VALID"}
-    source = ASTSource(fn=_split_kernel, signature=signature, attrs=attrs,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})  # fmt: skip
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": 3})  # fmt: skip
+    source = ASTSource(
+        fn=_split_kernel,
+        signature=signature,
+        attrs=attrs,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+    )
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 3}
+    )
     ptx = compiled.asm["ptx"]
     print(json.dumps({**{name: ptx.count(name) for name in COUNTED}, **registers(ptx)}))
 
