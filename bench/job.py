@@ -164,6 +164,10 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
         row["driver_version"] = nvml_sampler.driver_version()
         row["nvml_index"] = measure.nvml_index(device)
         nvml_baseline = nvml_sampler.device_used(row["nvml_index"])  # the level before the run
+    if spec.memory_limit is not None and device.type == "cuda":  # beyond it, allocating is an out-of-memory error
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_limit / total), device)
+        row["memory_limit_bytes"] = spec.memory_limit
     torch.manual_seed(spec.seed)
     system = systems.create(spec, device)
     params = list(system.model.parameters())
@@ -190,6 +194,9 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
             tracked = _tracked_peak(spec, system, ids) if spec.track_tensors else Memory()
             row.update(asdict(tracked), peak_rss_bytes=memory.peak_rss_bytes, rss_file_bytes=memory.rss_file_bytes)
     row["cache_bytes"] = system.cache_bytes()
+    for phase in ("prefill", "decode"):  # the peak split: weights + cache bytes + what the phase held beyond them
+        peak = row.get(f"peak_alloc_{phase}_bytes")
+        row[f"transient_{phase}_bytes"] = None if peak is None else peak - row["weights_bytes"] - row["cache_bytes"]
     if spec.evals:
         from bench import quality
 

@@ -5,6 +5,7 @@ Reads parquet rows only (pandas + matplotlib, no torch). Every figure function t
 call them directly:
 
     memory_time_vs_ctx(df)   per model: peak memory, cache bytes and decode ms/step against ctx, a line per cache
+    memory_breakdown(df)     per model: each cache's peak split into weights, cache bytes and transient, per ctx
     throughput_vs_batch(df)  decode tokens/s against batch, a line per cache and ctx
     backend_matrix(df)       which SDPA backend ran which phase: ok / unsupported / oom / error
     quality_vs_bytes(df)     each quality column against cache bytes, a marker per cache and budget, Pareto front
@@ -104,6 +105,49 @@ def memory_time_vs_ctx(df: pd.DataFrame, model: str | None = None) -> plt.Figure
         axes[0].set_ylabel("peak live tensor memory (MiB)")
     axes[0].legend(title="cache")
     fig.suptitle(_title(ok, f"Memory and decode time against context (batch {batch})"))
+    fig.tight_layout()
+    return fig
+
+
+def memory_breakdown(df: pd.DataFrame, model: str | None = None) -> plt.Figure | None:
+    """Stacked bars, one per cache (or system) at each ctx, of one model at its smallest batch: weights, the caches'
+    bytes, and the transient (the larger of the prefill's and the decode's peak beyond them), so that where a peak
+    goes reads without arithmetic."""
+    ok = _ok(df)
+    ok = ok[ok["transient_prefill_bytes"].notna()]
+    if ok.empty:
+        return None
+    model = model or sorted(ok["model"].unique())[0]
+    ok = ok[ok["model"] == model]
+    ok = ok[ok["batch"] == ok["batch"].min()]
+    ok = ok.assign(transient=ok[["transient_prefill_bytes", "transient_decode_bytes"]].astype("float64").max(axis=1))
+    labels = sorted(ok["cache_label"].unique())
+    ctxs = sorted(int(c) for c in ok["ctx"].unique())
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(labels) * len(ctxs)), 4.5))
+    width = 0.8 / len(labels)
+    parts = [
+        ("weights_bytes", "weights", "#9e9e9e"),
+        ("cache_bytes", "cache bytes", "#1e88e5"),
+        ("transient", "transient", "#fb8c00"),
+    ]
+    for i, label in enumerate(labels):
+        rows = ok[ok["cache_label"] == label].groupby("ctx")[["weights_bytes", "cache_bytes", "transient"]].median()
+        x = np.array([ctxs.index(int(c)) for c in rows.index]) + i * width
+        bottom = np.zeros(len(rows))
+        for col, name, color in parts:
+            values = rows[col].astype("float64").to_numpy() / MIB
+            ax.bar(x, values, width, bottom=bottom, color=color, edgecolor="white", label=name if i == 0 else None)
+            bottom += values
+        for xi, top in zip(x, bottom):
+            ax.text(xi, top, label, rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(ctxs)) + 0.4 - width / 2, [ctx_label(c) for c in ctxs])
+    ax.set_xlabel("context length (tokens)")
+    source = "peak live tensor memory" if (ok["peak_alloc_source"] == "tensor_tracker").all() else "peak allocated"
+    ax.set_ylabel(f"{source} (MiB)")
+    ax.margins(y=0.25)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(_title(ok, "Where the peak goes"), fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -298,6 +342,34 @@ def systems_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
+def capacity_figure(found: list[dict], find: str = "ctx") -> plt.Figure:
+    """bench.capacity's result: the longest context (or largest batch) fitting against the memory budget, a line per
+    cache (and batch); an open marker where the search stopped at its maximum (it fits further)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in sorted({f["label"] for f in found}):
+        points = sorted((f["memory"] / MIB, f[find], f["at_max"]) for f in found if f["label"] == label)
+        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)[0]
+        capped = [p for p in points if p[2]]
+        if capped:
+            ax.scatter(
+                [p[0] for p in capped], [p[1] for p in capped], s=90, facecolors="none", edgecolors=line.get_color()
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    budgets = sorted({f["memory"] / MIB for f in found})
+    ax.set_xticks(budgets, [f"{b:g}" if b < 1024 else f"{b / 1024:g} GiB" for b in budgets])
+    values = sorted({f[find] for f in found if f[find] > 0})
+    if find == "ctx":
+        ax.set_yticks(values, [ctx_label(int(v)) for v in values], fontsize=7)
+    ax.set_xlabel("memory budget (MiB)")
+    ax.set_ylabel("longest context fitting (tokens)" if find == "ctx" else "largest batch fitting")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("What fits in a memory budget (measured peaks)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
     """Every figure the rows allow, as PNG files in `out`; returns their paths."""
     out = Path(out)
@@ -306,6 +378,7 @@ def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
     timed = _ok(df)
     models = sorted(timed[timed["decode_ms_p50"].notna()]["model"].unique())
     figures = [(f"memory_time_vs_ctx_{m}", memory_time_vs_ctx(df, m)) for m in models]
+    figures += [(f"memory_breakdown_{m}", memory_breakdown(df, m)) for m in models]
     figures += [
         ("throughput_vs_batch", throughput_vs_batch(df)),
         ("backend_matrix", backend_matrix(df)),

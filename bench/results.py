@@ -93,6 +93,8 @@ EXTRA: dict[str, str] = {
     "peak_alloc_source": "string",  # torch.cuda | tensor_tracker (CPU: exact peak of live tensor bytes)
     "peak_alloc_prefill_bytes": "Int64",
     "peak_alloc_decode_bytes": "Int64",
+    "transient_prefill_bytes": "Int64",  # the phase's peak less weights and cache bytes: what the computation held
+    "transient_decode_bytes": "Int64",
     "peak_nvml_source": "string",
     "rss_file_bytes": "Int64",  # CPU: file-backed part of the resident set after the timed phases (measure.py)
     "bandwidth_bytes_s": "float64",
@@ -110,6 +112,7 @@ EXTRA: dict[str, str] = {
     "warmup_released_bytes": "Int64",  # CUDA: cached allocator memory handed back after the warm-up (measure.py)
     "compile_s": "float64",  # the warm-up's first decode steps, compilation and graph recording included
     "cudagraph_skips": "Int64",  # compile_mode=reduce-overhead: graphs inductor declined to capture (0 expected)
+    "memory_limit_bytes": "Int64",  # CUDA: the caching allocator's cap (memory_limit), bench.capacity's probes
     "alloc_conf": "string",  # CUDA: the allocator options the job asked for (PYTORCH_CUDA_ALLOC_CONF syntax)
     "expandable_segments": "boolean",  # CUDA: the allocator's segments were expandable (seen in its snapshot)
     "transformers_version": "string",  # the HF systems' library

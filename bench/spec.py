@@ -79,6 +79,7 @@ class BenchConfig:
     track_tensors: bool = True  # CPU: one extra untimed pass under the exact tensor-bytes tracker
     nvml_period_ms: float = 5.0  # 0: no NVML sampler (to measure what it costs)
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)
+    memory_limit: str | None = None  # CUDA: cap the caching allocator, e.g. 8GiB (out of memory is then a result)
     compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: see _resolve_compile
     expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -109,6 +110,7 @@ class JobSpec:
     compile: bool  # decode through model/compiled_decode.py
     expandable_segments: bool  # CUDA allocator with expandable segments (always False on CPU)
     system: str = "kvbench"  # bench/systems: kvbench's own core, or another library's caches
+    memory_limit: int | None = None  # CUDA: bytes the caching allocator may hold (None: the whole device)
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
 
@@ -122,6 +124,8 @@ class JobSpec:
             del identity["expandable_segments"]
         if self.system == "kvbench":
             del identity["system"]
+        if self.memory_limit is None:
+            del identity["memory_limit"]
         return identity
 
     @property
@@ -138,6 +142,32 @@ def parse_ctx(value: Any) -> int:
             "tokens (1k = 1024), e.g. 8192, 8k, 32k, 128k"
         )
     return int(m.group(1)) * (1024 if m.group(2) else 1)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
+
+
+def parse_bytes(value: Any) -> int:
+    """`8GiB`, `512MiB`, `16g`, `2GB` (decimal), or a number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(
+            f"{value!r} is not an amount of memory; valid: a positive number with a unit such as 8GiB, "
+            "512MiB, 2GB, or a number of bytes"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _choice(key: str, value: Any, valid: list | tuple) -> str:
@@ -240,6 +270,14 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         _positive("threads", threads)
     inject = _choice("inject", get("inject"), INJECT)
     system = _resolve_system(get("system"))
+    memory_limit = get("memory_limit")
+    if memory_limit is not None:
+        if device != "cuda":
+            raise ConfigError(
+                "memory_limit caps the CUDA caching allocator; on the CPU the tracked peak says what a "
+                "job needs (python -m bench.capacity compares it with a budget)"
+            )
+        memory_limit = parse_bytes(memory_limit)
     compile_ = _resolve_compile(get("compile", "auto"), device, name, sdpa, system)
     expandable = get("expandable_segments", True)
     if not isinstance(expandable, bool):

@@ -53,6 +53,10 @@ _SDP_NAME = {v: k for k, v in _SDP.items()}
 # Most mask elements one SDPA call builds: a masked call whose mask would be larger runs in query blocks
 # (16 Mi elements: 16 MiB as bool, 32 MiB as the bf16 additive mask SDPA converts it to).
 MASK_ELEMENTS = 1 << 24
+# Most float32 scores one query block of the eager path holds, over every query head and key (B x n_head x rows x
+# keys; 4 MiB): a block's softmax keeps a few such copies alive, and they must not outweigh what a chunk's own
+# activations and masks take, whatever the number of keys (a score-based cache's buffer plus the chunk).
+SCORE_ELEMENTS = 1 << 20
 # `auto`: fused kernels first, cuDNN before mem-efficient (the latter has no enable_gqa), math last because it
 # materialises the (T, S) scores of every head (19 GB for one 8k prefill on an H200).
 _AUTO_PRIORITY = [
@@ -360,11 +364,13 @@ def grouped_attention(
     weights = None
     if weights_from is not None:
         weights = torch.zeros(B, n_groups, sum(sizes), dtype=torch.float32, device=query.device)
-    block = max(1, opts.block_size)
+    block = _block_rows(query, sum(sizes), segments[0][2].q_start, opts.block_size)
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         tb = t1 - t0
         q_blk = q5[:, :, :, t0:t1].reshape(B, n_groups, q_per_kv * tb, hs)  # (B, G, q_per_kv * tb, hs)
+        # one softmax over every segment's scores, each kept in its own tensor (no concatenated copy) and
+        # normalised in place
         parts, limits = [], []
         for key, _, vis in segments:
             lim = vis.visible_prefix(t1, key.shape[2])  # keys after the block's last query are never visible
@@ -373,32 +379,36 @@ def grouped_attention(
                 continue
             if lim < key.shape[2] and vis.k_pos is not None:
                 vis = replace(vis, k_pos=vis.k_pos[..., :lim])
-            scores = torch.matmul(q_blk, key[:, :, :lim].transpose(-1, -2)).mul_(scale)  # (B, G, q_per_kv*tb, lim)
+            scores = torch.matmul(q_blk, key[:, :, :lim].transpose(-1, -2)).float()  # (B, G, q_per_kv * tb, lim)
+            scores.mul_(scale)
             if opts.softcap is not None:
-                scores = torch.tanh(scores / opts.softcap) * opts.softcap
+                scores = torch.tanh(scores.div_(opts.softcap)).mul_(opts.softcap)
             scores = scores.view(B, n_groups, q_per_kv, tb, lim)  # (B, G, q_per_kv, tb, lim)
             mask = _mask_rows(vis, t0, t1, lim, query.device, _effective_window(vis.window, window))
-            if mask is not None:
+            if mask is not None:  # built for this block alone: inverted in place
                 mask = mask if mask.dim() == 2 else mask.unsqueeze(2)  # (tb, lim) or (B, G, 1, tb, lim)
-                scores = scores.masked_fill(~mask, float("-inf"))
+                scores.masked_fill_(mask.logical_not_(), float("-inf"))
             parts.append(scores)
-        scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (B, G, q_per_kv, tb, sum(limits))
-        probs = torch.softmax(scores.float(), dim=-1)  # (B, G, q_per_kv, tb, sum(limits))
-        if weights is not None and t1 > weights_from:
-            summed = probs[:, :, :, max(0, weights_from - t0) :].sum(dim=(2, 3))  # (B, G, sum(limits))
-            offset, seg_offset = 0, 0
-            for size, lim in zip(sizes, limits):
-                weights[..., seg_offset : seg_offset + lim] += summed[..., offset : offset + lim]
-                offset, seg_offset = offset + lim, seg_offset + size
-        probs = probs.to(query.dtype)
-        acc, offset = None, 0
-        for (_, value, _), lim in zip(segments, limits):
+        top = parts[0].amax(dim=-1, keepdim=True)  # (B, G, q_per_kv, tb, 1): the row's largest score
+        for probs in parts[1:]:
+            top = torch.maximum(top, probs.amax(dim=-1, keepdim=True))
+        total = None  # (B, G, q_per_kv, tb, 1): the softmax's denominator
+        for probs in parts:
+            partial = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total = partial if total is None else total.add_(partial)
+        acc, seen = None, 0
+        for (_, value, _), lim, offset in zip(segments, limits, _offsets(sizes)):
             if lim == 0:
                 continue
-            p_seg = probs[..., offset : offset + lim].reshape(B, n_groups, q_per_kv * tb, lim)
+            probs = parts[seen].div_(total)  # (B, G, q_per_kv, tb, lim)
+            seen += 1
+            if weights is not None and t1 > weights_from:
+                rows = probs[:, :, :, max(0, weights_from - t0) :]  # the queries t >= weights_from
+                weights[..., offset : offset + lim] += rows.sum(dim=(2, 3))
+            p_seg = probs.to(query.dtype).view(B, n_groups, q_per_kv * tb, lim)
             o = torch.matmul(p_seg, value[:, :, :lim])  # (B, G, q_per_kv * tb, hs)
             acc = o if acc is None else acc.add_(o)
-            offset += lim
+        del parts, probs
         out[:, :, :, t0:t1] = acc.view(B, n_groups, q_per_kv, tb, hs)
     if weights is not None:
         weights = list(weights.split(sizes, dim=-1))
@@ -411,3 +421,19 @@ def kernel_order(backend: str) -> tuple[list[SDPBackend], bool]:
     if backend not in _SDP and backend != "auto":
         raise ValueError(f"SDPA runs its own kernels only; valid choices: auto, {', '.join(_SDP)} (got {backend!r})")
     return (_AUTO_PRIORITY, True) if backend == "auto" else ([_SDP[backend]], False)
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    """Where each segment starts in their concatenation."""
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def _block_rows(query: Tensor, n_keys: int, q_start: int, most: int) -> int:
+    """Query rows per block of the eager path, at most `most`: few enough that a block's float32 scores (every query
+    head, every key) are no more elements than twice the call's own queries, or, for a chunk after the first, take
+    no more bytes than the (T, keys) boolean mask a masked SDPA call over the same keys would build. Neither grows
+    with the position: a cache holding a fixed number of tokens keeps a fixed transient however long the context,
+    and one holding a fraction of it stays within dense's (measured: benchmarks/prefill_transient.py)."""
+    B, n_head, T, hs = query.shape
+    rows = max(2 * T * hs // n_keys, T // (4 * B * n_head) if q_start > 0 else 0)
+    return max(1, min(most, rows))

@@ -9,6 +9,7 @@ from bench.measure import TensorTracker
 from model import attention as A
 from model import gpt
 from model.config import Config
+from model.generate import prefill_chunks
 from model.gpt import GPT
 
 
@@ -48,3 +49,50 @@ def test_chunk_transient_bytes_are_bounded(batch):
     qkv = (cfg.n_head + 2 * cfg.n_query_groups) * cfg.head_size
     bound = N * e * (8 * C + qkv) + min(N, gpt.MLP_BLOCK_ROWS) * e * 4 * inter + min(T * S, A.MASK_ELEMENTS) * (1 + e)
     assert 0 < tracker.peak_dynamic <= bound, (tracker.peak_dynamic, bound)
+
+
+def _prefill_peak(model: GPT, cache: str, length: int, ctx: int, chunk: int = 2048) -> tuple[int, int]:
+    """(exact peak of live tensor bytes, cache bytes) of a chunked prefill of ctx tokens, batch 1."""
+    model.set_kv_caches(1, cache, length)
+    ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    tracker = TensorTracker(baseline=sum(t.numel() * t.element_size() for t in tensors.values()))
+    with torch.inference_mode(), tracker:
+        for start, end in prefill_chunks(model, ctx, chunk):  # none longer than the cache takes in one call
+            model(ids[:, start:end], input_pos=start, skip_lm_head=True)
+    cache_bytes = sum(c.size_estimate() for c in model.kv_caches)
+    model.clear_kv_caches()
+    return tracker.peak, cache_bytes
+
+
+@pytest.fixture(scope="module")
+def prefill_peaks():
+    """ctx 16k, chunk 2048, tiny model: dense, and each score-based cache at a quarter of the context."""
+    model = GPT.from_name("tiny").eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ctx = 16384
+    peaks = {"dense": _prefill_peak(model, "dense", ctx, ctx)}
+    for cache in ("h2o", "tova", "snapkv", "qh2o"):
+        peaks[cache] = _prefill_peak(model, cache, ctx // 4, ctx)
+    return {name: (peak, peak - weights - cache_bytes) for name, (peak, cache_bytes) in peaks.items()}
+
+
+@pytest.mark.parametrize("cache", ["h2o", "tova", "snapkv", "qh2o"])
+def test_an_eviction_cache_lowers_the_prefill_peak(prefill_peaks, cache):
+    """The scoring pass's query blocks are sized to a byte cap (model/attention.py, `_score_elements`), so a
+    score-based cache's transient (peak less weights and cache bytes) is at most dense's plus 10% at the same chunk,
+    and its peak, holding a quarter of the bytes, is below dense's. Before the cap, h2o's transient here was 4.2x
+    dense's, and its peak 2.5x dense's."""
+    dense_peak, dense_transient = prefill_peaks["dense"]
+    peak, transient = prefill_peaks[cache]
+    assert transient <= 1.1 * dense_transient, (transient, dense_transient)
+    assert peak < dense_peak, (peak, dense_peak)
+
+
+def test_a_fixed_budget_keeps_the_peak_whatever_the_context():
+    """cache.budget=1024 tokens: the peak at 16k is within 10% of the peak at 4k (the scoring transient does not grow
+    with the context)."""
+    model = GPT.from_name("tiny").eval()
+    short, _ = _prefill_peak(model, "h2o", 1024, 4096)
+    long, _ = _prefill_peak(model, "h2o", 1024, 16384)
+    assert long <= 1.1 * short, (long, short)
