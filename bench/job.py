@@ -200,7 +200,7 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
     if spec.evals:
         from bench import quality
 
-        row.update(asdict(quality.evaluate(spec, system)))
+        row.update(quality.evaluate(spec, system).columns())
     return row
 
 

@@ -9,7 +9,9 @@ call them directly:
     throughput_vs_batch(df)  decode tokens/s against batch, a line per cache and ctx
     backend_matrix(df)       which SDPA backend ran which phase: ok / unsupported / oom / error
     quality_vs_bytes(df)     each quality column against cache bytes, a marker per cache and budget, Pareto front
-    passkey_heatmap(df)      pass-key accuracy by cache and budget against ctx x depth of the key
+    passkey_heatmap(df)      pass-key accuracy by cache and budget against ctx x depth of the key (schema 1 rows)
+    task_accuracy(df, x)     the task suite's accuracy against cache bytes (x="bytes") or the fraction of the context
+                             kept (x="kept"), a line per cache, a panel per protocol, dense as the ceiling
     systems_side_by_side(df) several systems (system=...): decode ms/step and peak memory / (weights + KV), per system
 
 Another library's system (system=hf_static, ...) is a line of its own in every figure, labelled by its name.
@@ -237,6 +239,7 @@ QUALITY = {
     "kl_vs_dense": ("KL(dense || cache), nats/token", "low"),
     "top1_agree": ("top-1 agreement", "high"),
     "passkey_acc": ("pass-key accuracy", "high"),
+    "task_acc": ("task suite accuracy", "high"),
     "ppl": ("perplexity", "low"),
 }
 
@@ -305,6 +308,39 @@ def passkey_heatmap(df: pd.DataFrame) -> plt.Figure | None:
     fig.colorbar(image, ax=ax, label="pass-key accuracy")
     question = ", ".join(sorted(set(ok["eval_question"].dropna().astype(str)))) or "in_prefill"
     ax.set_title(_title(ok, f"Pass-key retrieval (question {question})"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def task_accuracy(df: pd.DataFrame, x: str = "bytes") -> plt.Figure | None:
+    """The task suite's mean accuracy against cache bytes (MiB) or the fraction of the context kept, one line per cache
+    through its budgets, one panel per protocol, dense's accuracy as a dashed line (the ceiling)."""
+    ok = _ok(df)
+    ok = ok[ok["task_acc"].notna()] if "task_acc" in ok else ok.iloc[:0]
+    if ok.empty:
+        return None
+    ok["kept"] = [1.0 if r["cache"] == "dense" else r["cache_budget"] / r["ctx"] for _, r in ok.iterrows()]
+    protocols = [p for p in ("aware", "agnostic", "multiturn") if p in set(ok["task_protocol"])]
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.5), squeeze=False, sharey=True)
+    labels = sorted(set(ok["cache_label"]) - {"dense"})
+    colors = dict(zip(labels, plt.cm.tab10(np.linspace(0, 1, 10))))
+    for ax, protocol in zip(axes[0], protocols):
+        rows = ok[ok["task_protocol"] == protocol]
+        dense = rows[rows["cache"] == "dense"]["task_acc"]
+        if len(dense):
+            ax.axhline(dense.mean(), color="black", linestyle="--", label="dense (every token)")
+        for label in labels:
+            group = rows[rows["cache_label"] == label].sort_values("kept")
+            xs = group["cache_bytes"] / MIB if x == "bytes" else group["kept"]
+            ax.plot(xs, group["task_acc"], marker="o", label=label, color=colors[label])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cache bytes (MiB)" if x == "bytes" else "fraction of the context kept")
+        ax.set_title(f"protocol: {protocol}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("task suite accuracy (mean over tasks)")
+    axes[0][0].set_ylim(-0.05, 1.05)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(_title(ok, "Which cache keeps what the tasks need"))
     fig.tight_layout()
     return fig
 
@@ -384,6 +420,8 @@ def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
         ("backend_matrix", backend_matrix(df)),
         ("quality_vs_bytes", quality_vs_bytes(df)),
         ("passkey_heatmap", passkey_heatmap(df)),
+        ("task_accuracy_vs_bytes", task_accuracy(df, "bytes")),
+        ("task_accuracy_vs_kept", task_accuracy(df, "kept")),
         ("systems_side_by_side", systems_side_by_side(df)),
     ]
     for name, fig in figures:

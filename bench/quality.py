@@ -3,35 +3,21 @@
 * `fidelity`: a fixed real prompt of ctx tokens; N tokens generated greedily with the dense cache; the same
   tokens teacher-forced through the cache under test. Mean KL(dense || cache) of the N next-token distributions
   and top-1 agreement.
-* `passkey`: a random 5-digit key at depth d of filler text ctx tokens long, the question at the end; exact match
-  of the greedily generated digits. `question="in_prefill"`: the question is part of the prefill the cache
-  compresses (query-aware, a chat turn); `"after_prefill"`: the context is prefilled (and compressed) first, then
-  the question is fed token by token, as decode steps, so no compression step ever sees it as a whole
-  (query-agnostic, as NVIDIA's kvpress measures it).
+* `tasks`: the long-context task suite (bench/tasks.py, after RULER) under a protocol (bench/protocols.py): per task
+  the mean of RULER's string_match_all over its samples and questions (`acc_<task>`), and their mean (`task_acc`).
 * `ppl`: perplexity of a real English text that ships with Python (the strings of `pydoc_data.topics`), ctx
   tokens scored in one pass through the cache, `chunk` tokens per call, so that eviction happens along the way.
 """
 
 from __future__ import annotations
 
-import json
-import random
-import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
 
 from model.generate import prefill
 from model.gpt import GPT
-
-INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about the important information there.\n"
-)
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-KEY = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "What is the pass key? The pass key is"
 
 
 @dataclass
@@ -41,10 +27,20 @@ class Quality:
     eval: str  # the evaluations run, "+"-joined
     kl_vs_dense: float | None = None
     top1_agree: float | None = None
-    passkey_acc: float | None = None
-    passkey_by_depth: str | None = None  # JSON {depth: accuracy}
-    eval_question: str | None = None
     ppl: float | None = None
+    task_acc: float | None = None  # the mean of the tasks' accuracies
+    task_protocol: str | None = None
+    task_samples: int | None = None  # samples per task
+    task_questions: int | None = None  # questions per sample
+    accuracies: dict = field(default_factory=dict)  # task -> accuracy (columns acc_<task>)
+
+    def columns(self) -> dict:
+        """The row's columns: one acc_<task> per task (and passkey_acc, the design's name, for the pass key)."""
+        cols = {k: v for k, v in asdict(self).items() if k != "accuracies"}
+        cols.update({f"acc_{task}": acc for task, acc in self.accuracies.items()})
+        if "passkey" in self.accuracies:
+            cols["passkey_acc"] = self.accuracies["passkey"]
+        return cols
 
 
 def evaluate(spec, system) -> Quality:
@@ -55,20 +51,11 @@ def evaluate(spec, system) -> Quality:
     if "fidelity" in spec.evals:
         scores = fidelity(model, tokenizer, setup, spec.ctx, knobs["tokens"], spec.prefill_chunk)
         result.kl_vs_dense, result.top1_agree = scores["kl_vs_dense"], scores["top1_agree"]
-    if "passkey" in spec.evals:
-        found = passkey(
-            model,
-            tokenizer,
-            setup,
-            spec.ctx,
-            knobs["depths"],
-            knobs["trials"],
-            knobs["seed"],
-            knobs["question"],
-            spec.prefill_chunk,
-        )
-        result.passkey_acc, result.eval_question = found["passkey_acc"], knobs["question"]
-        result.passkey_by_depth = json.dumps(found["passkey_by_depth"])
+    if "tasks" in spec.evals:
+        result.accuracies = suite(model, tokenizer, setup, spec.ctx, knobs, spec.prefill_chunk)
+        result.task_acc = sum(result.accuracies.values()) / len(result.accuracies)
+        result.task_protocol, result.task_samples = knobs["protocol"], knobs["samples"]
+        result.task_questions = knobs["questions"]
     if "ppl" in spec.evals:
         result.ppl = perplexity(model, tokenizer, setup, spec.ctx, knobs["ppl_chunk"])["ppl"]
     return result
@@ -98,15 +85,6 @@ def corpus(tokenizer) -> list[int]:
         text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
         _CORPUS[id(tokenizer)] = tokenizer.encode(text)
     return _CORPUS[id(tokenizer)]
-
-
-@torch.inference_mode()
-def _feed(model: GPT, tokens: Tensor, start: int) -> Tensor:
-    """Feed tokens (1, n) one call each from position `start`; returns the last logits (1, vocab)."""
-    logits = None
-    for i in range(tokens.shape[1]):
-        logits = model(tokens[:, i : i + 1], input_pos=start + i)[:, -1]
-    return logits
 
 
 @torch.inference_mode()
@@ -147,55 +125,25 @@ def fidelity(model: GPT, tokenizer, setup: CacheSetup, ctx: int, tokens: int = 3
     return {"kl_vs_dense": sum(kl) / tokens, "top1_agree": sum(agree) / tokens}
 
 
-def passkey_prompt(tokenizer, ctx: int, depth: float, key: str) -> tuple[list[int], int]:
-    """Token ids of exactly ctx tokens (filler with the key sentence at `depth`, question last) and the number of
-    question tokens at the end."""
-    intro, filler = tokenizer.encode(INTRO), tokenizer.encode(FILLER)
-    key_ids, question = tokenizer.encode(KEY.format(key=key)), tokenizer.encode(QUESTION)
-    n = ctx - len(intro) - len(key_ids) - len(question)
-    if n < len(filler):
-        raise ValueError(f"ctx={ctx} is too short for a pass-key prompt (at least {ctx - n + len(filler)} tokens)")
-    body = (filler * (n // len(filler) + 1))[:n]
-    cut = int(round(depth * n))
-    return intro + body[:cut] + key_ids + body[cut:] + question, len(question)
+def suite(model: GPT, tokenizer, setup: CacheSetup, ctx: int, knobs: dict, prefill_chunk: int) -> dict[str, float]:
+    """Each task of knobs["suite"]: `samples` samples of ctx tokens, in batches of `batch`, under `protocol`; returns
+    task -> mean score over samples and questions."""
+    from tqdm.auto import tqdm
 
+    from bench import protocols, tasks
 
-@torch.inference_mode()
-def passkey(
-    model: GPT,
-    tokenizer,
-    setup: CacheSetup,
-    ctx: int,
-    depths: list[float],
-    trials: int,
-    seed: int = 0,
-    question: str = "in_prefill",
-    prefill_chunk: int = 2048,
-    answer_tokens: int = 8,
-) -> dict:
-    if question not in ("in_prefill", "after_prefill"):
-        raise ValueError(f"question={question!r}; valid choices: in_prefill, after_prefill")
-    device = model.lm_head.weight.device
-    by_depth = {}
-    for d_index, depth in enumerate(depths):
-        hits = 0
-        for trial in range(trials):
-            key = str(random.Random(f"{seed}-{d_index}-{trial}").randint(10000, 99999))
-            ids, n_question = passkey_prompt(tokenizer, ctx, depth, key)
-            prompt = torch.tensor([ids], device=device)
-            setup.assign(model, ctx + answer_tokens)
-            if question == "in_prefill":
-                logits = prefill(model, prompt, prefill_chunk)
-            else:
-                context = ctx - n_question
-                prefill(model, prompt[:, :context], prefill_chunk)
-                logits = _feed(model, prompt[:, context:], context)
-            answer, _ = _greedy(model, logits, ctx, answer_tokens)
-            found = re.search(r"\d{5}", tokenizer.decode(answer))
-            hits += int(found is not None and found.group(0) == key)
-        by_depth[depth] = hits / trials
-    model.clear_kv_caches()
-    return {"passkey_acc": sum(by_depth.values()) / len(by_depth), "passkey_by_depth": by_depth}
+    batches = [(task, start) for task in knobs["suite"] for start in range(0, knobs["samples"], knobs["batch"])]
+    scores: dict[str, list[float]] = {task: [] for task in knobs["suite"]}
+    for task, start in tqdm(batches, desc=f"{setup.name} {knobs['protocol']}", leave=False, disable=None):
+        indices = range(start, min(knobs["samples"], start + knobs["batch"]))
+        seed, n_q = knobs["seed"], knobs["questions"]
+        first = [tasks.build(task, tokenizer, ctx, seed, i, n_q) for i in indices]
+        width = max(len(s.questions[0]) for s in first)  # the batch's contexts share one length
+        samples = [tasks.build(task, tokenizer, ctx, seed, i, n_q, question_tokens=width) for i in indices]
+        replies = protocols.run(model, tokenizer, setup, samples, knobs["protocol"], prefill_chunk)
+        for sample, answers in zip(samples, replies):
+            scores[task] += [tasks.score(reply, expected) for reply, expected in zip(answers, sample.answers)]
+    return {task: sum(v) / len(v) for task, v in scores.items()}
 
 
 @torch.inference_mode()

@@ -61,7 +61,7 @@ def summary_line(row: dict, skipped: bool = False) -> str:
     src = "tensors" if row.get("peak_alloc_source") == "tensor_tracker" else "allocated"
     quality = [
         f"{k} {row[k]:.3g}"
-        for k in ("kl_vs_dense", "top1_agree", "passkey_acc", "ppl")
+        for k in ("kl_vs_dense", "top1_agree", "task_acc", "ppl")
         if row.get(k) is not None and not pd.isna(row.get(k))
     ]
     if row.get("prefill_s") is None or pd.isna(row.get("prefill_s")):  # repeats=0: a quality-only row
@@ -72,6 +72,19 @@ def summary_line(row: dict, skipped: bool = False) -> str:
         f"peak {human_bytes(peak)} ({src}) | cache {human_bytes(row.get('cache_bytes'))}"
         + (" | " + ", ".join(quality) if quality else "")
     )
+
+
+def aligned(header: list[str], lines: list[list[str]], left: int) -> str:
+    """A plain-text table: the first `left` columns left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(str(line[i])) for line in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < left else f"{{:>{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    return "\n".join(out + [fmt.format(*line) for line in lines])
+
+
+def markdown(header: list[str], lines: list[list[str]]) -> str:
+    rows = [header, ["---"] * len(header), *lines]
+    return "\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in rows)
 
 
 TABLE_COLUMNS = [
@@ -122,39 +135,79 @@ def comparison_table(df: pd.DataFrame) -> str:
                 ratio,
             ]
         )
-    widths = [max(len(h), *(len(str(line[i])) for line in lines)) for i, h in enumerate(TABLE_COLUMNS)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 6 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    out = [fmt.format(*TABLE_COLUMNS), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*line) for line in lines]
-    return "\n".join(out)
+    return aligned(TABLE_COLUMNS, lines, 6)
 
 
 def quality_table(df: pd.DataFrame) -> str:
-    """cache x budget x ctx: quality columns beside cache bytes (rows that have any quality figure)."""
-    cols = ["kl_vs_dense", "top1_agree", "passkey_acc", "ppl"]
+    """cache x budget x ctx: quality columns beside cache bytes (rows that have fidelity or perplexity figures)."""
+    cols = ["kl_vs_dense", "top1_agree", "ppl"]
     df = df[df[cols].notna().any(axis=1)]
     if df.empty:
         return ""
     df = df.sort_values(["ctx", "cache", "cache_budget"], kind="stable")
-    header = ["cache", "budget", "ctx", "kl_vs_dense", "top1_agree", "passkey_acc", "ppl", "cache bytes"]
-    lines = []
-    for _, r in df.iterrows():
-        budget = "all" if r["cache"] == "dense" else f"{r['cache_budget'] / r['ctx']:.0%}"
+    header = ["cache", "budget", "ctx", "kl_vs_dense", "top1_agree", "ppl", "cache bytes"]
+    lines = [
+        [
+            cache_label(r),
+            budget_label(r),
+            ctx_label(int(r["ctx"])),
+            _fmt(r["kl_vs_dense"], ".4f"),
+            _fmt(r["top1_agree"], ".3f"),
+            _fmt(r["ppl"], ".2f"),
+            human_bytes(r["cache_bytes"]),
+        ]
+        for _, r in df.iterrows()
+    ]
+    return aligned(header, lines, 3)
+
+
+def budget_label(r) -> str:
+    """The budget as a fraction of the context ("all" for a cache that keeps every token)."""
+    return "all" if r["cache"] == "dense" else f"{r['cache_budget'] / r['ctx']:.1%}".replace(".0%", "%")
+
+
+def leaderboard(df: pd.DataFrame) -> str:
+    """Markdown: method x budget, the task suite's mean accuracy per protocol beside cost (cache bytes, peak memory,
+    decode step), best first within each budget; then each task's accuracy. Empty when no row has task scores."""
+    from bench.protocols import PROTOCOLS
+    from bench.tasks import TASKS
+
+    df = df[(df["status"] == "ok") & df["task_acc"].notna()].copy()
+    if df.empty:
+        return ""
+    df["method"] = [cache_label(r) for _, r in df.iterrows()]
+    df["budget"] = [budget_label(r) for _, r in df.iterrows()]
+    df["fraction"] = [1.0 if r["cache"] == "dense" else r["cache_budget"] / r["ctx"] for _, r in df.iterrows()]
+    protocols = [p for p in PROTOCOLS if p in set(df["task_protocol"])]
+    tasks = [t for t in TASKS if f"acc_{t}" in df and df[f"acc_{t}"].notna().any()]
+    header = ["method", "budget", *protocols, "cache bytes", "peak memory", "decode ms/step"]
+    lines, detail = [], []
+    groups = df.groupby(["method", "budget", "fraction"], sort=False)
+    order = sorted(groups, key=lambda g: (-g[0][2], -g[1]["task_acc"].mean(), g[0][0]))
+    for (method, budget, _), group in order:
+        by_protocol = group.set_index("task_protocol")
+        accs = [_fmt(by_protocol["task_acc"].get(p), ".2f") for p in protocols]
+        first = group.iloc[0]
         lines.append(
             [
-                cache_label(r),
+                method,
                 budget,
-                ctx_label(int(r["ctx"])),
-                _fmt(r["kl_vs_dense"], ".4f"),
-                _fmt(r["top1_agree"], ".3f"),
-                _fmt(r["passkey_acc"], ".2f"),
-                _fmt(r["ppl"], ".2f"),
-                human_bytes(r["cache_bytes"]),
+                *accs,
+                human_bytes(first["cache_bytes"]),
+                human_bytes(first["peak_alloc_bytes"]),
+                _fmt(group["decode_ms_p50"].median(), ".2f"),
             ]
         )
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*x) for x in lines])
+        for _, r in group.iterrows():
+            detail.append([method, budget, r["task_protocol"], *(_fmt(r[f"acc_{t}"], ".2f") for t in tasks)])
+    models = ", ".join(sorted(set(df["model"].astype(str))))
+    ctxs = ", ".join(ctx_label(int(c)) for c in sorted(set(df["ctx"])))
+    samples = ", ".join(str(int(x)) for x in sorted(set(df["task_samples"].dropna())))
+    head = (
+        f"Task suite, mean accuracy (RULER's string_match_all) per protocol: {models}, ctx {ctxs}, {samples} "
+        f"samples per task; tasks: {', '.join(tasks)}."
+    )
+    return "\n\n".join([head, markdown(header, lines), markdown(["method", "budget", "protocol", *tasks], detail)])
 
 
 # Config hashes of the jobs this process ran or skipped, by sweep folder (filled by bench.run).
@@ -173,6 +226,39 @@ class SweepSummary(Callback):
         if hashes:
             df = df[df["config_hash"].isin(hashes)]
         print(f"\n{len(df)} rows in {sweep_dir}/\n{comparison_table(df)}", flush=True)
+        board = leaderboard(df)
+        if board:
+            Path(sweep_dir, "leaderboard.md").write_text(board + "\n")
+            print(f"\n{board}\n(written to {sweep_dir}/leaderboard.md)", flush=True)
         quality = quality_table(df)
         if quality:
             print(f"\nquality:\n{quality}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.report RESULTS`: the comparison table of a results folder, its quality table, and its
+    leaderboard (also written to RESULTS/leaderboard.md)."""
+    import argparse
+    import sys
+
+    from bench.results import load
+
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__.splitlines()[0])
+    ap.add_argument("results", help="a results folder (searched recursively for *.parquet)")
+    args = ap.parse_args(argv)
+    if not Path(args.results).exists():
+        print(f"bench.report: error: {args.results} does not exist", file=sys.stderr)
+        return 2
+    df = load(args.results)
+    print(comparison_table(df))
+    for table in (quality_table(df), leaderboard(df)):
+        if table:
+            print(f"\n{table}")
+    board = leaderboard(df)
+    if board:
+        Path(args.results, "leaderboard.md").write_text(board + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

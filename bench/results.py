@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.tasks import TASKS
+
 # Version 2 dropped columns that always held another column's value (`device`: device_kind; `peak_tracked_bytes`:
 # peak_alloc_bytes where peak_alloc_source is tensor_tracker) and settings that left the harness (`compile_mode`,
 # `kernel_options`, `weight_layout`). `load` reads rows of every version as version 2.
@@ -116,9 +118,14 @@ EXTRA: dict[str, str] = {
     "alloc_conf": "string",  # CUDA: the allocator options the job asked for (PYTORCH_CUDA_ALLOC_CONF syntax)
     "expandable_segments": "boolean",  # CUDA: the allocator's segments were expandable (seen in its snapshot)
     "transformers_version": "string",  # the HF systems' library
-    "eval": "string",  # quality evaluations run: fidelity+passkey+ppl
-    "eval_question": "string",  # passkey: in_prefill | after_prefill
-    "passkey_by_depth": "string",  # JSON {depth: accuracy}
+    "eval": "string",  # quality evaluations run: fidelity+tasks+ppl
+    "eval_question": "string",  # (schema 1) the old pass-key evaluation: in_prefill | after_prefill
+    "passkey_by_depth": "string",  # (schema 1) JSON {depth: accuracy}
+    "task_acc": "float64",  # the task suite: the mean of the tasks' accuracies (bench/quality.py)
+    "task_protocol": "string",  # aware | agnostic | multiturn
+    "task_samples": "Int64",
+    "task_questions": "Int64",
+    **{f"acc_{task}": "float64" for task in TASKS},  # each task's accuracy (RULER's string_match_all)
 }
 
 COLUMNS = {**SCHEMA, **EXTRA}

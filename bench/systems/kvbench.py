@@ -19,8 +19,13 @@ _PRETRAINED: dict[tuple, tuple[GPT, object]] = {}
 
 
 def build_model(spec, device: torch.device, keep: bool = True) -> tuple[GPT, object]:
-    """(model, tokenizer or None): random weights of the named shape (seeded), or the real ones (kept for the next
-    job of this process unless keep=False)."""
+    """(model, tokenizer or None): random weights of the named shape (seeded), the real ones (kept for the next job
+    of this process unless keep=False), or a local checkpoint folder's."""
+    if spec.weights not in ("random", "pretrained"):
+        from model.load import load_hf_checkpoint
+
+        model, tokenizer = load_hf_checkpoint(spec.weights, device=device, dtype=spec.torch_dtype)
+        return model.eval().requires_grad_(False), tokenizer
     if spec.weights == "pretrained":
         if not keep:
             from model.load import load_pretrained

@@ -1,0 +1,121 @@
+"""The long-context task suite (bench/tasks.py) and its protocols (bench/protocols.py): generators deterministic
+and placing their needles where asked, RULER's scorer, what each protocol does to the caches, and on SmolLM2 that
+the suite separates a cache that keeps the needle from one that cannot."""
+
+import pytest
+import torch
+
+from bench import protocols, tasks
+from bench.quality import CacheSetup, suite
+from caches import frozen
+
+
+class CharTokenizer:
+    """A tokenizer of characters (ids below the tiny model's vocabulary), no chat template: enough to build every
+    task and run the protocols on random weights."""
+
+    chat_template = None
+    eos_id = 3
+
+    def encode(self, text: str) -> list[int]:
+        return [4 + ord(c) % 4000 for c in text]
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return "".join(chr(i - 4) if i >= 4 else "" for i in ids)
+
+
+TOK = CharTokenizer()
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_every_task_is_deterministic_and_exactly_as_long_as_asked(task):
+    a = tasks.build(task, TOK, 4096, seed=1, index=2)
+    b = tasks.build(task, TOK, 4096, seed=1, index=2)
+    c = tasks.build(task, TOK, 4096, seed=2, index=2)
+    assert (a.context, a.questions, a.answers) == (b.context, b.questions, b.answers)
+    assert a.answers != c.answers
+    assert len(a.context) + len(a.questions[0]) == 4096
+    text = TOK.decode(a.context)
+    assert all(answer in text for answer in a.answers[0]) or task in ("cwe", "fwe")  # counted, not quoted
+    wider = tasks.build(task, TOK, 4096, seed=1, index=2, question_tokens=len(a.questions[0]) + 7)
+    assert len(wider.context) == len(a.context) - 7 and wider.questions == a.questions and wider.answers == a.answers
+
+
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "passkey", "vt"])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.75])
+def test_the_needle_sits_at_the_requested_depth(task, depth):
+    """The first target needle (the chain's first line for vt) starts at `depth` of the haystack, within one noise
+    sentence (the haystack is cut at whole pieces)."""
+    sample = tasks.build(task, TOK, 4096, seed=0, index=0, depth=depth)
+    text = TOK.decode(sample.context)
+    marker = {"passkey": "The pass key is", "vt": "VAR "}.get(task) or f"for {sample.answers[0][0]}"
+    if task.startswith("niah"):  # the needle names its key before its value
+        marker = next(s for s in text.split("One of the special magic")[1:] if sample.answers[0][0] in s)[:40]
+    start = text.index("\n") + 1  # the haystack begins after the instructions
+    found = (text.index(marker) - start) / (len(text) - start)
+    assert abs(found - depth) <= 0.03, (found, depth)
+    if task != "vt":
+        assert abs(sample.depths[0] - depth) <= 0.03
+
+
+def test_the_scorer_is_rulers_string_match_all():
+    assert tasks.score(" The numbers are 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert tasks.score("1234567 only", ["1234567", "7654321"]) == 0.5
+    assert tasks.score("nothing here", ["1234567"]) == 0.0
+    assert tasks.score("ABCDE fghij", ["abcde", "FGHIJ"]) == 1.0  # case-insensitive
+
+
+def _samples(task: str, n: int, questions: int, ctx: int = 2048) -> list[tasks.Sample]:
+    first = [tasks.build(task, TOK, ctx, 0, i, questions) for i in range(n)]
+    width = max(len(s.questions[0]) for s in first)
+    return [tasks.build(task, TOK, ctx, 0, i, questions, question_tokens=width) for i in range(n)]
+
+
+def test_agnostic_asks_every_question_of_the_same_compressed_cache(tiny, monkeypatch):
+    """The context is compressed once; before each question the compressed cache keeps the same tokens, and the
+    question and answer tokens go after it, none evicted."""
+    seen = []
+    real = frozen.FrozenPrefixCache.__init__
+
+    def spy(self, base, slots):
+        seen.append(base.token_positions().clone())
+        real(self, base, slots)
+
+    monkeypatch.setattr(frozen.FrozenPrefixCache, "__init__", spy)
+    samples = _samples("niah_multiquery", 2, questions=3)
+    replies = protocols.run(tiny, TOK, CacheSetup("h2o", {}, 128), samples, "agnostic", 256)
+    layers = tiny.config.n_layer
+    assert len(seen) == 3 * layers and len(replies) == 2 and all(len(r) == 3 for r in replies)
+    assert seen[0].shape[-1] == 128  # compressed to the budget
+    for q in range(1, 3):
+        assert all(torch.equal(seen[layer], seen[q * layers + layer]) for layer in range(layers))
+
+
+def test_multiturn_keeps_earlier_answers_in_the_cache(tiny, monkeypatch):
+    """One cache through the whole conversation: when the second question comes, the first answer's tokens are in
+    the cache (dense: every position up to there)."""
+    states = []
+    real = protocols.answer
+
+    def spy(model, logits, start, steps, eos):
+        out = real(model, logits, start, steps, eos)
+        states.append((start, out[1], model.kv_caches[0].token_positions()[0, 0].tolist()))
+        return out
+
+    monkeypatch.setattr(protocols, "answer", spy)
+    samples = _samples("niah_single", 2, questions=2)
+    protocols.run(tiny, TOK, CacheSetup("dense"), samples, "multiturn", 256)
+    (start1, last1, _), (start2, _, kept2) = states
+    assert start2 > last1 >= start1
+    assert set(range(start1, last1)) <= set(kept2)  # the first answer, fed back, stayed in the cache
+    assert kept2 == list(range(len(kept2)))
+
+
+@pytest.mark.slow
+def test_dense_finds_the_needle_and_a_64_token_cache_does_not(smollm2):
+    """SmolLM2-135M, niah_single at 2k, aware protocol, 4 samples (needles at depths spread over the context)."""
+    model, tok = smollm2
+    knobs = {"suite": ["niah_single"], "protocol": "aware", "samples": 4, "questions": 1, "batch": 4, "seed": 0}
+    dense = suite(model, tok, CacheSetup("dense"), 2048, knobs, 2048)["niah_single"]
+    small = suite(model, tok, CacheSetup("last_recent", {"sink_tokens": 4}, 64), 2048, knobs, 2048)["niah_single"]
+    assert dense >= 0.9 and small < dense, (dense, small)
