@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import measure, nvml_sampler, systems
+from bench.contention import Contention, ContentionMonitor, classify, cores_allowed, others_busy
 from bench.nvml_sampler import NvmlSampler
 from bench.results import SCHEMA_VERSION
 from bench.spec import JobSpec
@@ -46,6 +47,10 @@ class Timing:
     sdpa_used: str  # one name when both phases agree, else "prefill|decode"
     compile_s: float | None = None  # compiled decode: the warm-up's first steps (compilation, graph recording)
     cudagraph_skips: int | None = None  # graphs inductor declined to capture (0 expected)
+    prefill_cv: float | None = None  # coefficient of variation over repeats (None: one repeat)
+    decode_cv: float | None = None  # over every timed step
+    decode_ms_p50_low: float | None = None  # the p50 step's 95% confidence interval (bootstrap over the steps)
+    decode_ms_p50_high: float | None = None
 
 
 @dataclass
@@ -126,6 +131,8 @@ def base_row(spec: JobSpec, sweep_id: str, config_hash: str, probe_device: bool 
         "seed": spec.seed,
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # under Slurm: the job, and its index in the sweep's array
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
     }
 
 
@@ -136,11 +143,17 @@ def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = Tru
     row["alloc_conf"] = alloc_conf
     t_start = time.perf_counter()
     try:
+        refused = _idle(spec, row)
+        if refused:
+            row.update(status="busy", error=refused, total_s=time.perf_counter() - t_start)
+            return row
         row.update(_measure(spec, device, progress))
         row["status"] = "ok"
     except UnsupportedBackend as err:
         row.update(status="unsupported", error=str(err))
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
+        if type(err).__name__ == "UncompletedJobError":
+            raise  # the scheduler ends this job (time limit, preemption): it leaves no row, and the rerun redoes it
         status = "oom" if is_oom(err) else "error"
         row.update(status=status, error=f"{type(err).__name__}: {err}".strip()[:2000])
     finally:
@@ -151,6 +164,35 @@ def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = Tru
             torch.cuda.empty_cache()
     row["total_s"] = time.perf_counter() - t_start
     return row
+
+
+def _idle(spec: JobSpec, row: dict) -> str | None:
+    """Before measuring: is anything else using the CPUs? One line if so; with idle_policy=wait, wait (up to
+    idle_timeout_s) for them to be quiet; with refuse, the reason not to measure (a `busy` row)."""
+    threads = spec.threads or torch.get_num_threads()
+    cores = cores_allowed()
+    busy = others_busy(0.25)
+    level, _ = classify(busy, cores, threads, None)
+    row["idle_wait_s"] = 0.0
+    if level == "none":
+        return None
+    why = (
+        f"the machine is busy: other processes use {busy:.1f} of the {cores} cores this job may use (it runs "
+        f"{threads} threads)"
+    )
+    if spec.idle_policy == "refuse":
+        print(f"[busy] {why}: not measured (idle_policy=refuse)", flush=True)
+        return why
+    if spec.idle_policy == "wait":
+        t0 = time.perf_counter()
+        while level != "none" and time.perf_counter() - t0 < spec.idle_timeout_s:
+            level, _ = classify(others_busy(1.0), cores, threads, None)
+        row["idle_wait_s"] = time.perf_counter() - t0
+        if level == "none":
+            return None
+        why += f", still after {row['idle_wait_s']:.0f} s"
+    print(f"[busy] {why}: its timings will show it (the row's `contention` says how much)", flush=True)
+    return None
 
 
 @torch.inference_mode()
@@ -185,8 +227,8 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
     if spec.system != "kvbench":
         row["prefill_chunk"] = spec.ctx  # another library's prefill is one call, as its generate makes it
     if spec.repeats > 0:  # repeats=0: a quality-only run
-        timed, memory = _timed(spec, system, ids, device, progress, nvml_baseline, row.get("nvml_index"))
-        row.update(asdict(timed))
+        timed, memory, seen = _timed(spec, system, ids, device, progress, nvml_baseline, row.get("nvml_index"))
+        row.update(asdict(timed), **asdict(seen))
         if device.type == "cuda":
             row.update(asdict(memory))
             row.update(asdict(_roofline(spec, system, timed, device)))
@@ -206,7 +248,7 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
 
 def _timed(
     spec: JobSpec, system, ids: torch.Tensor, device: torch.device, progress: bool, nvml_baseline, nvml_index
-) -> tuple[Timing, Memory]:
+) -> tuple[Timing, Memory, Contention]:
     """Warm-up, then `repeats` x (prefill, `new_tokens` decode steps), every tracker running."""
 
     def decode(token: torch.Tensor, start: int, steps: int, times: list[float], desc: str | None) -> torch.Tensor:
@@ -229,6 +271,7 @@ def _timed(
         torch.cuda.synchronize(device)
         nvml = NvmlSampler(nvml_index, spec.nvml_period_ms / 1e3, baseline_used=nvml_baseline).start()
     rss_resettable = measure.reset_peak_rss()
+    monitor = ContentionMonitor(torch.get_num_threads(), nvml_index).start()
     prefill_s: list[float] = []
     step_s: list[float] = []
     peaks = {"prefill": [0, 0], "decode": [0, 0]}
@@ -245,6 +288,7 @@ def _timed(
             peaks["decode"] = [max(peaks["decode"][0], p.allocated or 0), max(peaks["decode"][1], p.reserved or 0)]
             used["decode"] |= seen
     finally:
+        seen = monitor.stop()
         if nvml is not None:
             memory.peak_nvml_bytes = nvml.stop()
             memory.peak_nvml_source = nvml.source
@@ -256,7 +300,7 @@ def _timed(
         memory.peak_alloc_source = "torch.cuda"
         memory.peak_reserved_bytes = max(peaks["prefill"][1], peaks["decode"][1])
         memory.expandable_segments = measure.expandable_segments_seen(device)
-    return timing(prefill_s, step_s, spec.batch, used, compile_s, skips), memory
+    return timing(prefill_s, step_s, spec.batch, used, compile_s, skips), memory, seen
 
 
 def timing(
@@ -278,7 +322,22 @@ def timing(
         sdpa_used=names["decode"] if same else f"{names['prefill']}|{names['decode']}",
         compile_s=compile_s,
         cudagraph_skips=skips,
+        prefill_cv=statistics.stdev(prefill_s) / statistics.fmean(prefill_s) if len(prefill_s) > 1 else None,
+        decode_cv=statistics.stdev(step_ms) / statistics.fmean(step_ms) if len(step_ms) > 1 else None,
+        **dict(zip(("decode_ms_p50_low", "decode_ms_p50_high"), median_interval(step_ms))),
     )
+
+
+def median_interval(values: list[float], resamples: int = 1000, level: float = 0.95) -> tuple[float, float]:
+    """The median's `level` confidence interval by the percentile bootstrap (`resamples` resamples, seeded: the same
+    values give the same interval)."""
+    import random
+
+    rng = random.Random(0)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * (resamples - 1))], medians[int(round((1 - tail) * (resamples - 1)))]
 
 
 def _cudagraph_skips() -> int:

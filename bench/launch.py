@@ -108,9 +108,15 @@ def placement() -> Placement:
         parallel = cores if n_jobs < 0 else n_jobs
         return Placement(name, parallel, max(1, cores // parallel) if parallel > 1 else None)
     if name.startswith("submitit"):
-        cpus = launcher.get("cpus_per_task")
+        cpus = launcher.get("cpus_per_task") or _slurm_cpus()
         return Placement(name, 1, int(cpus) if cpus else None)
     return Placement(name, 1, None)
+
+
+def _slurm_cpus() -> int | None:
+    """The CPUs Slurm gave this job (where it ran without --cpus-per-task), None outside Slurm."""
+    given = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_JOB_CPUS_PER_NODE", "").split("(")[0]
+    return int(given) if given.isdigit() else None
 
 
 def execute(spec: JobSpec, sweep_id: str, config_hash: str, isolate: bool = True, progress: bool = True) -> dict | None:

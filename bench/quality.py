@@ -46,7 +46,7 @@ class Quality:
 def evaluate(spec, system) -> Quality:
     """The evaluations `spec.evals` names, on fresh caches of the job's kind and size (kvbench's system)."""
     model, tokenizer, knobs = system.model, system.tokenizer, spec.eval_knobs
-    setup = CacheSetup(spec.cache, spec.cache_kwargs, spec.cache_length)
+    setup = CacheSetup(spec.cache, spec.cache_kwargs, spec.cache_length, spec.allocation)
     result = Quality(eval="+".join(spec.evals))
     if "fidelity" in spec.evals:
         scores = fidelity(model, tokenizer, setup, spec.ctx, knobs["tokens"], spec.prefill_chunk)
@@ -68,10 +68,11 @@ class CacheSetup:
     name: str
     kwargs: dict = field(default_factory=dict)
     cache_length: int = 0
+    allocation: str | None = None  # None: the cache's own (caches/allocation.py)
 
     def assign(self, model: GPT, total_tokens: int, batch: int = 1) -> None:
         length = max(self.cache_length, total_tokens) if self.name == "dense" else self.cache_length
-        model.set_kv_caches(batch_size=batch, cache=self.name, cache_length=length, **self.kwargs)
+        model.set_kv_caches(batch, self.name, length, self.allocation, total_tokens, **self.kwargs)
 
 
 _CORPUS: dict[int, list[int]] = {}

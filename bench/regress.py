@@ -5,11 +5,16 @@ Rows are matched by configuration (the `KEY` columns), not by hash or file name.
 * deterministic columns must be equal: bytes of weights, analytic dense KV and caches (`exact`), and the CPU's
   tracked peak of live tensors (`exact_tracked`: peak_alloc_bytes where its source is the tensor tracker);
 * quality columns within an absolute tolerance (`quality`);
-* timings only as ratios to dense within the same results (these machines are noisy; absolute seconds are never
-  compared): a cache's decode step / dense's, and its prefill / dense's, may grow by at most `ratio` (relative);
+* timings only as ratios to dense within the same results (absolute seconds are never compared): a cache's decode
+  step / dense's, and its prefill / dense's, may grow by the larger of `ratio` (a floor) and the noise both runs
+  recorded, the sum of the four rows' relative 95% half-widths (the p50 step's bootstrap interval; the prefill's
+  2 x cv / sqrt(repeats)), so a change within what the rows themselves vary passes and one beyond it fails;
+* rows timed under heavy contention (bench/contention.py) are not judged on time: they are listed as such, neither
+  passed nor failed (bytes and the tracked peak are still checked exactly);
 * a row that was `ok` must still be `ok`, and every baseline row must have a counterpart.
 
-Prints a table of what regressed and exits 1; exits 0 when everything holds. Reads parquet only (no torch).
+Prints a table of what regressed and exits 1; exits 0 when everything holds, listing what could not be judged.
+Reads parquet only (no torch).
 Tolerances file (JSON): {"exact": [...], "exact_tracked": [...], "quality": {"col": abs_tol}, "ratio": {"col":
 rel_tol}}; any part given replaces the default of that part.
 """
@@ -46,7 +51,7 @@ DEFAULT_TOLERANCES = {
     "exact": ["weights_bytes", "kv_bytes_dense", "cache_bytes"],
     "exact_tracked": ["peak_alloc_bytes", "peak_alloc_prefill_bytes", "peak_alloc_decode_bytes"],
     "quality": {"kl_vs_dense": 1e-3, "top1_agree": 0.02, "passkey_acc": 0.0, "ppl": 0.05},
-    "ratio": {"decode_ms_p50": 0.5, "prefill_s": 1.0},  # decode ratio to dense may grow 50%, prefill 100%
+    "ratio": {"decode_ms_p50": 0.3, "prefill_s": 0.5},  # floors: growth allowed however narrow the rows' noise
 }
 # Rows sharing these with a dense row are timed against it.
 _PEERS = [
@@ -77,20 +82,35 @@ def latest(df: pd.DataFrame) -> pd.DataFrame:
     return df[~df.apply(_key, axis=1).duplicated(keep="last")]
 
 
-def ratios_to_dense(df: pd.DataFrame, column: str) -> dict[tuple, float]:
-    """Row key -> row[column] / the matching dense row's column (ok rows with a dense peer only)."""
+def noise(row: pd.Series, column: str) -> float:
+    """A timing's relative 95% half-width as the row recorded it (0 where it recorded none)."""
+    if column == "decode_ms_p50" and pd.notna(row.get("decode_ms_p50_low")) and row["decode_ms_p50"] > 0:
+        return float(row["decode_ms_p50_high"] - row["decode_ms_p50_low"]) / 2 / float(row["decode_ms_p50"])
+    if column == "prefill_s" and pd.notna(row.get("prefill_cv")) and row["repeats"] > 1:
+        return 2 * float(row["prefill_cv"]) / float(row["repeats"]) ** 0.5
+    return 0.0
+
+
+def ratios_to_dense(df: pd.DataFrame, column: str) -> dict[tuple, tuple[float, float, bool]]:
+    """Row key -> (row[column] / the matching dense row's, the ratio's relative noise, whether either row was timed
+    under heavy contention); ok rows with a dense peer only."""
     ok = df[df["status"] == "ok"]
-    dense = {tuple(r[p] for p in _PEERS): r[column] for _, r in ok[ok["cache"] == "dense"].iterrows()}
+    dense = {tuple(r[p] for p in _PEERS): r for _, r in ok[ok["cache"] == "dense"].iterrows()}
     out = {}
     for _, r in ok.iterrows():
         base = dense.get(tuple(r[p] for p in _PEERS))
-        if base and pd.notna(base) and pd.notna(r[column]) and base > 0:
-            out[_key(r)] = float(r[column]) / float(base)
+        if base is None or pd.isna(base[column]) or pd.isna(r[column]) or base[column] <= 0:
+            continue
+        heavy = any(row.get("contention") == "heavy" for row in (r, base) if pd.notna(row.get("contention")))
+        out[_key(r)] = (float(r[column]) / float(base[column]), noise(r, column) + noise(base, column), heavy)
     return out
 
 
-def compare(current: pd.DataFrame, baseline: pd.DataFrame, tolerances: dict | None = None) -> list[dict]:
-    """Every regression as a dict: config, column, baseline, current, rule."""
+def compare(
+    current: pd.DataFrame, baseline: pd.DataFrame, tolerances: dict | None = None, unjudged: list | None = None
+) -> list[dict]:
+    """Every regression as a dict: config, column, baseline, current, rule. Timings that cannot be judged (heavy
+    contention) are appended to `unjudged` as (config, column)."""
     tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     current, baseline = latest(current), latest(baseline)
     cur = {_key(r): r for _, r in current.iterrows()}
@@ -108,20 +128,27 @@ def compare(current: pd.DataFrame, baseline: pd.DataFrame, tolerances: dict | No
         if b["status"] == "ok" and c["status"] != "ok":
             flag(key, "status", "ok", f"{c['status']}: {c['error']}", "must stay ok")
             continue
-        tracked = b["peak_alloc_source"] == "tensor_tracker"
+        tracked = str(b["peak_alloc_source"]) == "tensor_tracker"
         for col in tol["exact"] + (tol["exact_tracked"] if tracked else []):
             if col in b and pd.notna(b[col]) and (pd.isna(c[col]) or int(c[col]) != int(b[col])):
                 flag(key, col, int(b[col]), None if pd.isna(c[col]) else int(c[col]), "exact")
         for col, atol in tol["quality"].items():
             if col in b and pd.notna(b[col]) and (pd.isna(c[col]) or abs(float(c[col]) - float(b[col])) > atol):
                 flag(key, col, float(b[col]), None if pd.isna(c[col]) else float(c[col]), f"within {atol}")
-    for col, rel in tol["ratio"].items():
+    for col, floor in tol["ratio"].items():
         was, now = ratios_to_dense(baseline, col), ratios_to_dense(current, col)
-        for key, r_was in was.items():
+        for key, (r_was, n_was, heavy_was) in was.items():
             if key[KEY.index("cache")] == "dense" or key not in now:
                 continue
-            if now[key] > r_was * (1 + rel):
-                flag(key, f"{col} / dense", round(r_was, 3), round(now[key], 3), f"ratio may grow {rel:.0%}")
+            r_now, n_now, heavy_now = now[key]
+            if heavy_was or heavy_now:
+                if unjudged is not None:
+                    unjudged.append((_describe(key), f"{col} / dense"))
+                continue
+            allowed = max(floor, n_was + n_now)
+            if r_now > r_was * (1 + allowed):
+                rule = f"ratio may grow {allowed:.0%} (floor {floor:.0%}, recorded noise {n_was + n_now:.0%})"
+                flag(key, f"{col} / dense", round(r_was, 3), round(r_now, 3), rule)
     return problems
 
 
@@ -154,11 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     if baseline.empty:
         print(f"bench.regress: error: no rows in the baseline {args.baseline}", file=sys.stderr)
         return 2
-    problems = compare(current, baseline, tolerances)
+    unjudged: list = []
+    problems = compare(current, baseline, tolerances, unjudged)
+    for config, column in unjudged:
+        print(
+            f"cannot judge {column} of {config}: timed under heavy contention (bench/contention.py); rerun on a "
+            "quiet machine"
+        )
     if problems:
         print(f"{len(problems)} regression(s) against {args.baseline}:\n{format_table(problems)}")
         return 1
-    print(f"no regression: {len(baseline)} baseline rows matched in {args.current}")
+    judged = "" if not unjudged else f"; {len(unjudged)} timing(s) not judged"
+    print(f"no regression: {len(baseline)} baseline rows matched in {args.current}{judged}")
     return 0
 
 

@@ -68,10 +68,38 @@ def summary_line(row: dict, skipped: bool = False) -> str:
         return f"[ok] {head}: quality only | cache {human_bytes(row.get('cache_bytes'))} | " + ", ".join(quality)
     return (
         f"[ok] {head} ({row.get('sdpa_used')}): prefill {_fmt(row.get('prefill_s'), '.3f')} s | decode "
-        f"{_fmt(row.get('decode_ms_p50'), '.2f')} ms/step p50, {_fmt(row.get('decode_tok_s'), '.1f')} tok/s | "
+        f"{step_text(row)} ms/step p50, {_fmt(row.get('decode_tok_s'), '.1f')} tok/s | "
         f"peak {human_bytes(peak)} ({src}) | cache {human_bytes(row.get('cache_bytes'))}"
         + (" | " + ", ".join(quality) if quality else "")
+        + contention_text(row)
     )
+
+
+def _known(value) -> bool:
+    return value is not None and value is not pd.NA and not (isinstance(value, float) and math.isnan(value))
+
+
+def step_text(row) -> str:
+    """The p50 decode step, with its 95% interval's half-width where that is over 5% of it."""
+    p50, low, high = (row.get(k) for k in ("decode_ms_p50", "decode_ms_p50_low", "decode_ms_p50_high"))
+    if not _known(p50):
+        return "-"
+    if _known(low) and _known(high) and (high - low) / 2 > 0.05 * p50:
+        return f"{p50:.2f} ±{(high - low) / 2:.2f}"
+    return f"{p50:.2f}"
+
+
+def contention_text(row) -> str:
+    """' | contention heavy: ...' when the machine was not quiet while timing (empty when it was)."""
+    level = row.get("contention")
+    if not _known(level) or level == "none":
+        return ""
+    parts = [f"others used {row['others_cpu']:.1f} of {row['cores']} cores"] if _known(row.get("others_cpu")) else []
+    if row.get("oversubscribed") is True:
+        parts.append(f"threads oversubscribed ({row.get('threads')} + others > {row.get('cores')})")
+    if _known(row.get("gpu_others")) and row["gpu_others"]:
+        parts.append(f"{row['gpu_others']} other processes on the GPU")
+    return f" | contention {level}: " + ", ".join(parts)
 
 
 def aligned(header: list[str], lines: list[list[str]], left: int) -> str:
@@ -101,6 +129,7 @@ TABLE_COLUMNS = [
     "peak rss/nvml",
     "cache bytes",
     "vs dense KV",
+    "contention",
 ]
 
 
@@ -128,11 +157,12 @@ def comparison_table(df: pd.DataFrame) -> str:
                 r["status"],
                 _fmt(r["prefill_s"], ".3f"),
                 _fmt(r["decode_tok_s"], ".1f"),
-                _fmt(r["decode_ms_p50"], ".2f"),
+                step_text(r),
                 human_bytes(r["peak_alloc_bytes"]),
                 human_bytes(peak_other),
                 human_bytes(r["cache_bytes"]),
                 ratio,
+                r["contention"] if _known(r["contention"]) else "-",
             ]
         )
     return aligned(TABLE_COLUMNS, lines, 6)

@@ -102,6 +102,8 @@ EXTRA: dict[str, str] = {
     "bandwidth_bytes_s": "float64",
     "threads": "Int64",
     "hostname": "string",
+    "slurm_job_id": "string",  # under Slurm: the job (SLURM_JOB_ID) and its index in the sweep's array
+    "slurm_array_task_id": "string",
     "pid": "Int64",  # the process that measured
     "isolation": "string",  # process (a child per job) | launcher (submitit's own process per job) | none
     "launcher": "string",  # Hydra launcher: basic | joblib | submitit_local | submitit_slurm
@@ -114,6 +116,20 @@ EXTRA: dict[str, str] = {
     "warmup_released_bytes": "Int64",  # CUDA: cached allocator memory handed back after the warm-up (measure.py)
     "compile_s": "float64",  # the warm-up's first decode steps, compilation and graph recording included
     "cudagraph_skips": "Int64",  # compile_mode=reduce-overhead: graphs inductor declined to capture (0 expected)
+    "contention": "string",  # none | some | heavy: what else used the machine while timing (bench/contention.py)
+    "others_cpu": "float64",  # cores' worth of CPU other processes used during the timed phases
+    "cpu_steal": "float64",  # cores' worth of hypervisor steal
+    "load_start": "float64",
+    "load_end": "float64",
+    "cores": "Int64",  # cores the job could use (affinity, cgroup quota)
+    "oversubscribed": "boolean",  # the job's threads plus the others' busy cores passed the cores
+    "gpu_others": "Int64",  # CUDA: other processes on the job's GPU
+    "gpu_others_bytes": "Int64",
+    "idle_wait_s": "float64",  # idle_policy=wait: how long the job waited for a quiet machine
+    "prefill_cv": "float64",  # coefficient of variation of the prefill over repeats
+    "decode_cv": "float64",  # of the decode steps
+    "decode_ms_p50_low": "float64",  # the p50 step's 95% confidence interval (bootstrap)
+    "decode_ms_p50_high": "float64",
     "memory_limit_bytes": "Int64",  # CUDA: the caching allocator's cap (memory_limit), bench.capacity's probes
     "alloc_conf": "string",  # CUDA: the allocator options the job asked for (PYTORCH_CUDA_ALLOC_CONF syntax)
     "expandable_segments": "boolean",  # CUDA: the allocator's segments were expandable (seen in its snapshot)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -185,7 +186,30 @@ def validate(argv: list[str]) -> list[tuple[str, str]]:
                 planned.append((str(Path(cfg.results_dir) / cfg.sweep), config_hash(resolve(cfg).identity())))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
+    for sweep_dir in sorted({d for d, _ in planned}):
+        _check_writable(Path(sweep_dir))
     return planned
+
+
+def _check_writable(folder: Path) -> None:
+    """Rows can be written under `folder` (it, or its nearest existing parent, is a writable directory): checked
+    before anything runs, so that a sweep does not fail once its first job is done."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    why = None
+    if not existing.is_dir():
+        why = "is not a directory"
+    else:
+        try:  # access() says yes to root on read-only filesystems: try it (an empty folder, removed at once)
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".kvbench-write-check-"))
+        except OSError:
+            why = "is not writable"
+    if why:
+        raise ConfigError(
+            f"results_dir: {existing} {why}, so rows cannot be written to {folder}; valid: a folder this user can "
+            "write to (results_dir=...)"
+        )
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from caches import KVCacheParams, cache_class, cache_names
+from caches.allocation import ALLOCATIONS
 from model.attention import BACKENDS
 from model.config import CONFIGS
 from model.load import PRETRAINED
@@ -29,6 +30,7 @@ DTYPES = {
 WEIGHTS = ("random", "pretrained")
 DEVICES = ("auto", "cpu", "cuda")
 INJECT = ("none", "oom", "error")
+IDLE_POLICIES = ("warn", "wait", "refuse")
 
 
 class ConfigError(ValueError):
@@ -36,7 +38,7 @@ class ConfigError(ValueError):
 
 
 EVALS = ("fidelity", "tasks", "ppl")
-DEFAULT_SUITE = ["niah_single", "niah_multikey", "niah_multivalue", "vt"]
+DEFAULT_SUITE = ["niah_single", "niah_multikey", "niah_multivalue", "passkey"]
 
 
 @dataclass
@@ -84,6 +86,8 @@ class BenchConfig:
     nvml_period_ms: float = 5.0  # 0: no NVML sampler (to measure what it costs)
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)
     memory_limit: str | None = None  # CUDA: cap the caching allocator, e.g. 8GiB (out of memory is then a result)
+    idle_policy: str = "warn"  # warn | wait | refuse: what a job does when it starts on a busy machine
+    idle_timeout_s: float = 300.0  # idle_policy=wait: how long to wait for a quiet machine before measuring anyway
     compile: str = "auto"  # auto | true | false: compiled decode step (CUDA graphs on CUDA); auto: see _resolve_compile
     expandable_segments: bool = True  # CUDA: the caching allocator's expandable segments (less fragmentation)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -114,7 +118,10 @@ class JobSpec:
     compile: bool  # decode through model/compiled_decode.py
     expandable_segments: bool  # CUDA allocator with expandable segments (always False on CPU)
     system: str = "kvbench"  # bench/systems: kvbench's own core, or another library's caches
+    allocation: str = "uniform"  # how the layers share the budget (caches/allocation.py): uniform | pyramid
     memory_limit: int | None = None  # CUDA: bytes the caching allocator may hold (None: the whole device)
+    idle_policy: str = "warn"  # bench/contention.py; not part of the measurement's identity
+    idle_timeout_s: float = 300.0
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
 
@@ -130,6 +137,9 @@ class JobSpec:
             del identity["system"]
         if self.memory_limit is None:
             del identity["memory_limit"]
+        if self.allocation == "uniform":
+            del identity["allocation"]
+        del identity["idle_policy"], identity["idle_timeout_s"]
         return identity
 
     @property
@@ -269,12 +279,14 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     _choice("cache", name, cache_names())
     budget = cache_cfg.pop("budget", None)
     cls = cache_class(name)
+    allocation = _choice("cache.allocation", cache_cfg.pop("allocation", None) or cls.allocation, ALLOCATIONS)
     knobs = _knobs(cls)
     every_knob = {k for n in cache_names() for k in _knobs(cache_class(n))}
     unknown = sorted(set(cache_cfg) - every_knob)
     if unknown:
         raise ConfigError(
-            f"cache.{unknown[0]} is not a knob of cache {name!r}; valid knobs: {', '.join(['budget', *knobs])}"
+            f"cache.{unknown[0]} is not a knob of cache {name!r}; valid knobs: "
+            f"{', '.join(['budget', 'allocation', *knobs])}"
         )
     # Knobs of other caches are ignored here, so that one sweep can set them for the caches that have them.
     cache_cfg = {k: v for k, v in cache_cfg.items() if k in knobs}
@@ -294,6 +306,13 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     if threads is not None:
         _positive("threads", threads)
     inject = _choice("inject", get("inject"), INJECT)
+    idle_policy = _choice("idle_policy", get("idle_policy", "warn"), IDLE_POLICIES)
+    idle_timeout = get("idle_timeout_s", 300.0)
+    if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) or idle_timeout < 0:
+        raise ConfigError(f"idle_timeout_s={idle_timeout!r} is not valid; it must be a number of seconds >= 0")
+    nvml_period = get("nvml_period_ms")
+    if isinstance(nvml_period, bool) or not isinstance(nvml_period, (int, float)) or nvml_period < 0:
+        raise ConfigError(f"nvml_period_ms={nvml_period!r} is not valid; it must be >= 0 (0: no NVML sampler)")
     system = _resolve_system(get("system"))
     memory_limit = get("memory_limit")
     if memory_limit is not None:
@@ -332,6 +351,10 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         compile=compile_,
         expandable_segments=expandable and device == "cuda",
         system=system,
+        allocation=allocation,
+        memory_limit=memory_limit,
+        idle_policy=idle_policy,
+        idle_timeout_s=float(idle_timeout),
         evals=evals,
         eval_knobs=eval_knobs,
     )

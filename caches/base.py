@@ -52,6 +52,7 @@ class KVCache(nn.Module):
     # compile=auto (bench/spec.py) decodes this cache through the compiled step on CUDA: set where a GPU run has
     # shown that step giving the eager step's tokens
     compiled_by_default: ClassVar[bool] = False
+    allocation: ClassVar[str] = "uniform"  # how set_kv_caches shares a budget among layers (caches/allocation.py)
 
     def __init__(self, params: KVCacheParams) -> None:
         super().__init__()
@@ -59,6 +60,7 @@ class KVCache(nn.Module):
         self.next_token_pos: int | None = None
         self.batch_size: int | None = None  # effective batch size, fixed by the last prefill
         self.attn_opts = AttentionOptions()
+        self.rotary = None  # set by the model: rotary(start, length, dtype) -> cos, sin (length, head_size)
 
     @property
     def cache_length(self) -> int:
@@ -144,8 +146,16 @@ class KVCache(nn.Module):
         return attention(query, key, value, vis, self.attn_opts)[0]
 
     def token_positions(self) -> Tensor:
-        """(B, n_query_groups, n_cached): the token position held by each filled slot."""
+        """(B, n_query_groups, n_cached): the token position held by each filled slot (-1: none, where heads keep
+        different numbers of tokens)."""
         raise NotImplementedError
+
+    def kept_kv(self, B: int) -> tuple[Tensor, Tensor, Tensor]:
+        """What the cache holds now, read as it is: K, V (B, G, n, hs) and their positions (B, G, n), -1 where a slot
+        holds nothing (caches/frozen.py attends it)."""
+        positions = self.token_positions()[:B]
+        k, v = self.buf.read(B, positions.shape[-1])
+        return k, v, positions
 
     # ---- the compiled-decode API (model/compiled_decode.py) -----------------------------------------------------
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from model.attention import AttentionOptions
 from model.decode_attention import static_decode_attention
 
-BUFFERS = ("float", "int8", "int4")
+BUFFERS = ("float", "int8", "int4", "kivi2", "kivi4")
 
 
 class KVBuffer(nn.Module):
@@ -84,6 +84,9 @@ class KVBuffer(nn.Module):
             stored = getattr(self, name)[:B]
             idx = slot.unsqueeze(-1).expand(*slot.shape, x.shape[-1])  # (B, G, 1, X)
             stored.scatter_(2, idx, torch.where(keep.unsqueeze(-1), x, stored.gather(2, idx)))
+
+    def reset(self) -> None:
+        """A new sequence begins (a prefill): a buffer that tracks what it was written forgets it."""
 
     def read(self, B: int, n: int) -> tuple[Tensor, Tensor]:
         """K and V of slots 0 .. n-1, (B, G, n, hs) in the cache's dtype (views at full precision)."""
@@ -195,8 +198,12 @@ _BUFFER_CLASSES = {"float": KVBuffer, "int8": Int8KVBuffer, "int4": Int4KVBuffer
 
 
 def buffer_class(name: str) -> type[KVBuffer]:
-    if name not in _BUFFER_CLASSES:
+    if name not in BUFFERS:
         raise ValueError(f"unknown buffer {name!r}; valid choices: {', '.join(BUFFERS)}")
+    if name.startswith("kivi"):  # caches/kivi.py builds on this module
+        from caches.kivi import Kivi2KVBuffer, Kivi4KVBuffer
+
+        return {"kivi2": Kivi2KVBuffer, "kivi4": Kivi4KVBuffer}[name]
     return _BUFFER_CLASSES[name]
 
 

@@ -38,6 +38,7 @@ class DenseCache(KVCache):
 
     def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         B = key.shape[0]
+        self.buf.reset()
         self.buf.write_range(B, 0, key, value)
         # Causal attention among the new tokens: is_causal, no mask.
         return self._attend(query, key, value, Visibility(q_start=0))

@@ -41,8 +41,7 @@ class FrozenPrefixCache(KVCache):
         B, _, T, _ = key.shape
         offset, end = input_pos - self.start, input_pos - self.start + T
         self.buf.write_range(B, offset, key, value)
-        positions = self.base.token_positions()  # (B, G, n)
-        old_k, old_v = self.base.buf.read(B, positions.shape[-1])  # (B, G, n, hs)
+        old_k, old_v, positions = self.base.kept_kv(B)  # (B, G, n, hs), positions (B, G, n)
         new_k, new_v = self.buf.read(B, end)  # (B, G, end, hs)
         new_pos = torch.arange(self.start, self.start + end, device=key.device)
         segments = [

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from caches.base import KVCacheParams, register
-from caches.scored import ScoredCache
+from caches.scored import Candidates, ScoredCache
 
 
 @register("h2o")
@@ -32,8 +32,8 @@ class H2OCache(ScoredCache):
             raise ValueError(f"recent must be in [0, cache_length={params.cache_length}], got {recent}")
         self.normalize_scores = normalize_scores
 
-    def candidate_scores(self, old: Tensor, w_old: Tensor | None, w_new: Tensor | None, T: int) -> Tensor:
-        return torch.cat([old + w_old if w_old is not None else old, w_new], dim=-1)
+    def candidate_scores(self, c: Candidates) -> Tensor:
+        return torch.cat([c.old_score + c.w_old if c.w_old is not None else c.old_score, c.w_new], dim=-1)
 
     def rank(self, scores: Tensor, cand_pos: Tensor, cand_err: Tensor | None, end: int) -> Tensor:
         if self.normalize_scores:

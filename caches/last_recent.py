@@ -53,6 +53,7 @@ class LastRecentCache(KVCache):
 
     def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         self.pos.fill_(-1)
+        self.buf.reset()
         return self._chunk(query, key, value, 0)
 
     def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:

@@ -22,6 +22,8 @@ filling buffer and a full one, with no Python int and no host synchronisation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,36 @@ from model.attention import Visibility, grouped_attention
 from model.decode_attention import static_weighted_decode
 
 INF = float("inf")
+
+
+@dataclass
+class Candidates:
+    """What a policy scores a call's candidates by: the buffered tokens (the first n) and the call's new ones (the
+    last T). Keys and values as stored (dequantized from a quantized buffer) and as they arrive; empty buffer slots
+    (a fixed-shape decode step's) at position -1."""
+
+    old_score: Tensor  # (B, G, n) the stored scores
+    w_old: Tensor | None  # (B, G, n) softmax weights summed over the policy's queries and the group's heads
+    w_new: Tensor | None  # (B, G, T)
+    T: int
+    old_k: Tensor  # (B, G, n, hs)
+    new_k: Tensor  # (B, G, T, hs)
+    old_v: Tensor
+    new_v: Tensor
+    old_pos: Tensor  # (B, G, n) token positions of the buffered slots
+    new_pos: Tensor  # (B, G, T) (an expanded view)
+
+    @property
+    def pos(self) -> Tensor:
+        """(B, G, n + T): every candidate's token position (built when a policy asks: most do not)."""
+        return torch.cat([self.old_pos, self.new_pos], dim=-1)
+
+    def keys(self) -> Tensor:
+        """(B, G, n + T, hs): every candidate's key (a copy)."""
+        return torch.cat([self.old_k, self.new_k.to(self.old_k.dtype)], dim=2)
+
+    def values(self) -> Tensor:
+        return torch.cat([self.old_v, self.new_v.to(self.old_v.dtype)], dim=2)
 
 
 class ScoredCache(KVCache):
@@ -57,8 +89,8 @@ class ScoredCache(KVCache):
         """First query of the call whose attention weights the policy needs (None: none)."""
         return 0
 
-    def candidate_scores(self, old: Tensor, w_old: Tensor | None, w_new: Tensor | None, T: int) -> Tensor:
-        """Scores after this call: old (B, G, n) stored scores; w_old (B, G, n), w_new (B, G, T) weights."""
+    def candidate_scores(self, c: Candidates) -> Tensor:
+        """Scores (B, G, n + T) of the buffered tokens and the call's new ones after this call."""
         raise NotImplementedError
 
     def rank(self, scores: Tensor, cand_pos: Tensor, cand_err: Tensor | None, end: int) -> Tensor:
@@ -73,6 +105,7 @@ class ScoredCache(KVCache):
 
     def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         self.pos.fill_(-1)
+        self.buf.reset()
         self.score.zero_()
         self.n_filled = 0
         return self._step(query, key, value, 0)
@@ -96,7 +129,10 @@ class ScoredCache(KVCache):
             out, weights = grouped_attention(query, segments, self.attn_opts, w_from)
         w_old = weights[0] if weights is not None and n else None
         w_new = weights[-1] if weights is not None else None
-        cand_score = self.candidate_scores(self.score[:B, :, :n], w_old, w_new, T)  # (B, G, n + T)
+        old_k, old_v = segments[0][:2] if n else (key[:, :, :0], value[:, :, :0])  # (B, G, n, hs)
+        old_pos, new_pos = self.pos[:B, :, :n], torch.arange(p, p + T, device=key.device).expand(B, G, T)
+        call = Candidates(self.score[:B, :, :n], w_old, w_new, T, old_k, key, old_v, value, old_pos, new_pos)
+        cand_score = self.candidate_scores(call)  # (B, G, n + T)
         new_err = self.buf.error(key, value) if self.uses_quant_error else None  # (B, G, T)
         if n + T <= L:
             self.buf.write_range(B, n, key, value)
@@ -167,7 +203,9 @@ class ScoredCache(KVCache):
         old_k, old_v = self.buf.read(B, L)  # (B, G, L, hs), dequantized from a quantized buffer
         filled = self.pos[:B] >= 0  # (B, G, L)
         out, weights = static_weighted_decode(query, old_k, old_v, filled, key, value, self.attn_opts)
-        cand_score = self.candidate_scores(self.score[:B], weights[..., :L], weights[..., L:], 1)  # (B, G, L + 1)
+        w_old, w_new = weights[..., :L], weights[..., L:]
+        call = Candidates(self.score[:B], w_old, w_new, 1, old_k, key, old_v, value, self.pos[:B], pos.expand(B, G, 1))
+        cand_score = self.candidate_scores(call)  # (B, G, L + 1)
         new_err = self.buf.error(key, value) if self.uses_quant_error else None  # (B, G, 1)
         self._select_one(key, value, pos, cand_score, new_err)
         return out

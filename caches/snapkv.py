@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from caches.base import KVCacheParams, register
-from caches.scored import INF, ScoredCache
+from caches.scored import INF, Candidates, ScoredCache
 
 
 @register("snapkv")
@@ -34,23 +34,16 @@ class SnapKVCache(ScoredCache):
         if pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be max or avg, got {pooling!r}")
         self.window, self.kernel, self.pooling = window, kernel, pooling
-        self._cand_pos: Tensor | None = None
 
     def weights_from(self, T: int) -> int | None:
         return max(0, T - self.window) if T > 1 else None
 
-    def _step(self, query: Tensor, key: Tensor, value: Tensor, p: int) -> Tensor:
-        B, G, T, _ = key.shape
-        if T > 1:  # pooling needs the candidates' positions; a decode step does not pool
-            new_pos = torch.arange(p, p + T, device=key.device).expand(B, G, T)
-            self._cand_pos = torch.cat([self.pos[:B, :, : self.n_filled], new_pos], dim=-1)  # (B, G, n + T)
-        return super()._step(query, key, value, p)
-
-    def candidate_scores(self, old: Tensor, w_old: Tensor | None, w_new: Tensor | None, T: int) -> Tensor:
-        if T == 1:  # decode: keep the prompt's scores, never evict a generated token
+    def candidate_scores(self, c: Candidates) -> Tensor:
+        old = c.old_score
+        if c.T == 1:  # decode: keep the prompt's scores, never evict a generated token
             return torch.cat([old, torch.full_like(old[..., :1], INF).expand(*old.shape[:-1], 1)], dim=-1)
-        w = w_new if w_old is None else torch.cat([w_old, w_new], dim=-1)  # (B, G, n + T)
-        order = torch.argsort(self._cand_pos, dim=-1)  # pool over neighbouring positions, not slots
+        w = c.w_new if c.w_old is None else torch.cat([c.w_old, c.w_new], dim=-1)  # (B, G, n + T)
+        order = torch.argsort(c.pos, dim=-1)  # pool over neighbouring positions, not slots
         w_sorted = w.gather(-1, order)
         flat = w_sorted.flatten(0, 1).unsqueeze(1)  # (B * G, 1, n + T)
         pad = self.kernel // 2
@@ -62,3 +55,11 @@ class SnapKVCache(ScoredCache):
 
     def protected(self, cand_pos: Tensor, end: int, T: int) -> Tensor:
         return cand_pos >= end - (self.window if T > 1 else 1)
+
+
+@register("pyramidkv")
+class PyramidKVCache(SnapKVCache):
+    """`pyramidkv`: SnapKV's scores with per-layer budgets in a pyramid (Cai et al., 2024): set_kv_caches gives the
+    first layers the most slots and the last the fewest, the total the uniform one's (caches/allocation.py)."""
+
+    allocation = "pyramid"

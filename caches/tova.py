@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from caches.base import register
-from caches.scored import ScoredCache
+from caches.scored import Candidates, ScoredCache
 
 
 @register("tova")
@@ -22,9 +22,9 @@ class TOVACache(ScoredCache):
     def weights_from(self, T: int) -> int:
         return T - 1
 
-    def candidate_scores(self, old: Tensor, w_old: Tensor | None, w_new: Tensor | None, T: int) -> Tensor:
+    def candidate_scores(self, c: Candidates) -> Tensor:
         # Every KV head holds the same tokens in the same slots (the same scores always made the same choice), so
         # slot i means one token in every head: average its weight over the groups (each already summed over its
         # query heads), the same score for every head.
-        weights = w_new if w_old is None else torch.cat([w_old, w_new], dim=-1)  # (B, G, n + T)
+        weights = c.w_new if c.w_old is None else torch.cat([c.w_old, c.w_new], dim=-1)  # (B, G, n + T)
         return weights.mean(dim=1, keepdim=True).expand_as(weights)  # (B, G, n + T)

@@ -78,6 +78,8 @@ def plan(model: nn.Module, compile: bool = True, form: str | None = None) -> Dec
         raise UnsupportedBackend(
             "sdpa=eager: the compiled decode step runs an SDPA kernel (compile=false decodes through the eager path)"
         )
+    if cache.buf.__class__.__name__.startswith("Kivi"):
+        raise UnsupportedBackend("a kivi buffer runs eagerly: its reads dequantize the whole buffer (compile=false)")
     quantized = hasattr(cache.buf, "bits")
     if form is None:
         form = (

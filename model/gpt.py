@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from caches import KVCache, KVCacheParams, cache_class
+from caches.allocation import layer_budgets
 from model.attention import AttentionOptions, Visibility, attention
 from model.config import Config
 
@@ -275,11 +276,24 @@ class GPT(nn.Module):
             dtype=ref.dtype,
         )
 
-    def set_kv_caches(self, batch_size: int, cache: str = "dense", cache_length: int | None = None, **kwargs) -> None:
-        """One cache of type `cache` per layer, `cache_length` slots each (default: the model's block_size)."""
-        params = self.kv_cache_params(batch_size, cache_length or self.config.block_size)
+    def set_kv_caches(
+        self,
+        batch_size: int,
+        cache: str = "dense",
+        cache_length: int | None = None,
+        allocation: str | None = None,
+        longest: int | None = None,
+        **kwargs,
+    ) -> None:
+        """One cache of type `cache` per layer, `cache_length` slots each on average (default: the model's
+        block_size), shared among the layers by `allocation` (caches/allocation.py: uniform, or pyramid; default
+        the cache's own, `cls.allocation`); `longest`: the longest sequence the caches will see (no layer gets
+        more). Knobs go to every cache."""
         cls = cache_class(cache)
-        self.assign_kv_caches([cls(params, **kwargs) for _ in self.blocks])
+        per_layer = cache_length or self.config.block_size
+        window = kwargs.get("window", 32)
+        counts = layer_budgets(allocation or cls.allocation, per_layer, len(self.blocks), window, longest=longest)
+        self.assign_kv_caches([cls(self.kv_cache_params(batch_size, n), **kwargs) for n in counts])
 
     def assign_kv_caches(self, caches: list[KVCache]) -> None:
         if len(caches) != len(self.blocks):
@@ -288,6 +302,7 @@ class GPT(nn.Module):
             cache.attn_opts.backend = block.attn.attn_opts.backend
             cache.attn_opts.softcap = self.config.attn_softcap
             cache.attn_opts.sliding_window = self.config.sliding_window
+            cache.rotary = self.rope.forward  # cos, sin of any positions: for a policy that undoes or predicts RoPE
             block.attn.kv_cache = cache
 
     def clear_kv_caches(self) -> None:

@@ -36,7 +36,7 @@ class Token:
 
 @dataclass
 class NaiveScoredCache:
-    policy: str  # h2o | qh2o | tova | snapkv
+    policy: str  # h2o | qh2o | tova | snapkv | knorm | random | keydiff | expected_attention
     L: int
     B: int
     G: int
@@ -49,7 +49,14 @@ class NaiveScoredCache:
     pooling: str = "max"
     bits: int | None = None  # None: full precision
     group: int = 32
+    seed: int = 0
+    n_future: int = 512  # expected_attention
+    n_sink: int = 4
+    rope_base: float = 10000.0
     state: dict = field(default_factory=dict)
+    queries: dict = field(default_factory=dict)  # expected_attention: (b, h) -> the pre-RoPE queries seen
+
+    hs: int = 32
 
     def __post_init__(self):
         self.recent = self.L // 2 if self.recent is None else self.recent
@@ -66,6 +73,13 @@ class NaiveScoredCache:
         B, H, T, hs = q.shape
         if p == 0:
             self.state = {key: [] for key in self.state}
+            self.queries = {(b, h): [] for b in range(B) for h in range(H)}
+        if self.policy == "expected_attention" and T > 1:
+            for b in range(B):
+                for h in range(H):
+                    for t in range(T):
+                        if p + t >= self.n_sink:
+                            self.queries[(b, h)].append(self._rotation(p + t).T @ q[b, h, t].double())
         out = torch.zeros(B, H, T, hs, dtype=torch.float64)
         for b in range(B):
             calls = []  # per group: (old, new, weights)
@@ -95,7 +109,9 @@ class NaiveScoredCache:
                 calls = [(o, n, [mean[c.pos] for c in o + n]) for o, n, _ in calls]
             for g, (old, new, weights) in enumerate(calls):
                 cands = old + new
-                self._rescore(old, new, weights, T)
+                if self.policy == "expected_attention":
+                    weights = self._expected(cands, b, g, H, p + T) if T > 1 else weights
+                self._rescore(old, new, weights, T, b, g)
                 for c in new:  # stored as the buffer would store it
                     c.err = 0.0
                     if self.bits is not None:
@@ -105,6 +121,37 @@ class NaiveScoredCache:
                 self.state[(b, g)] = self._select(cands, p + T, T)
         return out
 
+    def _rotation(self, pos: int) -> torch.Tensor:
+        """RoPE at `pos` as a (hs, hs) matrix acting on a column vector ("rotate half" layout), built explicitly."""
+        hs = self.hs
+        half = hs // 2
+        r = torch.zeros(hs, hs, dtype=torch.float64)
+        for i in range(half):
+            angle = pos / self.rope_base ** (2 * i / hs)
+            c, s = math.cos(angle), math.sin(angle)
+            r[i, i], r[i, i + half] = c, -s  # out[i] = x[i] cos - x[i + half] sin
+            r[i + half, i + half], r[i + half, i] = c, s  # out[i + half] = x[i + half] cos + x[i] sin
+        return r
+
+    def _expected(self, cands, b: int, g: int, H: int, end: int) -> list[float]:
+        """Expected attention of each candidate: per query head, the softmax of mu'.k / sqrt(d) + k' Sigma' k / (2d)
+        from the pre-RoPE queries' mean and covariance rotated by the mean rotation of the next n_future positions,
+        averaged over the group's heads, times the value's norm."""
+        hs = self.hs
+        mean_rot = sum(self._rotation(t) for t in range(end, end + self.n_future)) / self.n_future
+        total = [0.0] * len(cands)
+        heads = range(g * (H // self.G), (g + 1) * (H // self.G))
+        for h in heads:
+            qs = torch.stack(self.queries[(b, h)])  # (N, hs)
+            mu = qs.mean(0)
+            cov = (qs - mu).T @ (qs - mu) / len(qs)
+            mu_f, cov_f = mean_rot @ mu, mean_rot @ cov @ mean_rot.T
+            z = [float(mu_f @ c.k) / math.sqrt(hs) + float(c.k @ cov_f @ c.k) / (2 * hs) for c in cands]
+            m = max(z)
+            e = [math.exp(x - m) for x in z]
+            total = [a + x / sum(e) / len(heads) for a, x in zip(total, e)]
+        return [a * float(c.v.norm()) for a, c in zip(total, cands)]
+
     def _counts(self, t: int, T: int) -> bool:
         if self.policy in ("h2o", "qh2o"):
             return True
@@ -112,9 +159,26 @@ class NaiveScoredCache:
             return t == T - 1
         return T > 1 and t >= T - self.window  # snapkv: the observation window
 
-    def _rescore(self, old, new, weights, T):
+    def _rescore(self, old, new, weights, T, b, g):
         cands = old + new
-        if self.policy in ("h2o", "qh2o"):
+        if self.policy == "knorm":  # fixed at entry: minus the key's norm
+            for c in new:
+                c.score = -float(c.k.norm())
+        elif self.policy == "random":
+            for c in new:
+                c.score = naive_hash(self.seed, b, g, c.pos)
+        elif self.policy == "expected_attention":  # weights here are the expected ones; decode: keep the new token
+            if T == 1:
+                new[0].score = math.inf
+            else:
+                for c, w in zip(cands, weights):
+                    c.score = w
+        elif self.policy == "keydiff":  # minus the cosine to the mean unit key of every candidate, recomputed
+            units = [c.k / c.k.norm() for c in cands]
+            anchor = sum(units) / len(units)
+            for c, u in zip(cands, units):
+                c.score = -float(u @ anchor / anchor.norm())
+        elif self.policy in ("h2o", "qh2o"):
             for c, w in zip(cands, weights):
                 c.score = (c.score if c in old else 0.0) + w
         elif self.policy == "tova":
@@ -141,8 +205,11 @@ class NaiveScoredCache:
                     for a, e in zip(_minmax(ranks), _minmax([c.err for c in cands]))
                 ]
             protect = end - self.recent
-        elif self.policy == "tova":
+        elif self.policy in ("tova", "knorm", "random", "keydiff"):
             ranks, protect = [c.score for c in cands], math.inf
+        elif self.policy == "expected_attention":  # the sinks are kept
+            ranks = [math.inf if c.pos < self.n_sink else c.score for c in cands]
+            protect = math.inf
         else:
             ranks, protect = [c.score for c in cands], end - (self.window if T > 1 else 1)
         ranks = [math.inf if c.pos >= protect else r for c, r in zip(cands, ranks)]
@@ -151,6 +218,91 @@ class NaiveScoredCache:
         return [c for i, c in enumerate(cands) if i not in dropped]
 
 
+def naive_hash(seed: int, b: int, g: int, pos: int) -> float:
+    """The random cache's score of a token, in plain Python integers."""
+    m, mod = 73244475, 2**32
+    x = (pos * m + b * 40503 + g * 9973 + seed * 2654435) % mod
+    x = (((x >> 16) ^ x) * m) % mod
+    x = (((x >> 16) ^ x) * m) % mod
+    return (((x >> 16) ^ x) >> 8) / 2**24
+
+
 def _minmax(xs: list[float]) -> list[float]:
     lo, hi = min(xs), max(xs)
     return [0.0 if hi == lo else (x - lo) / (hi - lo) for x in xs]
+
+
+@dataclass
+class NaiveAdaKV:
+    """Ada-KV on SnapKV's or H2O's scores, plainly: per sequence, a list of (head, token) the layer keeps; each call
+    scores every head's candidates, sets aside each head's top alpha x L and the protected newest, then keeps the
+    G x L best over all heads (ties: the older goes first)."""
+
+    L: int
+    B: int
+    G: int
+    H: int
+    scorer: str = "snapkv"
+    alpha: float = 0.2
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+    recent: int | None = None
+    state: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.recent = self.L // 2 if self.recent is None else self.recent
+        self.state = {b: [] for b in range(self.B)}  # b -> [(head, Token)]
+
+    def kept(self, b: int, g: int) -> list[int]:
+        return sorted(t.pos for h, t in self.state[b] if h == g)
+
+    def step(self, q, k, v, p: int) -> torch.Tensor:
+        B, H, T, hs = q.shape
+        if p == 0:
+            self.state = {b: [] for b in range(B)}
+        out = torch.zeros(B, H, T, hs, dtype=torch.float64)
+        for b in range(B):
+            cands = []  # (head, token, protected)
+            for g in range(self.G):
+                old = [t for h, t in self.state[b] if h == g]
+                new = [Token(p + t, k[b, g, t].double(), v[b, g, t].double()) for t in range(T)]
+                mine = old + new
+                weights = [0.0] * len(mine)
+                for h in range(g * (H // self.G), (g + 1) * (H // self.G)):
+                    for t in range(T):
+                        qpos = p + t
+                        logits = [
+                            float(q[b, h, t].double() @ c.k) / math.sqrt(hs) if c.pos <= qpos else -math.inf
+                            for c in mine
+                        ]
+                        m = max(logits)
+                        e = [math.exp(x - m) for x in logits]
+                        row = [x / sum(e) for x in e]
+                        out[b, h, t] = sum(w * c.v for w, c in zip(row, mine))
+                        if self.scorer == "h2o" or (T > 1 and t >= T - self.window):
+                            weights = [a + w for a, w in zip(weights, row)]
+                self._rescore(old, new, weights, T)
+                end = p + T
+                newest = end - (self.recent if self.scorer == "h2o" else (self.window if T > 1 else 1))
+                by_score = sorted(range(len(mine)), key=lambda i: (-mine[i].score, -mine[i].pos))
+                floor = by_score[: int(self.alpha * self.L)]
+                cands += [(g, c, c.pos >= newest or i in floor) for i, c in enumerate(mine)]
+            ranked = sorted(cands, key=lambda x: (-(math.inf if x[2] else x[1].score), -x[1].pos))
+            self.state[b] = [(g, c) for g, c, _ in ranked[: self.G * self.L]]
+        return out
+
+    def _rescore(self, old, new, weights, T):
+        mine = old + new
+        if self.scorer == "h2o":
+            for c, w in zip(mine, weights):
+                c.score = (c.score if c in old else 0.0) + w
+        elif T == 1:
+            new[0].score = math.inf
+        else:
+            order = sorted(range(len(mine)), key=lambda i: mine[i].pos)
+            ws = [weights[i] for i in order]
+            half = self.kernel // 2
+            for j, i in enumerate(order):
+                span = ws[max(0, j - half) : j + half + 1]
+                mine[i].score = max(span) if self.pooling == "max" else sum(span) / len(span)

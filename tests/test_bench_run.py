@@ -141,7 +141,7 @@ def test_deterministic_tracked_peak(tmp_path):
 
 
 def test_failures_are_rows_and_the_sweep_goes_on(tmp_path):
-    proc = bench(tmp_path, "inject=oom,error,none", "sdpa=auto,efficient", "ctx=512", "-m", *SMALL)
+    proc = bench(tmp_path, "inject=oom,error,none", "sdpa=auto,efficient", "ctx=512", "isolate=false", "-m", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = rows(tmp_path)
     assert len(df) == 6
@@ -154,7 +154,8 @@ def test_failures_are_rows_and_the_sweep_goes_on(tmp_path):
 
 
 BAD = {
-    "cache=lru": "cache='lru' is not valid; valid choices: dense, h2o, last_recent, qh2o, snapkv, tova",
+    "cache=lru": "cache='lru' is not valid; valid choices: adakv, dense, expected_attention, h2o, keydiff, knorm, "
+    "last_recent, pyramidkv, qh2o, random, snapkv, tova",
     "model=gpt-9": "model='gpt-9' is not valid; valid choices: auto, tiny, smollm2-135m",
     "ctx=abc": "ctx='abc' is not a context length",
     "batch=0": "batch=0 is not valid; it must be an integer >= 1",
@@ -195,7 +196,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, caps
 def test_bad_input_from_the_command_line(tmp_path):
     proc = bench(tmp_path, "cache=dense,lru", "ctx=1k", "-m")
     assert proc.returncode == 2 and proc.stderr.strip() == "kvbench: error: " + (
-        "cache='lru' is not valid; valid choices: dense, h2o, last_recent, qh2o, snapkv, tova"
+        "cache='lru' is not valid; valid choices: adakv, dense, expected_attention, h2o, keydiff, knorm, "
+        "last_recent, pyramidkv, qh2o, random, snapkv, tova"
     )
     assert not (tmp_path / "results").exists()
 
@@ -206,7 +208,7 @@ def test_validate_rejects_a_sweep_without_multirun():
 
 
 def test_compile_true_decodes_through_the_compiled_step(tmp_path):
-    proc = bench(tmp_path, "cache=dense,h2o", "compile=true,false", "ctx=512", "-m", *SMALL)
+    proc = bench(tmp_path, "cache=dense,h2o", "compile=true,false", "ctx=512", "isolate=false", "-m", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = rows(tmp_path)
     assert len(df) == 4 and (df["status"] == "ok").all(), df[["cache", "compile", "error"]]

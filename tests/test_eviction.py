@@ -5,9 +5,12 @@ import pytest
 import torch
 from naive_eviction import NaiveScoredCache
 
+from bench.quality import corpus
 from caches import KVCacheParams, cache_class, cache_names, create_cache
 from caches.buffers import make_buffer
+from model.config import Config
 from model.generate import generate
+from model.gpt import RoPE
 
 B, H, G, HS = 2, 4, 2, 32
 CPU = torch.device("cpu")
@@ -23,6 +26,15 @@ CONFIGS = {  # name: (cache, kwargs)
     "qh2o": ("qh2o", {}),
     "tova": ("tova", {}),
     "snapkv": ("snapkv", {"window": 3, "kernel": 3}),
+    "knorm": ("knorm", {}),
+    "random": ("random", {"seed": 3}),
+    "keydiff": ("keydiff", {}),
+    "expected_attention": ("expected_attention", {"n_future": 8, "n_sink": 2}),
+    "pyramidkv": ("pyramidkv", {"window": 3, "kernel": 3}),
+    "adakv": ("adakv", {"window": 3, "kernel": 3}),
+    "adakv-h2o": ("adakv", {"scorer": "h2o"}),
+    "dense-kivi2": ("dense", {"buffer": "kivi2"}),
+    "last_recent-kivi4": ("last_recent", {"buffer": "kivi4", "sink_tokens": 2}),
 }
 
 
@@ -49,6 +61,7 @@ def test_contract(config):
     L = 24
     params = _params(L)
     cache = create_cache(name, params, **kwargs)
+    cache.rotary = RoPE(Config.from_name("tiny")).forward  # what GPT.assign_kv_caches gives every cache
     assert cache.name == name and cache.next_token_pos is None and cache.cache_length == L
     assert cache.size_estimate() == sum(b.numel() * b.element_size() for b in cache.buffers())
     assert cache.size_estimate() == cache_class(name).size_estimate_apriori(params, **kwargs)
@@ -61,9 +74,10 @@ def test_contract(config):
     positions = cache.token_positions()
     assert positions.shape == (B, G, 10) and sorted(positions[1, 1].tolist()) == list(range(10))
     # store / retrieve: what was written reads back (exactly, or within the quantization step)
-    stored_k, stored_v = cache.buf.read(B, 10)
-    order = positions.argsort(dim=-1).unsqueeze(-1).expand(-1, -1, -1, HS)
-    tol = {"float": 0.0, "int8": 0.02, "int4": 0.35}[kwargs.get("buffer", "int4" if name == "qh2o" else "float")]
+    stored_k, stored_v, held = cache.kept_kv(B)
+    order = held.argsort(dim=-1).unsqueeze(-1).expand(-1, -1, -1, HS)
+    buffer = kwargs.get("buffer", "int4" if name == "qh2o" else "float")
+    tol = {"float": 0.0, "int8": 0.02, "int4": 0.35, "kivi2": 0.0, "kivi4": 0.0}[buffer]  # kivi: 10 residual rows
     assert (stored_k.gather(2, order) - k).abs().max() <= tol
     assert (stored_v.gather(2, order) - v).abs().max() <= tol
     cache(q[:, :, :4], k[:, :, :4], v[:, :, :4], 0)  # a prefill resets
@@ -80,6 +94,12 @@ POLICIES = {  # name: (cache kwargs, reference kwargs)
     "tova": ({}, {}),
     "snapkv-max": ({"window": 3, "kernel": 3}, {"window": 3, "kernel": 3}),
     "snapkv-avg": ({"window": 2, "kernel": 5, "pooling": "avg"}, {"window": 2, "kernel": 5, "pooling": "avg"}),
+    "knorm": ({}, {}),
+    "knorm-int8": ({"buffer": "int8"}, {"bits": 8}),
+    "random": ({"seed": 3}, {"seed": 3}),
+    "keydiff": ({}, {}),
+    "keydiff-int4": ({"buffer": "int4"}, {"bits": 4}),
+    "expected_attention": ({"n_future": 8, "n_sink": 2}, {"n_future": 8, "n_sink": 2}),
 }
 
 
@@ -92,6 +112,7 @@ def test_policy_matches_naive_reference(policy, prefill, block):
     L = 7
     cache = create_cache(name, _params(L), **kwargs)
     cache.attn_opts.block_size = block
+    cache.rotary = RoPE(Config.from_name("tiny")).forward  # head size 32, base 10000: the reference's rotation
     ref = NaiveScoredCache(name, L, B, G, H, **ref_kwargs)
     q, k, v = _qkv(prefill + 3 + 6, seed=7)
     calls = [(0, prefill), (prefill, prefill + 3)] + [(t, t + 1) for t in range(prefill + 3, prefill + 9)]
@@ -133,7 +154,7 @@ def test_tova_decides_per_layer():
 
 
 @pytest.mark.parametrize(
-    "config", [c for c in CONFIGS if c.split("-")[0] in ("h2o", "tova", "snapkv", "last_recent") and "int" not in c]
+    "config", [c for c in CONFIGS if c.split("-")[0] not in ("dense", "qh2o") and "int" not in c and "kivi" not in c]
 )
 def test_budget_covering_the_sequence_equals_dense(tiny, config):
     name, kwargs = CONFIGS[config]
@@ -175,10 +196,9 @@ def test_quantized_buffer_bytes_are_analytic(buffer, bits, dtype):
     assert (payload + overhead) < dense
 
 
-# Bounds against the full-precision cache, from what quantizing costs: max |dlogit| (measured: int8 0.33, int4 5.0;
-# SmolLM2's logits span about 66 here) and mean KL(dense || quantized) (int8 1.0e-4 to 1.1e-4 on Intel and AMD CPUs,
-# int4 0.025), group size 32.
-BOUNDS = {"int8": (0.5, 1e-3), "int4": (8.0, 0.05)}
+# Bounds against the full-precision cache, from what quantizing costs: max |dlogit| (measured: int8 0.35, int4 6.6;
+# SmolLM2's logits span about 60 here) and mean KL(dense || quantized) (int8 2.4e-4, int4 0.050), group size 32.
+BOUNDS = {"int8": (0.5, 1e-3), "int4": (10.0, 0.1)}
 
 
 @pytest.mark.slow
@@ -189,7 +209,7 @@ def test_quantized_smollm2_logits_stay_close_to_dense(smollm2, buffer):
     more than twice the max |dlogit| bound: a position closer than that is a near-tie, which rounding alone may flip
     (one int8 position did on an AMD CPU's BLAS and not on an Intel one: 98.4% against 100% agreement)."""
     model, tok = smollm2
-    ids = torch.tensor([tok.encode(open(__file__).read())[:256]])
+    ids = torch.tensor([corpus(tok)[:256]])  # Python's documentation text
     results = {}
     for buf in ("float", buffer):
         model.set_kv_caches(batch_size=1, cache="dense", cache_length=256, buffer=buf)
@@ -205,8 +225,8 @@ def test_quantized_smollm2_logits_stay_close_to_dense(smollm2, buffer):
     assert 0 < (quant - dense).abs().max().item() <= max_delta
     assert kl <= max_kl, kl
     top2 = dense.topk(2, dim=-1).values  # (1, 64, 2)
-    decisive = (top2[..., 0] - top2[..., 1]) > 2 * max_delta  # (1, 64): int8 48 of 64; int4's bound leaves none
-    assert decisive.float().mean() >= (0.5 if buffer == "int8" else 0.0)
+    decisive = (top2[..., 0] - top2[..., 1]) > 2 * max_delta  # (1, 64): int8 31 of 64; int4's bound leaves none
+    assert decisive.float().mean() >= (0.25 if buffer == "int8" else 0.0)
     assert torch.equal(dense.argmax(-1)[decisive], quant.argmax(-1)[decisive])
 
 

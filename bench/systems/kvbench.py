@@ -68,7 +68,10 @@ class KvbenchSystem(System):
     def __init__(self, spec, device: torch.device) -> None:
         self.model, self.tokenizer = build_model(spec, device)
         self.config = self.model.config
-        self.model.set_kv_caches(spec.batch, spec.cache, spec.cache_length, **spec.cache_kwargs)
+        longest = spec.ctx + spec.new_tokens
+        self.model.set_kv_caches(
+            spec.batch, spec.cache, spec.cache_length, spec.allocation, longest, **spec.cache_kwargs
+        )
         self.model.set_attention_backend(spec.sdpa)
         self.kv_slots = spec.cache_length
         self.chunk = spec.prefill_chunk

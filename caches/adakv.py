@@ -1,0 +1,206 @@
+"""`adakv`: Ada-KV's head-wise adaptive budget (Feng et al., 2024) on top of a scorer (SnapKV's or H2O's).
+
+A layer holds `cache_length` slots per KV head on average, G x cache_length in all, in one flat buffer per
+sequence: each slot has an owner (a KV head), a position and a score. When the candidates (the filled slots and
+the call's new tokens of every head) do not fit, the layer keeps the highest scores across all its heads jointly,
+after each head's top `alpha` x cache_length of its own are set aside (the floor a head never goes below), so a
+head whose attention is spread keeps more tokens and a focused one fewer. The storage really is the layer's total:
+K, V (B, G x cache_length, hs) and per slot an owner, a position and a score; nothing is a mask over a full
+per-head buffer.
+
+Attention gathers each head's own slots into a padded (B, G, longest, hs) block (grouped gather), then attends
+them and the call's new tokens with one softmax (model/attention.py, grouped_attention): per call, a copy of the
+buffer laid out by head, at most G times the longest head's share. Scores: `snapkv` (a call of several tokens: the
+weights of its last `window` queries, pooled over `kernel` neighbouring positions of the head; a decode step's
+token is kept, the lowest-scored prompt token of the layer goes) or `h2o` (weights accumulated over every query,
+the `recent` newest tokens of each head kept). Eager only: the selection has data-dependent shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from caches.base import KVCache, KVCacheParams, register
+from caches.buffers import buffer_nbytes, make_buffer
+from model.attention import Visibility, grouped_attention
+
+SCORERS = ("snapkv", "h2o")
+
+
+@register("adakv")
+class AdaKVCache(KVCache):
+    requires_attn_weights = True
+
+    def __init__(
+        self,
+        params: KVCacheParams,
+        scorer: str = "snapkv",
+        alpha: float = 0.2,
+        window: int = 32,
+        kernel: int = 7,
+        pooling: str = "max",
+        recent: int | None = None,
+        buffer: str = "float",
+        group_size: int = 32,
+    ) -> None:
+        super().__init__(params)
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer={scorer!r} is not valid; valid choices: {', '.join(SCORERS)}")
+        if not 0.0 <= alpha <= 1.0 or window < 1 or kernel < 1 or kernel % 2 == 0 or pooling not in ("max", "avg"):
+            raise ValueError("alpha must be in [0, 1], window >= 1, kernel odd, pooling max or avg")
+        self.scorer, self.alpha, self.window, self.kernel, self.pooling = scorer, alpha, window, kernel, pooling
+        self.recent = params.cache_length // 2 if recent is None else recent
+        B, G, L = params.batch_size, params.n_query_groups, params.cache_length
+        self.slots = G * L  # the layer's total
+        flat = KVCacheParams(B, 1, params.n_head, params.head_size, self.slots, params.device, params.dtype)
+        self.buf = make_buffer(flat, buffer, group_size)  # (B, 1, G * L, X)
+        for name, fill, dtype in (("owner", -1, torch.long), ("pos", -1, torch.long), ("score", 0, torch.float32)):
+            self.register_buffer(
+                name, torch.full((B, self.slots), fill, dtype=dtype, device=params.device), persistent=False
+            )
+
+    @property
+    def max_tokens_forward(self) -> int:
+        return self.cache_length
+
+    def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        self.owner.fill_(-1)
+        self.pos.fill_(-1)
+        self.score.zero_()
+        self.buf.reset()
+        return self._extend(query, key, value, 0)
+
+    def _gather(self, B: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Each head's own slots, padded to the longest: K, V (B, G, longest, hs), their positions (B, G, longest)
+        (-1: padding) and slot indices (B, G, longest) (0 at padding)."""
+        G = self.params.n_query_groups
+        k_flat, v_flat = self.buf.read(B, self.slots)  # (B, 1, slots, hs)
+        owner = self.owner[:B]
+        counts = torch.stack([(owner == g).sum(dim=1) for g in range(G)], dim=1)  # (B, G)
+        longest = max(1, int(counts.max()))
+        index = torch.zeros(B, G, longest, dtype=torch.long, device=owner.device)
+        valid = torch.zeros(B, G, longest, dtype=torch.bool, device=owner.device)
+        for b in range(B):
+            for g in range(G):
+                mine = torch.nonzero(owner[b] == g).flatten()
+                index[b, g, : len(mine)], valid[b, g, : len(mine)] = mine, True
+        gather = index.unsqueeze(-1).expand(-1, -1, -1, k_flat.shape[-1])  # (B, G, longest, hs)
+        k = k_flat[:, 0].unsqueeze(1).expand(-1, G, -1, -1).gather(2, gather)
+        v = v_flat[:, 0].unsqueeze(1).expand(-1, G, -1, -1).gather(2, gather)
+        pos = torch.where(valid, self.pos[:B].gather(1, index.flatten(1)).view(B, G, longest), -1)
+        return k, v, pos, index
+
+    def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
+        B, G, T, _ = key.shape
+        p = input_pos
+        old_k, old_v, old_pos, index = self._gather(B)
+        new_pos = torch.arange(p, p + T, device=key.device)
+        segments = [
+            (old_k, old_v, Visibility(q_start=p, k_pos=old_pos, all_visible=False)),
+            (key, value, Visibility(q_start=p, k_pos=new_pos if T > 1 else None, all_visible=T == 1, k_start=p)),
+        ]
+        w_from = 0 if self.scorer == "h2o" else (max(0, T - self.window) if T > 1 else None)
+        out, weights = grouped_attention(query, segments, self.attn_opts, w_from)
+        self._select(key, value, p, old_pos, index, weights)
+        return out
+
+    def _scores(self, cand_pos: Tensor, index: Tensor, weights: list[Tensor] | None, T: int) -> Tensor:
+        """Scores (B, G, longest + T) of each head's slots (padding: -inf) and its new tokens; cand_pos their
+        positions (-1: padding)."""
+        B, G, width = cand_pos.shape
+        longest = width - T
+        stored = self.score[:B].gather(1, index.flatten(1)).view(B, G, longest)
+        if weights is None:  # snapkv's decode step: the prompt's scores stay, the new token is kept
+            scores = torch.cat([stored, torch.full((B, G, T), float("inf"), device=stored.device)], dim=-1)
+        elif self.scorer == "h2o":
+            scores = torch.cat([stored + weights[0], weights[1]], dim=-1)
+        else:  # snapkv: pool each head's weights over its neighbouring positions (padding sorted last, weight 0)
+            w = torch.cat(weights, dim=-1)  # (B, G, longest + T)
+            real = cand_pos >= 0
+            order = torch.argsort(torch.where(real, cand_pos, torch.iinfo(torch.long).max), dim=-1)
+            flat = w.gather(-1, order).flatten(0, 1).unsqueeze(1)  # (B * G, 1, longest + T)
+            pad = self.kernel // 2
+            if self.pooling == "max":  # weights are >= 0: padding's zeros never win
+                pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=pad)
+            else:  # the mean over real neighbours only
+                count = real.gather(-1, order).float().flatten(0, 1).unsqueeze(1)
+                pooled = F.avg_pool1d(flat, self.kernel, 1, pad) / F.avg_pool1d(count, self.kernel, 1, pad)
+            scores = torch.empty_like(w).scatter_(-1, order, pooled.view_as(w))
+        return scores.masked_fill(cand_pos < 0, float("-inf"))
+
+    def _select(self, key: Tensor, value: Tensor, p: int, old_pos: Tensor, index: Tensor, weights) -> None:
+        """Keep the layer's best G x cache_length candidates across heads (each head's floor first), write the new
+        tokens that stay into the free slots."""
+        B, G, T, _ = key.shape
+        longest = old_pos.shape[-1]
+        L = self.cache_length
+        new_pos = torch.arange(p, p + T, device=key.device).expand(B, G, T)
+        cand_pos = torch.cat([old_pos, new_pos], dim=-1)  # (B, G, longest + T), -1 at padding
+        scores = self._scores(cand_pos, index, weights, T)  # (B, G, longest + T)
+        rank = scores.clone()
+        end = p + T
+        protect = cand_pos >= end - (self.recent if self.scorer == "h2o" else (self.window if T > 1 else 1))
+        floor = int(self.alpha * L)
+        if floor:  # each head's own top `floor` are set aside before the heads compete (ties: the newer)
+            by_pos = torch.argsort(cand_pos, dim=-1, descending=True, stable=True)
+            by_score = torch.argsort(-rank.gather(-1, by_pos), dim=-1, stable=True)
+            top = by_pos.gather(-1, by_score[..., :floor])
+            protect = protect.scatter(-1, top, True)
+        rank = rank.masked_fill(protect & (cand_pos >= 0), float("inf"))
+        for b in range(B):
+            self._keep(b, key, value, rank[b], cand_pos[b], scores[b], index[b], longest)
+
+    def _keep(self, b: int, key, value, rank, cand_pos, scores, index, longest: int) -> None:
+        """Sequence b: the layer's `slots` best candidates over every head stay (ties: the older goes first)."""
+        real = cand_pos >= 0  # (G, longest + T)
+        heads, cols = torch.nonzero(real, as_tuple=True)
+        order = sorted(
+            range(len(heads)), key=lambda i: (-float(rank[heads[i], cols[i]]), -int(cand_pos[heads[i], cols[i]]))
+        )
+        kept = set(order[: self.slots])
+        free = [int(s) for s in torch.nonzero(self.owner[b] < 0).flatten()]
+        for i in range(len(heads)):  # evicted old slots become free
+            g, c = int(heads[i]), int(cols[i])
+            if c < longest and i not in kept:
+                slot = int(index[g, c])
+                self.owner[b, slot] = -1
+                self.pos[b, slot] = -1
+                free.append(slot)
+            elif c < longest:
+                self.score[b, int(index[g, c])] = scores[g, c]
+        free.sort()
+        for i in sorted(kept):  # surviving new tokens, in (head, position) order
+            g, c = int(heads[i]), int(cols[i])
+            if c < longest:
+                continue
+            slot = free.pop(0)
+            t = c - longest
+            self.buf.put(
+                torch.tensor([b]), torch.tensor([0]), torch.tensor([slot]), key[b, g, t : t + 1], value[b, g, t : t + 1]
+            )
+            self.owner[b, slot], self.pos[b, slot], self.score[b, slot] = g, int(cand_pos[g, c]), scores[g, c]
+
+    def token_positions(self) -> Tensor:
+        """(B, G, longest): each head's positions in ascending order, then -1 (heads keep different numbers)."""
+        B = self.batch_size or self.params.batch_size
+        _, _, pos, _ = self._gather(B)
+        big = torch.iinfo(torch.long).max
+        ordered = torch.where(pos < 0, big, pos).sort(dim=-1).values
+        return torch.where(ordered == big, -1, ordered)
+
+    def kept_kv(self, B: int) -> tuple[Tensor, Tensor, Tensor]:
+        k, v, pos, _ = self._gather(B)
+        return k, v, pos
+
+    def head_lengths(self) -> Tensor:
+        """(B, G): how many tokens each head keeps."""
+        B = self.batch_size or self.params.batch_size
+        return torch.stack([(self.owner[:B] == g).sum(dim=1) for g in range(self.params.n_query_groups)], dim=1)
+
+    @classmethod
+    def size_estimate_apriori(cls, params: KVCacheParams, buffer: str = "float", group_size: int = 32, **knobs) -> int:
+        B, G, L = params.batch_size, params.n_query_groups, params.cache_length
+        flat = KVCacheParams(B, 1, params.n_head, params.head_size, G * L, params.device, params.dtype)
+        return buffer_nbytes(flat, buffer, group_size) + B * G * L * (8 + 8 + 4)  # owner, position, score

@@ -1,0 +1,138 @@
+"""The methods papers compare against, beyond the policies of tests/test_eviction.py: Ada-KV's head-wise budget
+against its naive reference, KIVI's buffer against a plain quantizer, and the bytes each holds against an analytic
+count (PyramidKV's and Ada-KV's totals, KIVI's ratio to a 16-bit cache)."""
+
+import math
+
+import pytest
+import torch
+from naive_eviction import NaiveAdaKV
+
+from caches import KVCacheParams, create_cache
+from caches.allocation import layer_budgets
+from caches.buffers import buffer_nbytes, make_buffer
+from model.gpt import GPT
+
+B, H, G, HS = 2, 4, 2, 32
+CPU = torch.device("cpu")
+
+
+def _qkv(T: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, n, T, HS, generator=gen) for n in (H, G, G))
+
+
+@pytest.mark.parametrize(
+    "scorer, knobs",
+    [
+        ("snapkv", {"window": 3, "kernel": 3}),
+        ("snapkv", {"window": 2, "kernel": 5, "pooling": "avg", "alpha": 0.5}),
+        ("h2o", {"recent": 2}),
+    ],
+)
+@pytest.mark.parametrize("prefill", [5, 19])  # within the layer's total, and past it
+def test_adakv_matches_its_naive_reference(scorer, knobs, prefill):
+    """Every call: the same outputs, and every head keeps the same positions; the layer holds G x L tokens in all,
+    shared unevenly between its heads once it evicts."""
+    L = 6
+    cache = create_cache("adakv", KVCacheParams(B, G, H, HS, L, CPU, torch.float32), scorer=scorer, **knobs)
+    ref = NaiveAdaKV(L, B, G, H, scorer=scorer, **knobs)
+    q, k, v = _qkv(prefill + 3 + 8, seed=11)
+    calls = [(0, prefill), (prefill, prefill + 3)] + [(t, t + 1) for t in range(prefill + 3, prefill + 11)]
+    for start, end in calls:
+        args = (q[:, :, start:end], k[:, :, start:end], v[:, :, start:end])
+        got = cache(*args, start)  # (B, T, H * hs)
+        expected = ref.step(*args, start).transpose(1, 2).reshape(B, end - start, H * HS)
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+        positions = cache.token_positions()
+        for b in range(B):
+            for g in range(G):
+                assert [p for p in positions[b, g].tolist() if p >= 0] == ref.kept(b, g), (start, b, g)
+    lengths = cache.head_lengths()
+    assert (lengths.sum(dim=1) == G * L).all()
+
+
+def naive_kivi(x: torch.Tensor, bits: int, group: int, residual_from: int, per_channel: bool) -> torch.Tensor:
+    """x (n, hs) as KIVI stores it: rows before `residual_from` quantized in groups of `group` rows per channel
+    (keys) or per row in groups of `group` channels (values), min-max to 2**bits levels against the float16-rounded
+    scale and zero (float32 arithmetic); the rows after as they are. Written element by element."""
+    out = x.float().clone()
+    levels = 2**bits - 1
+    if per_channel:
+        blocks = [(range(r, r + group), [c]) for r in range(0, residual_from, group) for c in range(x.shape[1])]
+    else:
+        blocks = [([r], range(c, c + group)) for r in range(residual_from) for c in range(0, x.shape[1], group)]
+    for rows, cols in blocks:
+        chunk = [float(x[r, c]) for r in rows for c in cols]
+        lo, hi = min(chunk), max(chunk)
+        scale = torch.tensor((hi - lo) / levels).half().float()
+        zero = torch.tensor(lo).half().float()
+        for r in rows:
+            for c in cols:
+                code = ((x[r, c].float() - zero) / scale.clamp_min(2**-24)).round().clamp(0, levels)
+                out[r, c] = code * scale + zero
+    return out
+
+
+@pytest.mark.parametrize("buffer, bits", [("kivi2", 2), ("kivi4", 4)])
+def test_kivi_stores_what_a_plain_quantizer_gives(tiny, buffer, bits):
+    """A dense cache on a KIVI buffer after a prefill of 70 tokens and 10 decode steps: the first layer's keys, in
+    its two full groups of 32 slots, quantized per channel, its values per token, the last 16 rows (the group being
+    filled) exactly as they came; the model's K/V of that layer are the same with or without quantization."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 4096, (1, 80), generator=gen)
+    tiny.set_kv_caches(1, "dense", 96, buffer=buffer)
+    with torch.inference_mode():
+        tiny(ids[:, :70], input_pos=0)
+        for t in range(70, 80):
+            tiny(ids[:, t : t + 1], input_pos=t)
+    k, v = tiny.blocks[0].attn.kv_cache.buf.read(1, 80)  # (1, G, 80, hs)
+    tiny.set_kv_caches(1, "dense", 96)  # full precision: the K/V the first layer was given
+    with torch.inference_mode():
+        tiny(ids, input_pos=0)
+    fk, fv = tiny.blocks[0].attn.kv_cache.buf.read(1, 80)
+    for g in range(tiny.config.n_query_groups):
+        torch.testing.assert_close(k[0, g], naive_kivi(fk[0, g], bits, 32, 64, per_channel=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(v[0, g], naive_kivi(fv[0, g], bits, 32, 64, per_channel=False), atol=1e-5, rtol=0)
+    assert (k[..., :64, :] - fk[..., :64, :]).abs().max() > 1e-3  # quantized
+    torch.testing.assert_close(k[..., 64:, :], fk[..., 64:, :], atol=1e-5, rtol=0)  # the residual, as it came
+    tiny.clear_kv_caches()
+
+
+@pytest.mark.parametrize("buffer, most", [("kivi2", 0.2), ("kivi4", 0.33)])
+def test_kivi_bytes_at_32k_against_a_16_bit_cache(buffer, most):
+    """Llama-3.2-1B's KV heads and head size, ctx 32k, bf16: the buffer's bytes less its residual group, over a dense
+    bf16 cache's."""
+    params = KVCacheParams(1, 8, 32, 64, 32768, CPU, torch.bfloat16)
+    dense = buffer_nbytes(params, "float")
+    residual = 2 * 8 * 32 * 64 * 2  # K and V of one group of 32 slots per KV head, bf16
+    ratio = (buffer_nbytes(params, buffer) - residual) / dense
+    assert ratio <= most
+    bits = int(buffer[-1])
+    assert ratio == pytest.approx((2 * 64 * bits / 8 + 2 * 2 * 64 / 32 / 32 * 32 + 2 * 2 * 2) / (2 * 64 * 2), rel=1e-3)
+    buf = make_buffer(KVCacheParams(1, 8, 32, 64, 96, CPU, torch.bfloat16), buffer)
+    assert sum(b.numel() * b.element_size() for b in buf.buffers()) == buffer_nbytes(
+        KVCacheParams(1, 8, 32, 64, 96, CPU, torch.bfloat16), buffer
+    )
+
+
+def test_pyramid_and_adakv_hold_exactly_their_total(tiny):
+    """PyramidKV's layers share n_layer x budget slots (the first layers more); Ada-KV's layer holds G x budget in
+    one flat buffer, whatever the heads' shares. Counted from the buffers and from the formulas."""
+    counts = layer_budgets("pyramid", 400, 16, window=8)
+    assert sum(counts) == 16 * 400 and counts == sorted(counts, reverse=True) and counts[0] > 2 * counts[-1]
+    assert layer_budgets("pyramid", 100, 16, window=32) == [100] * 16  # the pyramid would pass below the window
+    model = GPT.from_name("tiny", n_layer=4)
+    model.set_kv_caches(2, "pyramidkv", 400, window=8)
+    lengths = [c.cache_length for c in model.kv_caches]
+    assert sum(lengths) == 4 * 400 and lengths[0] > lengths[-1]
+    per_slot = 2 * model.config.head_size * 4 + 8 + 4  # K and V in float32, position, score
+    assert sum(c.size_estimate() for c in model.kv_caches) == 2 * model.config.n_query_groups * 1600 * per_slot
+    model.set_kv_caches(2, "adakv", 400)
+    cache = model.kv_caches[0]
+    per_slot = 2 * model.config.head_size * 4 + 8 + 8 + 4  # K and V, owner, position, score
+    assert (
+        cache.size_estimate()
+        == 2 * model.config.n_query_groups * 400 * per_slot
+        == math.prod([2, model.config.n_query_groups, 400, per_slot])
+    )
