@@ -49,8 +49,13 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 # CI's regression check: a small sweep compared with the committed baseline (bytes exactly, timings as ratios).
+# In three rounds: each timing is judged on its fastest round (bench/regress.py), so one disturbed round on a
+# shared machine does not decide.
+ROUNDS ?= 1 2 3
 smoke: setup
-	$(BIN)/python -m bench.run experiment=ci_smoke force=true -m
+	rm -rf results/ci_smoke
+	for r in $(ROUNDS); do $(BIN)/python -m bench.run experiment=ci_smoke results_dir=results/ci_smoke sweep=round$$r -m \
+		|| exit 1; done
 
 regress: smoke
 	$(BIN)/python -m bench.regress results/ci_smoke --baseline results/baselines/ci-cpu
@@ -58,8 +63,9 @@ regress: smoke
 # Refresh the committed baseline after an intended change (then commit results/baselines/ci-cpu/).
 baseline: setup
 	rm -rf results/baselines/ci-cpu
-	$(BIN)/python -m bench.run experiment=ci_smoke results_dir=results/baselines sweep=ci-cpu -m
-	rm -rf results/baselines/ci-cpu/hydra
+	for r in $(ROUNDS); do $(BIN)/python -m bench.run experiment=ci_smoke results_dir=results/baselines/ci-cpu \
+		sweep=round$$r -m || exit 1; done
+	rm -rf results/baselines/ci-cpu/round*/hydra
 
 # The README's figures: the default benchmark's results, plotted.
 figures: bench

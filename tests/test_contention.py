@@ -111,9 +111,9 @@ def _rows(h2o_ms: float, half: float, contention: str = "none") -> pd.DataFrame:
 
 
 def test_regress_judges_timings_by_their_recorded_noise():
-    was = _rows(1.2, half=0.2)
-    assert regress.compare(_rows(1.8, half=0.2), was) == []  # +50%, within 0.2 x 4 of recorded noise
-    flagged = regress.compare(_rows(1.8, half=0.01), _rows(1.2, half=0.01))  # the same change, narrow intervals
+    was = _rows(1.2, half=0.3)
+    assert regress.compare(_rows(2.5, half=0.3), was) == []  # +108%, within 0.3 x 4 of recorded noise
+    flagged = regress.compare(_rows(2.5, half=0.01), _rows(1.2, half=0.01))  # the same change, narrow intervals
     assert [p["column"] for p in flagged] == ["decode_ms_p50 / dense"] and "recorded noise" in flagged[0]["rule"]
     unjudged: list = []
     assert regress.compare(_rows(3.0, half=0.01, contention="heavy"), _rows(1.2, half=0.01), unjudged=unjudged) == []

@@ -32,7 +32,7 @@ def _doctored(tmp_path: Path, edit) -> Path:
 
 def test_untouched_baseline_passes():
     proc = regress_cli(CI_BASELINE, CI_BASELINE)
-    assert proc.returncode == 0 and "no regression: 6 baseline rows" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "no regression: 6 baseline configurations" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_cache_bytes_10_percent_lower_in_baseline_fails(tmp_path):
@@ -44,9 +44,9 @@ def test_cache_bytes_10_percent_lower_in_baseline_fails(tmp_path):
     assert "cache_bytes" in proc.stdout and "h2o" in proc.stdout and "exact" in proc.stdout
 
 
-def test_decode_ratio_2x_better_in_baseline_fails(tmp_path):
-    def edit(df):  # the baseline's h2o decoded twice as fast relative to dense
-        df.loc[df["cache"] == "h2o", "decode_ms_p50"] /= 2
+def test_decode_ratio_3x_better_in_baseline_fails(tmp_path):
+    def edit(df):  # the baseline's h2o decoded three times as fast relative to dense
+        df.loc[df["cache"] == "h2o", ["decode_ms_p50", "decode_ms_p50_low", "decode_ms_p50_high"]] /= 3
 
     proc = regress_cli(CI_BASELINE, _doctored(tmp_path, edit))
     assert proc.returncode == 1 and "decode_ms_p50 / dense" in proc.stdout, proc.stdout
@@ -65,9 +65,10 @@ def test_missing_rows_and_status_changes_fail(tmp_path):
     shutil.copytree(CI_BASELINE, current)
     df = results.load(current)
     row = df[df["cache"] == "last_recent"].iloc[0].to_dict()
-    (current / f"{row['config_hash']}.parquet").unlink()
+    for round_row in current.rglob(f"{row['config_hash']}.parquet"):  # the configuration, from every round
+        round_row.unlink()
     broken = df[df["cache"] == "h2o"].iloc[0].to_dict()
-    results.write_row(current, {**broken, "status": "oom", "error": "OutOfMemoryError"})
+    results.write_row(current, {**broken, "status": "oom", "error": "OutOfMemoryError", "started_at": "2999-01-01"})
     problems = regress.compare(results.load(current), results.load(CI_BASELINE))
     kinds = {(p["column"], p["current"].split(":")[0] if isinstance(p["current"], str) else None) for p in problems}
     assert ("(row)", "missing") in kinds and ("status", "oom") in kinds
@@ -75,7 +76,7 @@ def test_missing_rows_and_status_changes_fail(tmp_path):
 
 def test_tolerances_file(tmp_path):
     def edit(df):
-        df.loc[df["cache"] == "h2o", "decode_ms_p50"] /= 2
+        df.loc[df["cache"] == "h2o", ["decode_ms_p50", "decode_ms_p50_low", "decode_ms_p50_high"]] /= 3
 
     loose = tmp_path / "tol.json"
     loose.write_text('{"ratio": {"decode_ms_p50": 5.0, "prefill_s": 5.0}}')
@@ -153,3 +154,20 @@ def test_the_newest_row_of_a_configuration_is_compared(tmp_path):
     newest = {**row, "config_hash": "newer", "started_at": "2999-01-01T00:00:00+00:00", "cache_bytes": 1}
     results.write_row(current, newest)
     assert [p["column"] for p in regress.compare(results.load(current), base)] == ["cache_bytes"]
+
+
+def test_each_timing_is_judged_on_its_fastest_round(tmp_path):
+    """`make regress` measures in rounds: a round disturbed by another process does not decide, unless it is the
+    only round of the newest code."""
+    base = results.load(CI_BASELINE)
+    row = base[base["cache"] == "h2o"].iloc[0].to_dict()
+    current = tmp_path / "current"
+    shutil.copytree(CI_BASELINE, current)
+    slow = {"decode_ms_p50": row["decode_ms_p50"] * 3, "decode_ms_p50_low": row["decode_ms_p50_low"] * 3}
+    slow["decode_ms_p50_high"] = row["decode_ms_p50_high"] * 3
+    disturbed = {**row, **slow, "config_hash": "round9", "started_at": "2999-01-01T00:00:00+00:00"}
+    results.write_row(current / "round9", disturbed)
+    assert regress.compare(results.load(current), base) == []
+    results.write_row(current / "round9", {**disturbed, "git_commit": "newer code"})
+    flagged = regress.compare(results.load(current), base)
+    assert [p["column"] for p in flagged] == ["decode_ms_p50 / dense"] and "h2o" in flagged[0]["config"]
