@@ -73,19 +73,21 @@ class AdaKVCache(KVCache):
         return self._extend(query, key, value, 0)
 
     def _gather(self, B: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Each head's own slots, padded to the longest: K, V (B, G, longest, hs), their positions (B, G, longest)
-        (-1: padding) and slot indices (B, G, longest) (0 at padding)."""
+        """Each head's own slots (ascending), padded to the longest: K, V (B, G, longest, hs), their positions
+        (B, G, longest) (-1: padding) and slot indices (B, G, longest) (0 at padding)."""
         G = self.params.n_query_groups
         k_flat, v_flat = self.buf.read(B, self.slots)  # (B, 1, slots, hs)
         owner = self.owner[:B]
         counts = torch.stack([(owner == g).sum(dim=1) for g in range(G)], dim=1)  # (B, G)
         longest = max(1, int(counts.max()))
-        index = torch.zeros(B, G, longest, dtype=torch.long, device=owner.device)
-        valid = torch.zeros(B, G, longest, dtype=torch.bool, device=owner.device)
-        for b in range(B):
-            for g in range(G):
-                mine = torch.nonzero(owner[b] == g).flatten()
-                index[b, g, : len(mine)], valid[b, g, : len(mine)] = mine, True
+        # Slots sorted by (owner, slot), free ones (owner -1) last: head g's run starts after the heads before it.
+        slot_ids = torch.arange(self.slots, device=owner.device)
+        by_owner = torch.argsort(torch.where(owner < 0, G, owner) * self.slots + slot_ids, dim=1)  # (B, slots)
+        starts = counts.cumsum(dim=1) - counts  # (B, G)
+        j = torch.arange(longest, device=owner.device)
+        valid = j < counts.unsqueeze(-1)  # (B, G, longest)
+        at = (starts.unsqueeze(-1) + j).clamp(max=self.slots - 1).flatten(1)  # (B, G * longest)
+        index = torch.where(valid, by_owner.gather(1, at).view(B, G, longest), 0)
         gather = index.unsqueeze(-1).expand(-1, -1, -1, k_flat.shape[-1])  # (B, G, longest, hs)
         k = k_flat[:, 0].unsqueeze(1).expand(-1, G, -1, -1).gather(2, gather)
         v = v_flat[:, 0].unsqueeze(1).expand(-1, G, -1, -1).gather(2, gather)
@@ -153,34 +155,25 @@ class AdaKVCache(KVCache):
             self._keep(b, key, value, rank[b], cand_pos[b], scores[b], index[b], longest)
 
     def _keep(self, b: int, key, value, rank, cand_pos, scores, index, longest: int) -> None:
-        """Sequence b: the layer's `slots` best candidates over every head stay (ties: the older goes first)."""
-        real = cand_pos >= 0  # (G, longest + T)
-        heads, cols = torch.nonzero(real, as_tuple=True)
-        order = sorted(
-            range(len(heads)), key=lambda i: (-float(rank[heads[i], cols[i]]), -int(cand_pos[heads[i], cols[i]]))
-        )
-        kept = set(order[: self.slots])
-        free = [int(s) for s in torch.nonzero(self.owner[b] < 0).flatten()]
-        for i in range(len(heads)):  # evicted old slots become free
-            g, c = int(heads[i]), int(cols[i])
-            if c < longest and i not in kept:
-                slot = int(index[g, c])
-                self.owner[b, slot] = -1
-                self.pos[b, slot] = -1
-                free.append(slot)
-            elif c < longest:
-                self.score[b, int(index[g, c])] = scores[g, c]
-        free.sort()
-        for i in sorted(kept):  # surviving new tokens, in (head, position) order
-            g, c = int(heads[i]), int(cols[i])
-            if c < longest:
-                continue
-            slot = free.pop(0)
-            t = c - longest
-            self.buf.put(
-                torch.tensor([b]), torch.tensor([0]), torch.tensor([slot]), key[b, g, t : t + 1], value[b, g, t : t + 1]
-            )
-            self.owner[b, slot], self.pos[b, slot], self.score[b, slot] = g, int(cand_pos[g, c]), scores[g, c]
+        """Sequence b: the layer's `slots` best candidates over every head stay (rank, then the newer first; full
+        ties in (head, column) order). Evicted slots are freed; surviving new tokens fill the lowest free slots in
+        (head, position) order."""
+        heads, cols = torch.nonzero(cand_pos >= 0, as_tuple=True)  # the real candidates, (head, column) order
+        by_pos = torch.argsort(-cand_pos[heads, cols], stable=True)
+        order = by_pos[torch.argsort(-rank[heads, cols][by_pos], stable=True)]
+        kept = torch.zeros(len(heads), dtype=torch.bool, device=heads.device)
+        kept[order[: self.slots]] = True
+        old = cols < longest
+        gone = index[heads[old & ~kept], cols[old & ~kept]]
+        self.owner[b, gone], self.pos[b, gone] = -1, -1
+        stay = old & kept
+        self.score[b, index[heads[stay], cols[stay]]] = scores[heads[stay], cols[stay]]
+        new = ~old & kept
+        g, c = heads[new], cols[new]
+        slot = torch.nonzero(self.owner[b] < 0).flatten()[: len(g)]
+        t = c - longest
+        self.buf.put(torch.full_like(slot, b), torch.zeros_like(slot), slot, key[b, g, t], value[b, g, t])
+        self.owner[b, slot], self.pos[b, slot], self.score[b, slot] = g, cand_pos[g, c], scores[g, c]
 
     def token_positions(self) -> Tensor:
         """(B, G, longest): each head's positions in ascending order, then -1 (heads keep different numbers)."""

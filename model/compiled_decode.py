@@ -64,6 +64,8 @@ def plan(model: nn.Module, compile: bool = True, form: str | None = None) -> Dec
     weighted, backend = weighted.pop(), backends.pop()
     device = model.lm_head.weight.device
     cache = caches[0]
+    if type(getattr(cache, "buf", None)).__name__.startswith("Kivi"):
+        raise UnsupportedBackend("a kivi buffer runs eagerly: its reads dequantize the whole buffer (compile=false)")
     if weighted:
         if form not in (None, WEIGHTED):
             raise ValueError(
@@ -78,8 +80,6 @@ def plan(model: nn.Module, compile: bool = True, form: str | None = None) -> Dec
         raise UnsupportedBackend(
             "sdpa=eager: the compiled decode step runs an SDPA kernel (compile=false decodes through the eager path)"
         )
-    if cache.buf.__class__.__name__.startswith("Kivi"):
-        raise UnsupportedBackend("a kivi buffer runs eagerly: its reads dequantize the whole buffer (compile=false)")
     quantized = hasattr(cache.buf, "bits")
     if form is None:
         form = (

@@ -136,3 +136,14 @@ def test_pyramid_and_adakv_hold_exactly_their_total(tiny):
         == 2 * model.config.n_query_groups * 400 * per_slot
         == math.prod([2, model.config.n_query_groups, 400, per_slot])
     )
+
+
+@pytest.mark.parametrize("cache", ["dense", "h2o"])
+def test_a_kivi_buffer_is_refused_by_the_compiled_step_under_any_cache(cache):
+    """KIVI's reads dequantize the whole buffer: the fixed-shape step says so (a row with a status, not a crash)."""
+    from model.compiled_decode import UnsupportedBackend, plan
+
+    model = GPT.from_name("tiny", n_layer=2)
+    model.set_kv_caches(1, cache, 256, buffer="kivi2")
+    with pytest.raises(UnsupportedBackend, match="kivi"):
+        plan(model)
