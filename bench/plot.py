@@ -323,7 +323,7 @@ def task_accuracy(df: pd.DataFrame, x: str = "bytes") -> plt.Figure | None:
     protocols = [p for p in ("aware", "agnostic", "multiturn") if p in set(ok["task_protocol"])]
     fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.5), squeeze=False, sharey=True)
     labels = sorted(set(ok["cache_label"]) - {"dense"})
-    colors = dict(zip(labels, plt.cm.tab10(np.linspace(0, 1, 10))))
+    colors = dict(zip(labels, plt.cm.tab20(np.linspace(0, 1, max(2, len(labels))))))  # one colour per cache
     for ax, protocol in zip(axes[0], protocols):
         rows = ok[ok["task_protocol"] == protocol]
         dense = rows[rows["cache"] == "dense"]["task_acc"]

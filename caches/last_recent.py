@@ -20,7 +20,7 @@ from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams, register
 from caches.buffers import buffer_nbytes, make_buffer
-from model.attention import Visibility
+from model.attention import MASK_ELEMENTS, Visibility
 
 
 @register("last_recent")
@@ -95,8 +95,11 @@ class LastRecentCache(KVCache):
         n_old = min(p, L)
         (old_k, old_v), old_pos = self.buf.read(B, n_old), self.pos[:n_old]
         new_sinks = max(0, min(s - p, T))  # new tokens that are sinks (only when the chunk starts before s)
-        for i0 in range(0, T, self.query_block):
-            i1 = min(T, i0 + self.query_block)
+        # Query rows per block: the block's masks (two boolean (rows, keys) tensors with a window) together take at
+        # most half the bytes of the largest mask dense's masked calls build (MASK_ELEMENTS).
+        rows = max(1, min(self.query_block, MASK_ELEMENTS // (4 * (n_old + T))))
+        for i0 in range(0, T, rows):
+            i1 = min(T, i0 + rows)
             j0 = max(0, i0 - W + 1)  # first new key inside the window of query i0
             idx = list(range(min(new_sinks, j0))) + list(range(j0, i1))  # new keys this block may see
             sel = torch.tensor(idx, device=key.device)

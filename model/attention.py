@@ -53,10 +53,6 @@ _SDP_NAME = {v: k for k, v in _SDP.items()}
 # Most mask elements one SDPA call builds: a masked call whose mask would be larger runs in query blocks
 # (16 Mi elements: 16 MiB as bool, 32 MiB as the bf16 additive mask SDPA converts it to).
 MASK_ELEMENTS = 1 << 24
-# Most float32 scores one query block of the eager path holds, over every query head and key (B x n_head x rows x
-# keys; 4 MiB): a block's softmax keeps a few such copies alive, and they must not outweigh what a chunk's own
-# activations and masks take, whatever the number of keys (a score-based cache's buffer plus the chunk).
-SCORE_ELEMENTS = 1 << 20
 # `auto`: fused kernels first, cuDNN before mem-efficient (the latter has no enable_gqa), math last because it
 # materialises the (T, S) scores of every head (19 GB for one 8k prefill on an H200).
 _AUTO_PRIORITY = [
@@ -431,9 +427,11 @@ def _offsets(sizes: list[int]) -> list[int]:
 def _block_rows(query: Tensor, n_keys: int, q_start: int, most: int) -> int:
     """Query rows per block of the eager path, at most `most`: few enough that a block's float32 scores (every query
     head, every key) are no more elements than twice the call's own queries, or, for a chunk after the first, take
-    no more bytes than the (T, keys) boolean mask a masked SDPA call over the same keys would build. Neither grows
-    with the position: a cache holding a fixed number of tokens keeps a fixed transient however long the context,
-    and one holding a fraction of it stays within dense's (measured: benchmarks/prefill_transient.py)."""
+    no more bytes than the boolean mask a masked SDPA call over the same keys builds (T rows, or the rows of
+    MASK_ELEMENTS when that is fewer). Neither grows with the position: a cache holding a fixed number of tokens
+    keeps a fixed transient however long the context, and one holding a fraction of it stays within dense's
+    (measured: benchmarks/prefill_transient.py)."""
     B, n_head, T, hs = query.shape
-    rows = max(2 * T * hs // n_keys, T // (4 * B * n_head) if q_start > 0 else 0)
+    mask_rows = min(T, MASK_ELEMENTS // n_keys)  # a masked SDPA call's rows per block over these keys
+    rows = max(2 * T * hs // n_keys, mask_rows // (8 * B * n_head) if q_start > 0 else 0)
     return max(1, min(most, rows))

@@ -67,22 +67,22 @@ def _prefill_peak(model: GPT, cache: str, length: int, ctx: int, chunk: int = 20
 
 @pytest.fixture(scope="module")
 def prefill_peaks():
-    """ctx 16k, chunk 2048, tiny model: dense, and each score-based cache at a quarter of the context."""
+    """ctx 16k, chunk 2048, tiny model: dense, and each eviction cache at a quarter of the context."""
     model = GPT.from_name("tiny").eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     ctx = 16384
     peaks = {"dense": _prefill_peak(model, "dense", ctx, ctx)}
-    for cache in ("h2o", "tova", "snapkv", "qh2o"):
+    for cache in ("h2o", "tova", "snapkv", "qh2o", "last_recent"):
         peaks[cache] = _prefill_peak(model, cache, ctx // 4, ctx)
     return {name: (peak, peak - weights - cache_bytes) for name, (peak, cache_bytes) in peaks.items()}
 
 
-@pytest.mark.parametrize("cache", ["h2o", "tova", "snapkv", "qh2o"])
+@pytest.mark.parametrize("cache", ["h2o", "tova", "snapkv", "qh2o", "last_recent"])
 def test_an_eviction_cache_lowers_the_prefill_peak(prefill_peaks, cache):
-    """The scoring pass's query blocks are sized to a byte cap (model/attention.py, `_score_elements`), so a
-    score-based cache's transient (peak less weights and cache bytes) is at most dense's plus 10% at the same chunk,
-    and its peak, holding a quarter of the bytes, is below dense's. Before the cap, h2o's transient here was 4.2x
-    dense's, and its peak 2.5x dense's."""
+    """The scoring pass's query blocks are sized to a byte cap (model/attention.py, `_block_rows`; last_recent's
+    masked blocks likewise), so an eviction cache's transient (peak less weights and cache bytes) is at most dense's
+    plus 10% at the same chunk, and its peak, holding a quarter of the bytes, is below dense's. Before the cap,
+    h2o's transient here was 4.2x dense's, and its peak 2.5x dense's."""
     dense_peak, dense_transient = prefill_peaks["dense"]
     peak, transient = prefill_peaks[cache]
     assert transient <= 1.1 * dense_transient, (transient, dense_transient)
@@ -96,3 +96,16 @@ def test_a_fixed_budget_keeps_the_peak_whatever_the_context():
     short, _ = _prefill_peak(model, "h2o", 1024, 4096)
     long, _ = _prefill_peak(model, "h2o", 1024, 16384)
     assert long <= 1.1 * short, (long, short)
+
+
+@pytest.mark.parametrize("n_keys", [3072, 10240, 40960, 131072])
+def test_a_scoring_block_never_outgrows_dense_s_mask(n_keys):
+    """A chunk after the first, T = 2048 queries of 4 heads over n_keys (a buffer holding a fraction of the context,
+    plus the chunk): one block's float32 scores take at most half the bytes of the largest mask a masked SDPA call
+    builds (MASK_ELEMENTS booleans), however many keys, unless the floor of twice the queries' elements is larger."""
+    T, n_head, hs = 2048, 4, 32
+    query = torch.empty(1, n_head, T, hs)
+    rows = A._block_rows(query, n_keys, q_start=T, most=256)
+    score_bytes = 4 * n_head * rows * n_keys
+    floor_rows = 2 * T * hs // n_keys
+    assert score_bytes <= A.MASK_ELEMENTS // 2 or rows <= max(1, floor_rows), (rows, score_bytes)

@@ -171,3 +171,14 @@ def test_each_timing_is_judged_on_its_fastest_round(tmp_path):
     results.write_row(current / "round9", {**disturbed, "git_commit": "newer code"})
     flagged = regress.compare(results.load(current), base)
     assert [p["column"] for p in flagged] == ["decode_ms_p50 / dense"] and "h2o" in flagged[0]["config"]
+
+
+def test_the_committed_leaderboard_draws_a_line_per_cache():
+    """Twelve caches, more than a ten-colour cycle: each gets its own line and colour in each protocol's panel."""
+    df = results.load(ROOT / "results" / "baselines" / "leaderboard-cpu")
+    fig = plot.task_accuracy(df)
+    caches = set(df["cache"]) - {"dense"}
+    for ax in fig.axes:
+        lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("dense")]
+        assert len(lines) == len(caches) >= 11
+        assert len({tuple(ln.get_color()) for ln in lines}) == len(lines)
