@@ -78,6 +78,8 @@ def main() -> None:
         "dense-int8": ("dense", args.ctx + args.steps + 8, {"buffer": "int8"}),
         # fills during the first half of the steps, then evicts: both phases of the score-based step
         "h2o": ("h2o", args.ctx + args.steps // 2, {}),
+        "tova": ("tova", args.ctx + args.steps // 2, {}),
+        "snapkv": ("snapkv", args.ctx + args.steps // 2, {}),
     }
     for name in args.caches.split(","):
         cache, length, knobs = cases[name]
