@@ -3,7 +3,7 @@
 #   BUDGET=540 bash benchmarks/gpu_round2.sh      # on the GPU machine; rows, logs and figures go to $OUT
 #   SMALL=1 OUT=/tmp/dry PYTHON=.venv/bin/python bash benchmarks/gpu_round2.sh   # a dry run on a CPU, tiny sizes
 # The GPU machine needs torch with CUDA and the project's Python dependencies on its path (hydra-core, omegaconf,
-# pandas, pyarrow, gguf); nothing is downloaded.
+# pandas, pyarrow, gguf); nothing is downloaded. HF_S and CAP_S override the hf and capacity steps' limits (s).
 # Steps: (1) the users' command with the shipped defaults; (2) decode at 32k x 4 and 8k x 1 with a profile of the
 # step; (3) the score-based caches' compiled step against the eager one (tokens, then time at 32k x 4); (4) int8
 # and int4 buffers through the compiled step; (5) HF's systems beside ours at both decode shapes; (6) prefill at

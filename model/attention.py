@@ -427,10 +427,10 @@ def _offsets(sizes: list[int]) -> list[int]:
 def _block_rows(query: Tensor, n_keys: int, q_start: int, most: int) -> int:
     """Query rows per block of the eager path, at most `most`: few enough that a block's float32 scores (every query
     head, every key) are no more elements than twice the call's own queries, or, for a chunk after the first, take
-    no more bytes than the boolean mask a masked SDPA call over the same keys builds (T rows, or the rows of
-    MASK_ELEMENTS when that is fewer). Neither grows with the position: a cache holding a fixed number of tokens
-    keeps a fixed transient however long the context, and one holding a fraction of it stays within dense's
-    (measured: benchmarks/prefill_transient.py)."""
+    at most half the bytes of the boolean mask a masked SDPA call over the same keys builds (T rows, or the rows of
+    MASK_ELEMENTS when that is fewer), leaving room for the copies a block's softmax keeps alive. Neither grows
+    with the position: a cache holding a fixed number of tokens keeps a fixed transient however long the context,
+    and one holding a fraction of it stays within dense's (measured: benchmarks/prefill_transient.py)."""
     B, n_head, T, hs = query.shape
     mask_rows = min(T, MASK_ELEMENTS // n_keys)  # a masked SDPA call's rows per block over these keys
     rows = max(2 * T * hs // n_keys, mask_rows // (8 * B * n_head) if q_start > 0 else 0)
