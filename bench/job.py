@@ -115,6 +115,7 @@ def base_row(spec: JobSpec, sweep_id: str, config_hash: str, probe_device: bool 
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
         "system": spec.system,
+        "system_kwargs": json.dumps(spec.system_kwargs, sort_keys=True) if spec.system_kwargs else None,
         "model": spec.model,
         "weights": spec.weights,
         "dtype": spec.dtype,

@@ -52,10 +52,10 @@ def _chunks(model: GPT, length: int, chunk: int) -> list[tuple[int, int]]:
 
 
 @torch.inference_mode()
-def answer(model: GPT, logits: Tensor, start: int, steps: int, eos: int | None) -> tuple[Tensor, int]:
+def answer(step, logits: Tensor, start: int, steps: int, eos: int | None) -> tuple[Tensor, int]:
     """Greedy tokens after `logits` (B, vocab), the first at position `start`: (B, n) with n <= steps, and the position
-    of the last one, which is not fed to the caches. A sequence that ended keeps feeding its end token until all have
-    ended."""
+    of the last one, which is not fed to the caches. `step(token (B, 1), pos)` feeds a token and returns the next
+    logits (B, vocab). A sequence that ended keeps feeding its end token until all have ended."""
     tokens, done, pos = [], torch.zeros(logits.shape[0], 1, dtype=torch.bool), start
     for i in range(steps):
         token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
@@ -65,7 +65,7 @@ def answer(model: GPT, logits: Tensor, start: int, steps: int, eos: int | None) 
         tokens.append(token)
         if i == steps - 1 or bool(done.all()):
             break
-        logits = model(token, input_pos=pos)[:, -1]
+        logits = step(token, pos)
         pos += 1
     return torch.cat(tokens, dim=1), pos
 
@@ -76,18 +76,20 @@ def run(model: GPT, tokenizer, setup, samples: list[Sample], protocol: str, chun
     (bench.quality.CacheSetup)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not valid; valid choices: {', '.join(PROTOCOLS)}")
-    device = model.lm_head.weight.device
-    context = torch.tensor([s.context for s in samples], device=device)  # (B, n)
-    questions = [q.to(device) for q in padded(samples, tokenizer.encode("\n"))]
+    context, questions = inputs(tokenizer, samples, model.lm_head.weight.device)
     steps = samples[0].max_new_tokens
     eos = tokenizer.eos_id
     B, n = context.shape
     replies: list[list[Tensor]] = []
+
+    def step(token: Tensor, pos: int) -> Tensor:
+        return model(token, input_pos=pos)[:, -1]
+
     if protocol == "aware":
         for q in questions:
             setup.assign(model, n + q.shape[1] + steps, B)
             logits = prefill(model, torch.cat([context, q], dim=1), 0, chunk)
-            replies.append(answer(model, logits, n + q.shape[1], steps, eos)[0])
+            replies.append(answer(step, logits, n + q.shape[1], steps, eos)[0])
     elif protocol == "agnostic":
         setup.assign(model, n + max(q.shape[1] for q in questions) + steps, B)
         prefill(model, context, 0, chunk)
@@ -95,7 +97,7 @@ def run(model: GPT, tokenizer, setup, samples: list[Sample], protocol: str, chun
         for q in questions:
             model.assign_kv_caches([FrozenPrefixCache(c, q.shape[1] + steps) for c in base])
             logits = model(q, input_pos=n)[:, -1]
-            replies.append(answer(model, logits, n + q.shape[1], steps, eos)[0])
+            replies.append(answer(step, logits, n + q.shape[1], steps, eos)[0])
         model.assign_kv_caches(base)
     else:
         setup.assign(model, n + sum(q.shape[1] + steps for q in questions), B)
@@ -105,13 +107,24 @@ def run(model: GPT, tokenizer, setup, samples: list[Sample], protocol: str, chun
             if j:  # the next question, after the previous answer, in the same cache
                 logits = prefill(model, q, pos, chunk)
                 pos += q.shape[1]
-            tokens, pos = answer(model, logits, pos, steps, eos)
+            tokens, pos = answer(step, logits, pos, steps, eos)
             replies.append(tokens)
             if j < len(questions) - 1:  # the answer's last token goes into the cache before the next question
                 model(tokens[:, -1:], input_pos=pos)
                 pos += 1
     model.clear_kv_caches()
-    return [[_text(tokenizer, r[b], eos) for r in replies] for b in range(B)]
+    return texts(tokenizer, replies, eos)
+
+
+def texts(tokenizer, replies: list[Tensor], eos: int | None) -> list[list[str]]:
+    """Per sample, the text of its reply to each question (replies: one (B, n) tensor per question)."""
+    return [[_text(tokenizer, r[b], eos) for r in replies] for b in range(replies[0].shape[0])]
+
+
+def inputs(tokenizer, samples: list[Sample], device: torch.device) -> tuple[Tensor, list[Tensor]]:
+    """The batch's contexts (B, n) and its questions, each (B, q_j), on `device`."""
+    context = torch.tensor([s.context for s in samples], device=device)  # (B, n)
+    return context, [q.to(device) for q in padded(samples, tokenizer.encode("\n"))]
 
 
 def _text(tokenizer, tokens: Tensor, eos: int | None) -> str:

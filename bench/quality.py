@@ -44,15 +44,18 @@ class Quality:
 
 
 def evaluate(spec, system) -> Quality:
-    """The evaluations `spec.evals` names, on fresh caches of the job's kind and size (kvbench's system)."""
+    """The evaluations `spec.evals` names, on fresh caches of the job's kind and size: kvbench's caches, or another
+    library's system answering the task suite through its own caches (`system.answers`)."""
     model, tokenizer, knobs = system.model, system.tokenizer, spec.eval_knobs
     setup = CacheSetup(spec.cache, spec.cache_kwargs, spec.cache_length, spec.allocation)
     result = Quality(eval="+".join(spec.evals))
+    # another library's system answers the task suite through its own caches (and refused the rest when built)
+    answers = None if spec.system == "kvbench" else lambda samples: system.answers(samples, knobs["protocol"])
     if "fidelity" in spec.evals:
         scores = fidelity(model, tokenizer, setup, spec.ctx, knobs["tokens"], spec.prefill_chunk)
         result.kl_vs_dense, result.top1_agree = scores["kl_vs_dense"], scores["top1_agree"]
     if "tasks" in spec.evals:
-        result.accuracies = suite(model, tokenizer, setup, spec.ctx, knobs, spec.prefill_chunk)
+        result.accuracies = suite(model, tokenizer, setup, spec.ctx, knobs, spec.prefill_chunk, answers)
         result.task_acc = sum(result.accuracies.values()) / len(result.accuracies)
         result.task_protocol, result.task_samples = knobs["protocol"], knobs["samples"]
         result.task_questions = knobs["questions"]
@@ -126,9 +129,12 @@ def fidelity(model: GPT, tokenizer, setup: CacheSetup, ctx: int, tokens: int = 3
     return {"kl_vs_dense": sum(kl) / tokens, "top1_agree": sum(agree) / tokens}
 
 
-def suite(model: GPT, tokenizer, setup: CacheSetup, ctx: int, knobs: dict, prefill_chunk: int) -> dict[str, float]:
+def suite(
+    model: GPT | None, tokenizer, setup: CacheSetup, ctx: int, knobs: dict, prefill_chunk: int, answer_batch=None
+) -> dict[str, float]:
     """Each task of knobs["suite"]: `samples` samples of ctx tokens, in batches of `batch`, under `protocol`; returns
-    task -> mean score over samples and questions."""
+    task -> mean score over samples and questions. `answer_batch(samples)`: another system's replies (default:
+    kvbench's model through caches `setup` makes)."""
     from tqdm.auto import tqdm
 
     from bench import protocols, tasks
@@ -141,7 +147,10 @@ def suite(model: GPT, tokenizer, setup: CacheSetup, ctx: int, knobs: dict, prefi
         first = [tasks.build(task, tokenizer, ctx, seed, i, n_q) for i in indices]
         width = max(len(s.questions[0]) for s in first)  # the batch's contexts share one length
         samples = [tasks.build(task, tokenizer, ctx, seed, i, n_q, question_tokens=width) for i in indices]
-        replies = protocols.run(model, tokenizer, setup, samples, knobs["protocol"], prefill_chunk)
+        if answer_batch is None:
+            replies = protocols.run(model, tokenizer, setup, samples, knobs["protocol"], prefill_chunk)
+        else:
+            replies = answer_batch(samples)
         for sample, answers in zip(samples, replies):
             scores[task] += [tasks.score(reply, expected) for reply, expected in zip(answers, sample.answers)]
     return {task: sum(v) / len(v) for task, v in scores.items()}

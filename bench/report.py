@@ -38,9 +38,15 @@ def ctx_label(ctx: int) -> str:
 
 def cache_label(row) -> str:
     """`h2o`, or `h2o/int8` when the cache runs on a quantized buffer; another library's system by its name
-    (`hf_static`)."""
+    (`hf_static`), a press by its library and name (`kvpress/knorm`), HF's quantized cache with its bits
+    (`hf_quantized/int4`)."""
     system = row.get("system") if hasattr(row, "get") else None
     if isinstance(system, str) and system != "kvbench":
+        if system == "kvpress":
+            return f"kvpress/{row['cache']}"
+        knobs = row.get("system_kwargs")
+        if system == "hf_quantized" and isinstance(knobs, str):
+            return f"hf_quantized/int{json.loads(knobs)['nbits']}"
         return system
     try:
         kwargs = json.loads(row["cache_kwargs"]) if isinstance(row["cache_kwargs"], str) else {}

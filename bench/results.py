@@ -85,7 +85,8 @@ SCHEMA: dict[str, str] = {
 # Columns beyond the design's list that the harness writes.
 EXTRA: dict[str, str] = {
     "schema_version": "Int64",
-    "system": "string",  # kvbench | hf_dynamic | hf_static | hf_static_compiled (bench/systems)
+    "system": "string",  # kvbench | hf_dynamic | hf_static | hf_static_compiled | hf_quantized | ... (bench/systems)
+    "system_kwargs": "string",  # JSON: the system's own knobs (hf_quantized's nbits, kvpress's press)
     "weights": "string",  # random | pretrained
     "cache_length": "Int64",  # slots per sequence and KV head actually allocated
     "sdpa_used_prefill": "string",
@@ -134,6 +135,8 @@ EXTRA: dict[str, str] = {
     "alloc_conf": "string",  # CUDA: the allocator options the job asked for (PYTORCH_CUDA_ALLOC_CONF syntax)
     "expandable_segments": "boolean",  # CUDA: the allocator's segments were expandable (seen in its snapshot)
     "transformers_version": "string",  # the HF systems' library
+    "kvpress_version": "string",  # system=kvpress
+    "quant_backend": "string",  # system=hf_quantized: the quantization library and its version
     "eval": "string",  # quality evaluations run: fidelity+tasks+ppl
     "eval_question": "string",  # (schema 1) the old pass-key evaluation: in_prefill | after_prefill
     "passkey_by_depth": "string",  # (schema 1) JSON {depth: accuracy}

@@ -69,6 +69,7 @@ class BenchConfig:
     batch: int = 1
     cache: dict[str, Any] = field(default_factory=lambda: {"name": "dense", "budget": None})
     system: dict[str, Any] = field(default_factory=lambda: {"name": "kvbench"})  # what is measured (bench/systems)
+    press: str | None = None  # system=kvpress: which of kvpress's presses (bench/systems/kvpress.py PRESSES)
     sdpa: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     new_tokens: int = 32
@@ -118,6 +119,7 @@ class JobSpec:
     compile: bool  # decode through model/compiled_decode.py
     expandable_segments: bool  # CUDA allocator with expandable segments (always False on CPU)
     system: str = "kvbench"  # bench/systems: kvbench's own core, or another library's caches
+    system_kwargs: dict = field(default_factory=dict)  # the system's own knobs (hf_quantized's nbits, kvpress's press)
     allocation: str = "uniform"  # how the layers share the budget (caches/allocation.py): uniform | pyramid
     memory_limit: int | None = None  # CUDA: bytes the caching allocator may hold (None: the whole device)
     idle_policy: str = "warn"  # bench/contention.py; not part of the measurement's identity
@@ -135,6 +137,8 @@ class JobSpec:
             del identity["expandable_segments"]
         if self.system == "kvbench":
             del identity["system"]
+        if not self.system_kwargs:
+            del identity["system_kwargs"]
         if self.memory_limit is None:
             del identity["memory_limit"]
         if self.allocation == "uniform":
@@ -274,6 +278,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     dtype = ("bfloat16" if device == "cuda" else "float32") if dtype == "auto" else dtype
     _choice("dtype", dtype, ["auto", *DTYPES])
     dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    system, system_kwargs = _resolve_system(get("system"), get("press"))
     cache_cfg = dict(get("cache") or {})
     name = cache_cfg.pop("name", None)
     _choice("cache", name, cache_names())
@@ -290,18 +295,29 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         )
     # Knobs of other caches are ignored here, so that one sweep can set them for the caches that have them.
     cache_cfg = {k: v for k, v in cache_cfg.items() if k in knobs}
-    if name == "dense":
+    if system in BUDGETED:  # another library's eviction: the budget of the cache group, its own policy
+        if name != "dense":
+            raise ConfigError(
+                f"system={system} evicts with its own policy ({'press=<name>' if system == 'kvpress' else 'a window'}"
+                f"); cache={name} is kvbench's: leave cache at dense and set cache.budget"
+            )
+        if budget is None:
+            raise ConfigError(f"system={system} needs cache.budget: a fraction of ctx in (0, 1] or a token count")
+        cache_budget = cache_length = resolve_budget(budget, ctx)
+        name = system_kwargs["press"] if system == "kvpress" else "sliding_window"
+    elif name == "dense":
         cache_budget = cache_length = ctx + new_tokens  # every token; a budget does not apply
     else:
         if budget is None:
             raise ConfigError(f"cache {name!r} needs cache.budget: a fraction of ctx in (0, 1] or a token count")
         cache_budget = resolve_budget(budget, ctx)
         cache_length = cache_budget + int(cache_cfg.get("sink_tokens", 0) or 0)  # sinks come on top of the window
-    try:  # the cache checks its own knobs: build one on the meta device (allocates nothing)
+    if system not in BUDGETED:  # the cache checks its own knobs: built on the meta device (allocates nothing)
         probe = KVCacheParams(1, 1, 1, model_config.head_size, cache_length, torch.device("meta"), torch.float32)
-        cls(probe, **cache_cfg)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"cache {name!r}: {err}") from None
+        try:
+            cls(probe, **cache_cfg)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"cache {name!r}: {err}") from None
     threads = get("threads")
     if threads is not None:
         _positive("threads", threads)
@@ -313,7 +329,6 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     nvml_period = get("nvml_period_ms")
     if isinstance(nvml_period, bool) or not isinstance(nvml_period, (int, float)) or nvml_period < 0:
         raise ConfigError(f"nvml_period_ms={nvml_period!r} is not valid; it must be >= 0 (0: no NVML sampler)")
-    system = _resolve_system(get("system"))
     memory_limit = get("memory_limit")
     if memory_limit is not None:
         if device != "cuda":
@@ -351,6 +366,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
         compile=compile_,
         expandable_segments=expandable and device == "cuda",
         system=system,
+        system_kwargs=system_kwargs,
         allocation=allocation,
         memory_limit=memory_limit,
         idle_policy=idle_policy,
@@ -360,16 +376,46 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     )
 
 
-def _resolve_system(node: Any) -> str:
-    """system=<name> (conf/system/): kvbench, or another library's caches (a missing optional extra: one line)."""
+def _resolve_system(node: Any, press: Any) -> tuple[str, dict]:
+    """system=<name> (conf/system/) and its knobs: kvbench, or another library's caches (a missing optional extra:
+    one line); press=<name> with system=kvpress."""
     from bench.systems import SYSTEMS, missing_extra
 
+    knobs = {k: v for k, v in dict(node or {}).items() if k != "name"}
     name = _get(node, "name", "kvbench") if node is not None else "kvbench"
     _choice("system", name, SYSTEMS)
     why = missing_extra(name)
     if why:
         raise ConfigError(why)
-    return name
+    valid = SYSTEM_KNOBS.get(name, {})
+    unknown = sorted(set(knobs) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"system.{unknown[0]} is not a knob of system {name!r}; valid knobs: {', '.join(valid) or 'none'}"
+        )
+    for key, check in valid.items():
+        check(f"system.{key}", knobs[key])
+    if name == "kvpress":
+        from bench.systems.kvpress import PRESSES
+
+        if press is None:
+            raise ConfigError(f"system=kvpress needs press=<name>; valid choices: {', '.join(PRESSES)}")
+        knobs["press"] = _choice("press", press, PRESSES)
+    elif press is not None:
+        raise ConfigError(f"press={press!r} is kvpress's: it runs with system=kvpress (got system={name})")
+    return name, knobs
+
+
+# Systems that evict with a policy of their own and take the budget of the cache group (cache=dense).
+BUDGETED = ("kvpress", "hf_sliding")
+# system -> its knobs (conf/system/<name>.yaml) and how each is checked
+SYSTEM_KNOBS: dict[str, dict] = {
+    "hf_quantized": {
+        "nbits": lambda key, v: _choice(key, v, [2, 4]),  # optimum-quanto's
+        "q_group_size": _positive,
+        "residual_length": _positive,
+    },
+}
 
 
 def _resolve_compile(value: Any, device: str, cache: str, sdpa: str, system: str) -> bool:

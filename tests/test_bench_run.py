@@ -173,7 +173,19 @@ BAD = {
     "compile=maybe": "compile='maybe' is not valid; valid choices: auto, true, false",
     "expandable_segments=maybe": "expandable_segments=maybe is not valid; valid choices: true, false",
     "decode_attention=flex": "'decode_attention' is not a setting; valid settings: model, weights, ctx",
-    "system=vllm": "system='vllm' is not valid; valid choices: hf_dynamic, hf_static, hf_static_compiled, kvbench",
+    "system=vllm": "system='vllm' is not valid; valid choices: hf_dynamic, hf_offloaded, hf_quantized, hf_sliding, "
+    "hf_static, hf_static_compiled, kvbench, kvpress",
+    "system=kvpress cache.budget=0.25": "system=kvpress needs press=<name>; valid choices: knorm, streaming_llm, tova, "
+    "snapkv, observed_attention, expected_attention, adakv",
+    "system=kvpress press=zip cache.budget=0.25": "press='zip' is not valid; valid choices: knorm, streaming_llm",
+    "system=kvpress press=knorm": "system=kvpress needs cache.budget",
+    "system=kvpress press=knorm cache=h2o cache.budget=0.25": "system=kvpress evicts with its own policy (press=<name>)"
+    "; cache=h2o is kvbench's: leave cache at dense and set cache.budget",
+    "press=knorm": "press='knorm' is kvpress's: it runs with system=kvpress (got system=kvbench)",
+    "system=hf_quantized system.nbits=8": "system.nbits=8 is not valid; valid choices: 2, 4",
+    "system=hf_quantized +system.axis=1": "system.axis is not a knob of system 'hf_quantized'; valid knobs: nbits, "
+    "q_group_size, residual_length",
+    "system=hf_sliding": "system=hf_sliding needs cache.budget",
     "hydra/launcher=xyz cache=dense,h2o -m": "hydra/launcher='xyz' is not valid; valid choices: basic, joblib, "
     "submitit_local, submitit_slurm",
 }

@@ -1,22 +1,30 @@
-"""Other libraries' caches as systems of the harness (bench/systems): on the same weights, every system's greedy
-tokens are kvbench's."""
+"""Other libraries' caches as systems of the harness (bench/systems): on the same weights, every system's dense run
+gives kvbench's greedy tokens; the bytes each holds are measured, not taken from its settings; the task suite's
+protocols ask other systems the same questions in the same positions."""
+
+import dataclasses
+import json
+import sys
 
 import pytest
 import torch
+from char_tokenizer import CharTokenizer
 from hydra import compose, initialize_config_dir
 
-from bench import systems
+from bench import protocols, systems, tasks
+from bench.quality import CacheSetup
 from bench.run import CONF_DIR
 from bench.spec import resolve
 
 pytest.importorskip("transformers")
 CTX, STEPS = 64, 12
+TOK = CharTokenizer()
 
 
-def spec(system: str):
+def spec(system: str, *more: str):
     overrides = [f"system={system}", "model=tiny", f"ctx={CTX}", f"new_tokens={STEPS}", "batch=2", "device=cpu"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return resolve(compose(config_name="config", overrides=overrides))
+        return resolve(compose(config_name="config", overrides=[*overrides, *more]))
 
 
 @torch.inference_mode()
@@ -25,6 +33,21 @@ def greedy(system, ids: torch.Tensor) -> torch.Tensor:
     for i in range(STEPS - 1):
         tokens.append(system.decode(tokens[-1], CTX + i))
     return torch.cat(tokens, 1)  # (B, STEPS)
+
+
+def dense_runs():
+    """(label, spec) of every system run so that it keeps every token: HF's dense caches, the sliding window wider
+    than the sequence, and each press of kvpress with a budget above any prompt's length (compression ratio 0)."""
+    runs = [(name, spec(name)) for name in ("hf_dynamic", "hf_static", "hf_static_compiled")]
+    sliding = spec("hf_sliding", "cache.budget=1.0")
+    runs.append(("hf_sliding", dataclasses.replace(sliding, cache_length=CTX + STEPS)))
+    if systems.missing_extra("kvpress") is None:
+        from bench.systems.kvpress import PRESSES
+
+        for press in PRESSES:
+            keep_all = dataclasses.replace(spec("kvpress", f"press={press}", "cache.budget=1.0"), cache_length=1 << 20)
+            runs.append((f"kvpress/{press}", keep_all))
+    return runs
 
 
 @torch.inference_mode()
@@ -39,13 +62,113 @@ def test_every_system_gives_kvbench_greedy_tokens():
     assert torch.equal(logits.argmax(-1), expected)
     top2 = logits.topk(2, dim=-1).values
     assert (top2[..., 0] - top2[..., 1]).min() > 1e-3
-    for name in systems.SYSTEMS[1:]:
-        other = systems.create(spec(name), torch.device("cpu"))
+    for name, other_spec in dense_runs():
+        other = systems.create(other_spec, torch.device("cpu"))
         assert torch.equal(greedy(other, ids), expected), name
         # a static cache holds ctx + new_tokens slots, as ours; a dynamic one the tokens seen (the last is not in it)
         held = CTX + STEPS if "static" in name else CTX + STEPS - 1
         assert other.cache_bytes() == ours.config.kv_bytes(2, held, 4), name
         torch._dynamo.reset()
+
+
+@torch.inference_mode()
+def test_the_quantized_cache_is_measured_by_its_packed_bytes():
+    """quanto's int4 and int2: after the prefill every token is quantized (per group of 64 values: the packed codes,
+    a float32 scale and a float32 offset), the decode steps' tokens wait unquantized in the residual. The prefill's
+    token is exactly ours: the prompt attends its own K/V before they are quantized."""
+    pytest.importorskip("optimum.quanto")
+    ours = systems.create(spec("kvbench"), torch.device("cpu"))
+    ids = torch.randint(0, ours.config.vocab_size, (2, CTX), generator=torch.Generator().manual_seed(3))
+    first = ours.prefill(ids)
+    cfg = ours.config
+    values = 2 * cfg.n_layer * 2 * cfg.n_query_groups * cfg.head_size  # K and V values per token, both sequences
+    for nbits in (4, 2):
+        quantized = systems.create(spec("hf_quantized", f"system.nbits={nbits}"), torch.device("cpu"))
+        assert torch.equal(quantized.prefill(ids), first)
+        assert quantized.cache_bytes() == CTX * values * (nbits / 8 + 2 * 4 / 64)
+        quantized.decode(first, CTX)
+        assert quantized.cache_bytes() == CTX * values * (nbits / 8 + 2 * 4 / 64) + values * 4
+
+
+@torch.inference_mode()
+def test_a_press_is_reported_with_the_bytes_it_really_holds():
+    """knorm at a quarter of the prompt holds a quarter of the tokens; kvpress's Ada-KV masks the tokens it evicts
+    instead of freeing them, so its cache holds every token whatever its compression ratio says."""
+    pytest.importorskip("kvpress")
+    ids = torch.randint(0, 4000, (2, 256), generator=torch.Generator().manual_seed(3))
+    kept = {}
+    for press in ("knorm", "adakv"):
+        system = systems.create(spec("kvpress", f"press={press}", "cache.budget=64", "ctx=256"), torch.device("cpu"))
+        system.prefill(ids)
+        kept[press] = system.cache_bytes()
+    dense = systems.create(spec("kvbench"), torch.device("cpu")).config.kv_bytes
+    assert kept == {"knorm": dense(2, 64, 4), "adakv": dense(2, 256, 4)}
+
+
+def _samples(task: str, questions: int) -> list[tasks.Sample]:
+    first = [tasks.build(task, TOK, 2048, 0, i, questions) for i in range(2)]
+    width = max(len(s.questions[0]) for s in first)
+    return [tasks.build(task, TOK, 2048, 0, i, questions, question_tokens=width) for i in range(2)]
+
+
+@pytest.mark.parametrize("protocol", ["aware", "agnostic"])
+def test_other_systems_answer_the_tasks_as_kvbench_does(protocol, monkeypatch):
+    """Two samples of three questions at 2048 tokens: a dense run of HF's caches (and of a press at ratio 0) gives
+    the logits kvbench's dense cache gives at every step of every answer, so the questions and answers sit at the
+    same positions over the same tokens; under `agnostic` the cache is back to the context after each answer. (Random
+    weights answer with one repeated token: the logits, not the texts, tell the positions apart.)"""
+    seen: list[torch.Tensor] = []
+    real = protocols.answer
+
+    def spy(step, logits, start, steps, eos):
+        def recorded(token, pos):
+            seen.append(step(token, pos))
+            return seen[-1]
+
+        seen.append(logits)
+        return real(recorded, logits, start, steps, eos)
+
+    monkeypatch.setattr(protocols, "answer", spy)
+    samples = _samples("niah_multiquery", 3)
+    ours = systems.create(spec("kvbench"), torch.device("cpu"))
+    replies = protocols.run(ours.model, TOK, CacheSetup("dense"), samples, protocol, 2048)
+    expected, seen[:] = list(seen), []
+    assert len(expected) == 3 * samples[0].max_new_tokens  # no answer ended early: every step compared
+    for name, other_spec in dense_runs():
+        if name not in ("hf_dynamic", "hf_static", "kvpress/knorm"):
+            continue
+        other = systems.create(other_spec, torch.device("cpu"))
+        other.tokenizer = TOK
+        assert other.answers(samples, protocol) == replies, name
+        scale = max(float(e.abs().max()) for e in expected)
+        assert len(seen) == len(expected), name
+        for got, want in zip(seen, expected):  # float32 summation orders differ: 1e-5 of the logits' range
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
+        seen[:] = []
+
+
+def test_agnostic_cuts_a_compressed_cache_back_to_the_context(monkeypatch):
+    """knorm at 64 of 512 context tokens: each question meets the same 64 tokens per layer, and its own tokens go
+    after them."""
+    pytest.importorskip("kvpress")
+    from bench.systems import hf_protocols
+
+    system = systems.create(spec("kvpress", "press=knorm", "cache.budget=64"), torch.device("cpu"))
+    system.tokenizer = TOK
+    seen, real = [], system.call
+
+    def spy(ids, start, cache, **kw):
+        if ids.shape[1] > 1 and start > 0:  # a question
+            seen.append((start, [layer.keys.clone() for layer in cache.layers]))
+        return real(ids, start, cache, **kw)
+
+    monkeypatch.setattr(system, "call", spy)
+    samples = _samples("niah_multiquery", 3)
+    hf_protocols.run(system, samples, "agnostic")
+    assert len(seen) == 3 and {start for start, _ in seen} == {len(samples[0].context)}
+    for _, keys in seen:
+        assert all(k.shape[-2] == 64 for k in keys)
+        assert all(torch.equal(a, b) for a, b in zip(keys, seen[0][1]))
 
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
@@ -55,3 +178,61 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "transformers" else real(name))
     assert systems.missing_extra("hf_static") == "system=hf_static needs transformers: pip install -e '.[hf]'"
     assert systems.missing_extra("kvbench") is None
+
+
+def test_without_kvpress_a_press_run_exits_2_naming_the_extra(tmp_path, monkeypatch, capsys):
+    """kvpress not installed: one line naming the extra that installs it, exit 2, no results folder."""
+    import importlib.util
+
+    from bench.run import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "kvpress" else real(name))
+    monkeypatch.setattr(sys, "argv", ["bench.run"])
+    with pytest.raises(SystemExit) as exit_:
+        cli(["system=kvpress", "press=knorm", "cache.budget=0.25", f"results_dir={tmp_path / 'results'}"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2
+    assert lines == ["kvbench: error: system=kvpress needs kvpress: pip install -e '.[peers]'"]
+    assert not (tmp_path / "results").exists()
+
+
+def test_every_system_writes_a_row_of_the_schema(tmp_path):
+    """One sweep over every system (in this process): each writes one row holding the schema's columns; on the CPU
+    the offloaded cache is `unsupported` with its reason, the others ran."""
+    from bench.results import COLUMNS, SCHEMA, load
+    from bench.run import cli
+
+    args = ["model=tiny", "ctx=128", "new_tokens=4", "repeats=1", "warmup=false", "isolate=false", "device=cpu"]
+    sweeps = [
+        "system=kvbench,hf_dynamic,hf_static,hf_quantized,hf_offloaded",
+        "system=hf_sliding cache.budget=0.5",
+        "system=kvpress press=knorm,streaming_llm cache.budget=0.25",
+    ]
+    for sweep in sweeps:
+        try:
+            cli([*sweep.split(), *args, f"results_dir={tmp_path}", "-m"])
+        except SystemExit as done:
+            assert done.code in (0, None)
+    df = load(tmp_path)
+    assert set(SCHEMA) <= set(df.columns) and list(df.columns)[: len(COLUMNS)] == list(COLUMNS)
+    by = {(r.system, r.cache): r for r in df.itertuples()}
+    assert set(by) == {
+        ("kvbench", "dense"),
+        ("hf_dynamic", "dense"),
+        ("hf_static", "dense"),
+        ("hf_quantized", "dense"),
+        ("hf_offloaded", "dense"),
+        ("hf_sliding", "sliding_window"),
+        ("kvpress", "knorm"),
+        ("kvpress", "streaming_llm"),
+    }
+    assert (
+        by[("hf_offloaded", "dense")].status == "unsupported" and "device=cuda" in by[("hf_offloaded", "dense")].error
+    )
+    for key, row in by.items():
+        if key[0] != "hf_offloaded":
+            assert row.status == "ok", (key, row.error)
+            assert row.cache_bytes > 0 and row.decode_ms_p50 > 0 and row.peak_alloc_bytes > row.weights_bytes, key
+    assert json.loads(by[("kvpress", "knorm")].system_kwargs) == {"press": "knorm"}
+    assert json.loads(by[("hf_quantized", "dense")].system_kwargs)["nbits"] == 4

@@ -4,25 +4,11 @@ the suite separates a cache that keeps the needle from one that cannot."""
 
 import pytest
 import torch
+from char_tokenizer import CharTokenizer
 
 from bench import protocols, tasks
 from bench.quality import CacheSetup, suite
 from caches import frozen
-
-
-class CharTokenizer:
-    """A tokenizer of characters (ids below the tiny model's vocabulary), no chat template: enough to build every
-    task and run the protocols on random weights."""
-
-    chat_template = None
-    eos_id = 3
-
-    def encode(self, text: str) -> list[int]:
-        return [4 + ord(c) % 4000 for c in text]
-
-    def decode(self, ids, skip_special: bool = False) -> str:
-        return "".join(chr(i - 4) if i >= 4 else "" for i in ids)
-
 
 TOK = CharTokenizer()
 
@@ -97,9 +83,9 @@ def test_multiturn_keeps_earlier_answers_in_the_cache(tiny, monkeypatch):
     states = []
     real = protocols.answer
 
-    def spy(model, logits, start, steps, eos):
-        out = real(model, logits, start, steps, eos)
-        states.append((start, out[1], model.kv_caches[0].token_positions()[0, 0].tolist()))
+    def spy(step, logits, start, steps, eos):
+        out = real(step, logits, start, steps, eos)
+        states.append((start, out[1], tiny.kv_caches[0].token_positions()[0, 0].tolist()))
         return out
 
     monkeypatch.setattr(protocols, "answer", spy)

@@ -4,7 +4,9 @@ schema and process of its own (`system=kvbench,hf_static_compiled ... -m`).
 
 A system builds its model (kvbench's GPT, or another library's model holding exactly the same weights) and its
 caches, then answers four calls: `prefill(ids)` and `decode(token, pos)` each return the next greedy token per
-sequence (B, 1); `cache_bytes()` is what its caches hold now; `columns()` says what ran.
+sequence (B, 1); `cache_bytes()` is what its caches hold now; `columns()` says what ran. Another library's system
+also answers the task suite through its own caches (`answers(samples, protocol)`, bench/systems/hf_protocols.py);
+kvbench's is answered by bench/quality.py on its model directly.
 """
 
 from __future__ import annotations
@@ -17,17 +19,35 @@ from torch import Tensor
 
 from model.config import Config
 
-SYSTEMS = ("kvbench", "hf_dynamic", "hf_static", "hf_static_compiled")
-# system -> (module it needs, the optional extra of pyproject.toml that installs it)
-EXTRAS = {name: ("transformers", "hf") for name in SYSTEMS if name.startswith("hf_")}
+SYSTEMS = (
+    "kvbench",
+    "hf_dynamic",
+    "hf_static",
+    "hf_static_compiled",
+    "hf_quantized",
+    "hf_offloaded",
+    "hf_sliding",
+    "kvpress",
+)
+# system -> the modules it needs, each with the optional extra of pyproject.toml that installs it
+EXTRAS = {name: [("transformers", "hf")] for name in SYSTEMS if name != "kvbench"}
+EXTRAS["hf_quantized"].append(("optimum.quanto", "hf"))
+EXTRAS["kvpress"].append(("kvpress", "peers"))
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
 
 
 def missing_extra(name: str) -> str | None:
-    """Why `name` cannot run here (its optional package is not installed), in one line; None when it can."""
-    if name not in EXTRAS or importlib.util.find_spec(EXTRAS[name][0]) is not None:
-        return None
-    module, extra = EXTRAS[name]
-    return f"system={name} needs {module}: pip install -e '.[{extra}]'"
+    """Why `name` cannot run here (an optional package is not installed), in one line; None when it can."""
+    for module, extra in EXTRAS.get(name, []):
+        if not _installed(module):
+            return f"system={name} needs {module}: pip install -e '.[{extra}]'"
+    return None
 
 
 class System:
@@ -81,6 +101,10 @@ def create(spec, device: torch.device) -> System:
         from bench.systems.kvbench import KvbenchSystem
 
         return KvbenchSystem(spec, device)
+    if spec.system == "kvpress":
+        from bench.systems.kvpress import KvpressSystem
+
+        return KvpressSystem(spec, device)
     from bench.systems.hf import HFSystem
 
     return HFSystem(spec, device)

@@ -1,0 +1,86 @@
+"""NVIDIA kvpress's presses as a system (`system=kvpress press=<name> cache.budget=<ratio>`), on the same transformers
+model as the HF systems (our weights), its cache a DynamicCache, as kvpress's own pipeline runs it.
+
+A press is a context manager that hooks every attention layer: during a prefill, once a layer has written its K/V,
+the press scores them and keeps `1 - compression_ratio` of them (compression_ratio = 1 - budget / prompt length,
+so that a press keeps the same number of tokens as kvbench's cache of that budget). Decoding then runs on what was
+kept, uncompressed. Presses:
+
+* `knorm`: the keys of lowest L2 norm are kept;
+* `streaming_llm`: 4 sink tokens and the most recent ones;
+* `tova`: the last query's attention, averaged over heads;
+* `snapkv`: the attention of the last 64 queries (pooled), computed by the press;
+* `observed_attention`: the attention every query gave each key (H2O's score over the prompt); it reads the
+  attention weights, so its model runs transformers' eager attention (the row says `hf_eager`);
+* `expected_attention`: the attention expected from future queries' statistics;
+* `adakv`: Ada-KV's head-wise budget around SnapKV's score. kvpress does not free the evicted slots: it masks them
+  in attention, so the cache keeps every token, and the row's cache_bytes says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.systems.hf import HFSystem
+from model.attention import UnsupportedBackend
+
+PRESSES = (
+    "knorm",
+    "streaming_llm",
+    "tova",
+    "snapkv",
+    "observed_attention",
+    "expected_attention",
+    "adakv",
+)
+EAGER = ("observed_attention",)  # presses that read the attention weights
+# press -> the prompt length it needs more than: SnapKV's observation window (kvpress's 64 queries), the sinks
+LONGER_THAN = {"snapkv": 64, "adakv": 64, "streaming_llm": 4}
+
+
+def make_press(name: str, compression_ratio: float):
+    """kvpress's press `name` (PRESSES) removing `compression_ratio` of the tokens, its other settings kvpress's
+    defaults."""
+    import kvpress
+
+    if name == "adakv":
+        return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=compression_ratio))
+    cls = {
+        "knorm": kvpress.KnormPress,
+        "streaming_llm": kvpress.StreamingLLMPress,
+        "tova": kvpress.TOVAPress,
+        "snapkv": kvpress.SnapKVPress,
+        "observed_attention": kvpress.ObservedAttentionPress,
+        "expected_attention": kvpress.ExpectedAttentionPress,
+    }[name]
+    return cls(compression_ratio=compression_ratio)
+
+
+class KvpressSystem(HFSystem):
+    def __init__(self, spec, device: torch.device) -> None:
+        self.press_name = spec.system_kwargs["press"]
+        if spec.cache_length < spec.ctx <= LONGER_THAN.get(self.press_name, 0):
+            raise UnsupportedBackend(
+                f"kvpress's {self.press_name} press needs a prompt longer than {LONGER_THAN[self.press_name]} tokens "
+                f"(got ctx={spec.ctx})"
+            )
+        self.budget = spec.cache_length  # tokens per sequence and layer the press keeps
+        self.attention = "eager" if self.press_name in EAGER else "sdpa"
+        spec_kwargs = {k: v for k, v in spec.system_kwargs.items() if k != "press"}
+        super().__init__(_with_kwargs(spec, spec_kwargs), device)
+        self.kv_slots = spec.ctx + spec.new_tokens  # what the DynamicCache could grow to
+
+    def compressing(self, length: int):
+        ratio = max(0.0, 1.0 - self.budget / length)
+        return make_press(self.press_name, ratio)(self.model)
+
+    def columns(self) -> dict:
+        from importlib.metadata import version
+
+        return {**super().columns(), "kvpress_version": version("kvpress")}
+
+
+def _with_kwargs(spec, kwargs: dict):
+    from dataclasses import replace
+
+    return replace(spec, system_kwargs=kwargs)
