@@ -69,6 +69,7 @@ class Memory:
     rss_file_bytes: int | None = None
     warmup_released_bytes: int | None = None
     expandable_segments: bool | None = None
+    cache_bytes_prefill: int | None = None  # what the caches hold right after a prefill (an eviction's compression)
 
 
 @dataclass
@@ -236,6 +237,7 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
         else:
             tracked = _tracked_peak(spec, system, ids) if spec.track_tensors else Memory()
             row.update(asdict(tracked), peak_rss_bytes=memory.peak_rss_bytes, rss_file_bytes=memory.rss_file_bytes)
+            row["cache_bytes_prefill"] = memory.cache_bytes_prefill
     row["cache_bytes"] = system.cache_bytes()
     for phase in ("prefill", "decode"):  # the peak split: weights + cache bytes + what the phase held beyond them
         peak = row.get(f"peak_alloc_{phase}_bytes")
@@ -284,6 +286,7 @@ def _timed(
                 token = system.prefill(ids, label and f"prefill {label}")
             peaks["prefill"] = [max(peaks["prefill"][0], p.allocated or 0), max(peaks["prefill"][1], p.reserved or 0)]
             used["prefill"] |= seen
+            memory.cache_bytes_prefill = system.cache_bytes()
             with measure.CudaPeaks(device) as p, record_backends() as seen:
                 decode(token, spec.ctx, spec.new_tokens, step_s, label and f"decode {label}")
             peaks["decode"] = [max(peaks["decode"][0], p.allocated or 0), max(peaks["decode"][1], p.reserved or 0)]

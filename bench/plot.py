@@ -13,6 +13,8 @@ call them directly:
     task_accuracy(df, x)     the task suite's accuracy against cache bytes (x="bytes") or the fraction of the context
                              kept (x="kept"), a line per cache, a panel per protocol, dense as the ceiling
     systems_side_by_side(df) several systems (system=...): decode ms/step and peak memory / (weights + KV), per system
+    peers_side_by_side(df)   one eviction policy in several libraries (tova in kvbench and kvpress): bytes held, peak,
+                             decode ms/step and task accuracy, a bar per system
 
 Another library's system (system=hf_static, ...) is a line of its own in every figure, labelled by its name.
 """
@@ -29,7 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from bench.report import cache_label, ctx_label
+from bench.report import cache_label, ctx_label, method_label, peer_label
 from bench.results import load
 
 MIB = 2**20
@@ -314,25 +316,32 @@ def passkey_heatmap(df: pd.DataFrame) -> plt.Figure | None:
 
 def task_accuracy(df: pd.DataFrame, x: str = "bytes") -> plt.Figure | None:
     """The task suite's mean accuracy against cache bytes (MiB) or the fraction of the context kept, one line per cache
-    through its budgets, one panel per protocol, dense's accuracy as a dashed line (the ceiling)."""
+    (and system) through its budgets, one panel per protocol, dense's accuracy as a dashed line (the ceiling).
+    Another library's policy shares the colour of its kvbench peer, dashed with square markers (kvpress/knorm beside
+    knorm)."""
     ok = _ok(df)
     ok = ok[ok["task_acc"].notna()] if "task_acc" in ok else ok.iloc[:0]
     if ok.empty:
         return None
     ok["kept"] = [1.0 if r["cache"] == "dense" else r["cache_budget"] / r["ctx"] for _, r in ok.iterrows()]
+    ok["peer"] = [peer_label(r) for _, r in ok.iterrows()]
+    ok["other"] = ok["system"].fillna("kvbench") != "kvbench"
     protocols = [p for p in ("aware", "agnostic", "multiturn") if p in set(ok["task_protocol"])]
     fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.5), squeeze=False, sharey=True)
-    labels = sorted(set(ok["cache_label"]) - {"dense"})
-    colors = dict(zip(labels, plt.cm.tab20(np.linspace(0, 1, max(2, len(labels))))))  # one colour per cache
+    evicting = ok[ok["cache"] != "dense"]
+    peers = sorted(set(evicting["peer"]))
+    colors = dict(zip(peers, plt.cm.tab20(np.linspace(0, 1, max(2, len(peers))))))  # one colour per policy
+    lines = evicting[["cache_label", "peer", "other"]].drop_duplicates().sort_values(["peer", "other"])
     for ax, protocol in zip(axes[0], protocols):
         rows = ok[ok["task_protocol"] == protocol]
         dense = rows[rows["cache"] == "dense"]["task_acc"]
         if len(dense):
             ax.axhline(dense.mean(), color="black", linestyle="--", label="dense (every token)")
-        for label in labels:
+        for label, peer, other in lines.itertuples(index=False):
             group = rows[rows["cache_label"] == label].sort_values("kept")
             xs = group["cache_bytes"] / MIB if x == "bytes" else group["kept"]
-            ax.plot(xs, group["task_acc"], marker="o", label=label, color=colors[label])
+            style = dict(marker="s", linestyle="--", markerfacecolor="none") if other else dict(marker="o")
+            ax.plot(xs, group["task_acc"], label=label, color=colors[peer], **style)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("cache bytes (MiB)" if x == "bytes" else "fraction of the context kept")
         ax.set_title(f"protocol: {protocol}", fontsize=10)
@@ -340,7 +349,50 @@ def task_accuracy(df: pd.DataFrame, x: str = "bytes") -> plt.Figure | None:
     axes[0][0].set_ylabel("task suite accuracy (mean over tasks)")
     axes[0][0].set_ylim(-0.05, 1.05)
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(_title(ok, "Which cache keeps what the tasks need"))
+    fig.suptitle(_title(ok, "Which cache keeps what the tasks need"), fontsize=10 if len(protocols) == 1 else 12)
+    fig.tight_layout()
+    return fig
+
+
+def peers_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
+    """Each eviction policy that more than one system ran at a budget (kvbench's tova and kvpress's tova, last_recent
+    and kvpress's streaming_llm): a bar per system of cache bytes held, peak memory, decode ms/step, and the task
+    suite's accuracy where it ran."""
+    ok = _ok(df)
+    ok = ok[ok["cache"] != "dense"].copy()
+    if ok.empty:
+        return None
+    ok["system"] = ok["system"].fillna("kvbench")
+    ok["peer"] = [peer_label(r) for _, r in ok.iterrows()]
+    ok["method"] = [method_label(r) for _, r in ok.iterrows()]
+    ok["fraction"] = ok["cache_budget"] / ok["ctx"]
+    shared = ok.groupby(["peer", "fraction"])["system"].transform("nunique") > 1
+    ok = ok[shared].sort_values("system", key=lambda s: s.map(lambda name: (name != "kvbench", name)), kind="stable")
+    if ok.empty:
+        return None
+    cases = sorted({(p, f) for p, f in zip(ok["peer"], ok["fraction"])}, key=lambda c: (-c[1], c[0]))
+    systems = sorted(set(ok["system"]), key=lambda s: (s != "kvbench", s))
+    panels = [("cache_bytes", "cache bytes held (MiB)", MIB), ("peak_alloc_bytes", "peak memory (MiB)", MIB)]
+    panels.append(("decode_ms_p50", "decode ms/step (p50)", 1))
+    if ok["task_acc"].notna().any():
+        panels.append(("task_acc", "task suite accuracy", 1))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        rows = ok[ok["system"] == system].drop_duplicates(["peer", "fraction"], keep="last")
+        rows = rows.set_index(["peer", "fraction"])
+        for ax, (col, _, scale) in zip(axes[0], panels):
+            values = [rows[col].get(case, np.nan) / scale for case in cases]
+            ax.bar(np.arange(len(cases)) + i * width, values, width, label=system)
+    names = ok.drop_duplicates(["peer", "fraction", "system"]).groupby(["peer", "fraction"])["method"]
+    labels = [" / ".join(dict.fromkeys(names.get_group(case))) + f"\n{case[1]:.0%}" for case in cases]
+    for ax, (_, ylabel, _) in zip(axes[0], panels):
+        ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
+        ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(_title(ok, "The same policy, each library's implementation"))
     fig.tight_layout()
     return fig
 
@@ -423,6 +475,7 @@ def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
         ("task_accuracy_vs_bytes", task_accuracy(df, "bytes")),
         ("task_accuracy_vs_kept", task_accuracy(df, "kept")),
         ("systems_side_by_side", systems_side_by_side(df)),
+        ("peers_side_by_side", peers_side_by_side(df)),
     ]
     for name, fig in figures:
         if fig is not None:

@@ -56,6 +56,26 @@ def cache_label(row) -> str:
     return row["cache"] if buffer == "float" else f"{row['cache']}/{buffer}"
 
 
+# Another library's policy -> kvbench's cache of the same policy (the rest share their cache's name).
+PEERS = {"streaming_llm": "last_recent", "observed_attention": "h2o", "sliding_window": "last_recent"}
+
+
+def method_label(row) -> str:
+    """The policy a row ran, whichever system ran it: kvbench's cache (`h2o/int8`), a press's name (`knorm`), HF's
+    cache (`dense`, `dense/int4` for the quantized one, `sliding_window`)."""
+    system = row.get("system") if hasattr(row, "get") else None
+    if not isinstance(system, str) or system == "kvbench":
+        return cache_label(row)
+    label = cache_label(row)
+    return f"dense/{label.split('/')[1]}" if system == "hf_quantized" else str(row["cache"])
+
+
+def peer_label(row) -> str:
+    """kvbench's cache that a row's policy is the peer of (its own cache for kvbench's rows)."""
+    method = method_label(row)
+    return PEERS.get(method, method)
+
+
 def summary_line(row: dict, skipped: bool = False) -> str:
     ctx = ctx_label(int(row["ctx"]))
     head = f"{row['model']} {cache_label(row)} ctx={ctx} batch={row['batch']} sdpa={row['sdpa_requested']}"
@@ -203,39 +223,45 @@ def budget_label(r) -> str:
 
 
 def leaderboard(df: pd.DataFrame) -> str:
-    """Markdown: method x budget, the task suite's mean accuracy per protocol beside cost (cache bytes, peak memory,
-    decode step), best first within each budget; then each task's accuracy. Empty when no row has task scores."""
+    """Markdown: method x system x budget, the task suite's mean accuracy per protocol beside cost (cache bytes after
+    the prefill where rows have them and after decoding, peak memory, decode step), best first within each budget;
+    then each task's accuracy. Empty when no row has task scores."""
     from bench.protocols import PROTOCOLS
     from bench.tasks import TASKS
 
     df = df[(df["status"] == "ok") & df["task_acc"].notna()].copy()
     if df.empty:
         return ""
-    df["method"] = [cache_label(r) for _, r in df.iterrows()]
+    df["method"] = [method_label(r) for _, r in df.iterrows()]
+    df["system"] = df["system"].fillna("kvbench")
     df["budget"] = [budget_label(r) for _, r in df.iterrows()]
     df["fraction"] = [1.0 if r["cache"] == "dense" else r["cache_budget"] / r["ctx"] for _, r in df.iterrows()]
     protocols = [p for p in PROTOCOLS if p in set(df["task_protocol"])]
     tasks = [t for t in TASKS if f"acc_{t}" in df and df[f"acc_{t}"].notna().any()]
-    header = ["method", "budget", *protocols, "cache bytes", "peak memory", "decode ms/step"]
+    after_prefill = "cache_bytes_prefill" in df and df["cache_bytes_prefill"].notna().any()
+    header = ["method", "system", "budget", *protocols, *(["after prefill"] if after_prefill else []), "cache bytes"]
+    header += ["peak memory", "decode ms/step"]
     lines, detail = [], []
-    groups = df.groupby(["method", "budget", "fraction"], sort=False)
-    order = sorted(groups, key=lambda g: (-g[0][2], -g[1]["task_acc"].mean(), g[0][0]))
-    for (method, budget, _), group in order:
+    groups = df.groupby(["method", "system", "budget", "fraction"], sort=False)
+    order = sorted(groups, key=lambda g: (-g[0][3], -g[1]["task_acc"].mean(), g[0][0], g[0][1]))
+    for (method, system, budget, _), group in order:
         by_protocol = group.set_index("task_protocol")
         accs = [_fmt(by_protocol["task_acc"].get(p), ".2f") for p in protocols]
         first = group.iloc[0]
         lines.append(
             [
                 method,
+                system,
                 budget,
                 *accs,
+                *([human_bytes(first["cache_bytes_prefill"])] if after_prefill else []),
                 human_bytes(first["cache_bytes"]),
                 human_bytes(first["peak_alloc_bytes"]),
                 _fmt(group["decode_ms_p50"].median(), ".2f"),
             ]
         )
         for _, r in group.iterrows():
-            detail.append([method, budget, r["task_protocol"], *(_fmt(r[f"acc_{t}"], ".2f") for t in tasks)])
+            detail.append([method, system, budget, r["task_protocol"], *(_fmt(r[f"acc_{t}"], ".2f") for t in tasks)])
     models = ", ".join(sorted(set(df["model"].astype(str))))
     ctxs = ", ".join(ctx_label(int(c)) for c in sorted(set(df["ctx"])))
     samples = ", ".join(str(int(x)) for x in sorted(set(df["task_samples"].dropna())))
@@ -243,7 +269,8 @@ def leaderboard(df: pd.DataFrame) -> str:
         f"Task suite, mean accuracy (RULER's string_match_all) per protocol: {models}, ctx {ctxs}, {samples} "
         f"samples per task; tasks: {', '.join(tasks)}."
     )
-    return "\n\n".join([head, markdown(header, lines), markdown(["method", "budget", "protocol", *tasks], detail)])
+    per_task = markdown(["method", "system", "budget", "protocol", *tasks], detail)
+    return "\n\n".join([head, markdown(header, lines), per_task])
 
 
 # Config hashes of the jobs this process ran or skipped, by sweep folder (filled by bench.run).

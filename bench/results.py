@@ -96,6 +96,7 @@ EXTRA: dict[str, str] = {
     "peak_alloc_source": "string",  # torch.cuda | tensor_tracker (CPU: exact peak of live tensor bytes)
     "peak_alloc_prefill_bytes": "Int64",
     "peak_alloc_decode_bytes": "Int64",
+    "cache_bytes_prefill": "Int64",  # the caches' bytes right after a timed prefill (cache_bytes: after decoding)
     "transient_prefill_bytes": "Int64",  # the phase's peak less weights and cache bytes: what the computation held
     "transient_decode_bytes": "Int64",
     "peak_nvml_source": "string",

@@ -7,7 +7,9 @@
 # Steps: (1) the users' command with the shipped defaults; (2) decode at 32k x 4 and 8k x 1 with a profile of the
 # step; (3) the score-based caches' compiled step against the eager one (tokens, then time at 32k x 4); (4) int8
 # and int4 buffers through the compiled step; (5) HF's systems beside ours at both decode shapes; (6) prefill at
-# 32k x 1 beside HF; (7) capacity at 8 and 16 GiB. A step cut by its time limit leaves its rows so far.
+# 32k x 1 beside HF; (7) capacity at 8 and 16 GiB; (8) HF's offloaded and quantized caches beside its dynamic one
+# (the device memory offloading saves, the step time it costs) and kvpress's presses beside ours, where the machine
+# has transformers, optimum-quanto and kvpress. A step cut by its time limit leaves its rows so far.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder the results go to}
@@ -51,6 +53,10 @@ step prefill 60 $py -m bench.run $M system=kvbench,hf_dynamic cache=dense ctx=$B
     results_dir="$R" sweep=prefill -m
 step capacity ${CAP_S:-120} $py -m bench.capacity $M cache=dense,last_recent,h2o,snapkv $MEM batch=1 results_dir="$R" \
     sweep=capacity
+step peers 90 $py -m bench.run $M system=hf_dynamic,hf_offloaded,hf_quantized cache=dense ctx=$MID batch=1 \
+    new_tokens=32 results_dir="$R" sweep=peers -m
+step presses 60 $py -m bench.run $M system=kvpress cache=dense press=knorm,snapkv cache.budget=0.25 ctx=$MID batch=1 \
+    new_tokens=32 results_dir="$R" sweep=peers -m
 find "$R" -name hydra -type d -prune -exec rm -rf {} +
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$R"
 echo "total $((SECONDS - START)) s" | tee -a "$OUT/summary.log"

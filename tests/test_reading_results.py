@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import plot, regress, results
+from bench import plot, regress, report, results
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_BASELINE = ROOT / "results" / "baselines" / "ci-cpu"
@@ -182,3 +182,28 @@ def test_the_committed_leaderboard_draws_a_line_per_cache():
         lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("dense")]
         assert len(lines) == len(caches) >= 11
         assert len({tuple(ln.get_color()) for ln in lines}) == len(lines)
+
+
+def test_the_committed_peers_stand_side_by_side():
+    """kvbench's caches and kvpress's presses of the same policy at the same budget: the leaderboard names each row's
+    system, the peers figure puts their bars next to each other (streaming_llm beside last_recent), and on the
+    accuracy figure a press takes its peer's colour, dashed."""
+    df = results.load(ROOT / "results" / "baselines" / "peers-cpu")
+    board = report.leaderboard(df)
+    header = board.split("\n\n")[1].splitlines()[0]
+    assert header.startswith("| method | system | budget |")
+    for method, system in [
+        ("tova", "kvbench"),
+        ("tova", "kvpress"),
+        ("streaming_llm", "kvpress"),
+        ("dense", "hf_dynamic"),
+    ]:
+        assert f"| {method} | {system} |" in board, (method, system)
+    fig = plot.peers_side_by_side(df)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert "last_recent / streaming_llm\n25%" in labels and "tova\n25%" in labels
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["kvbench", "kvpress"]
+    assert [ax.get_ylabel() for ax in fig.axes][-1] == "task suite accuracy"
+    lines = {ln.get_label(): ln for ln in plot.task_accuracy(df).axes[0].get_lines()}
+    assert tuple(lines["kvpress/tova"].get_color()) == tuple(lines["tova"].get_color())
+    assert lines["kvpress/tova"].get_linestyle() == "--" and lines["tova"].get_linestyle() == "-"

@@ -15,6 +15,7 @@ from bench import protocols, systems, tasks
 from bench.quality import CacheSetup
 from bench.run import CONF_DIR
 from bench.spec import resolve
+from model.config import Config
 
 pytest.importorskip("transformers")
 CTX, STEPS = 64, 12
@@ -234,5 +235,8 @@ def test_every_system_writes_a_row_of_the_schema(tmp_path):
         if key[0] != "hf_offloaded":
             assert row.status == "ok", (key, row.error)
             assert row.cache_bytes > 0 and row.decode_ms_p50 > 0 and row.peak_alloc_bytes > row.weights_bytes, key
-    assert json.loads(by[("kvpress", "knorm")].system_kwargs) == {"press": "knorm"}
+    kv_bytes = Config.from_name("tiny").kv_bytes
+    knorm = by[("kvpress", "knorm")]  # 32 tokens kept by the prefill; each of the 4 decode steps adds one
+    assert (knorm.cache_bytes_prefill, knorm.cache_bytes) == (kv_bytes(1, 32, 4), kv_bytes(1, 32 + 4, 4))
+    assert json.loads(knorm.system_kwargs) == {"press": "knorm"}
     assert json.loads(by[("hf_quantized", "dense")].system_kwargs)["nbits"] == 4
