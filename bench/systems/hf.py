@@ -178,7 +178,7 @@ class HFSystem(System):
 
         if self.static is not None:
             if length > self.static.max_cache_len:
-                self.static = StaticCache(config=self.model.config, max_cache_len=length)
+                self.static = self.cache = StaticCache(config=self.model.config, max_cache_len=length)
             self.static.reset()
             return self.static
         if self.name == "hf_quantized":
@@ -224,7 +224,7 @@ class HFSystem(System):
 
     def _cache_tensors(self, cache=None) -> list[Tensor]:
         tensors = []
-        for layer in getattr(cache or self.cache, "layers", []):
+        for layer in getattr(self.cache if cache is None else cache, "layers", []):
             for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
                 if isinstance(getattr(layer, name, None), Tensor):
                     tensors.append(getattr(layer, name))

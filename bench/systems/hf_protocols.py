@@ -42,7 +42,7 @@ def run(system, samples: list, protocol: str) -> list[list[str]]:
         cache = system.new_cache(n + max(q.shape[1] for q in questions) + steps)
         with system.compressing(n):
             system.call(context, 0, cache)
-        held = [(layer.keys.shape[-2], layer) for layer in getattr(cache, "layers", []) if cache is not system.static]
+        held = [] if cache is system.static else [(layer.keys.shape[-2], layer) for layer in cache.layers]
         for q in questions:
             logits = system.call(q, n, cache)
             replies.append(protocols.answer(step, logits, n + q.shape[1], steps, eos)[0])
@@ -50,4 +50,5 @@ def run(system, samples: list, protocol: str) -> list[list[str]]:
                 layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
     else:
         raise ValueError(f"protocol={protocol!r}: system {system.name} answers under aware or agnostic only")
+    system.cache = cache  # what the caches held last: the row's cache_bytes of a quality-only run
     return protocols.texts(tokenizer, replies, eos)

@@ -19,6 +19,8 @@ kept, uncompressed. Presses:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from bench.systems.hf import HFSystem
@@ -38,13 +40,13 @@ EAGER = ("observed_attention",)  # presses that read the attention weights
 LONGER_THAN = {"snapkv": 64, "adakv": 64, "streaming_llm": 4}
 
 
-def make_press(name: str, compression_ratio: float):
-    """kvpress's press `name` (PRESSES) removing `compression_ratio` of the tokens, its other settings kvpress's
+def make_press(name: str, ratio: float):
+    """kvpress's press `name` (PRESSES) removing a fraction `ratio` of the tokens, its other settings kvpress's
     defaults."""
     import kvpress
 
     if name == "adakv":
-        return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=compression_ratio))
+        return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio))
     cls = {
         "knorm": kvpress.KnormPress,
         "streaming_llm": kvpress.StreamingLLMPress,
@@ -53,7 +55,7 @@ def make_press(name: str, compression_ratio: float):
         "observed_attention": kvpress.ObservedAttentionPress,
         "expected_attention": kvpress.ExpectedAttentionPress,
     }[name]
-    return cls(compression_ratio=compression_ratio)
+    return cls(compression_ratio=ratio)
 
 
 class KvpressSystem(HFSystem):
@@ -67,12 +69,12 @@ class KvpressSystem(HFSystem):
         self.budget = spec.cache_length  # tokens per sequence and layer the press keeps
         self.attention = "eager" if self.press_name in EAGER else "sdpa"
         spec_kwargs = {k: v for k, v in spec.system_kwargs.items() if k != "press"}
-        super().__init__(_with_kwargs(spec, spec_kwargs), device)
-        self.kv_slots = spec.ctx + spec.new_tokens  # what the DynamicCache could grow to
+        super().__init__(replace(spec, system_kwargs=spec_kwargs), device)
+        self.press = make_press(self.press_name, 0.0)  # its ratio is set for each prompt's length
 
     def compressing(self, length: int):
-        ratio = max(0.0, 1.0 - self.budget / length)
-        return make_press(self.press_name, ratio)(self.model)
+        self.press.compression_ratio = compression_ratio(self.budget, length)
+        return self.press(self.model)
 
     def columns(self) -> dict:
         from importlib.metadata import version
@@ -80,7 +82,7 @@ class KvpressSystem(HFSystem):
         return {**super().columns(), "kvpress_version": version("kvpress")}
 
 
-def _with_kwargs(spec, kwargs: dict):
-    from dataclasses import replace
-
-    return replace(spec, system_kwargs=kwargs)
+def compression_ratio(budget: int, length: int) -> float:
+    """The ratio with which a press keeps `budget` of `length` tokens: kvpress keeps int(length x (1 - ratio)), so the
+    ratio aims half a token above the budget, where float rounding cannot take it one below."""
+    return max(0.0, (length - budget - 0.5) / length)
