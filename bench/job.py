@@ -246,6 +246,8 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
         from bench import quality
 
         row.update(quality.evaluate(spec, system).columns())
+        if not row["cache_bytes"]:  # another library's caches exist only once it ran (a quality-only run)
+            row["cache_bytes"] = system.cache_bytes()
     return row
 
 
@@ -263,7 +265,8 @@ def _timed(
     compile_s = skips = None
     if spec.warmup or spec.compile:  # first calls pay for lazy initialisation, kernel selection, allocator growth
         skips_before = _cudagraph_skips() if spec.compile else 0  # and compilation (graphs recorded on the 3rd call)
-        warm = min(spec.ctx, spec.prefill_chunk)
+        # kvbench prefills in chunks (the first is the warm-up); another library's prefill is one call over the prompt
+        warm = min(spec.ctx, spec.prefill_chunk) if spec.system == "kvbench" else spec.ctx
         warm_steps: list[float] = []
         decode(system.prefill(ids[:, :warm]), warm, 3 if spec.compile else 2, warm_steps, None)
         if spec.compile:

@@ -16,7 +16,8 @@ call them directly:
     peers_side_by_side(df)   one eviction policy in several libraries (tova in kvbench and kvpress): bytes held, peak,
                              decode ms/step and task accuracy, a bar per system
 
-Another library's system (system=hf_static, ...) is a line of its own in every figure, labelled by its name.
+Another library's system (system=hf_static, ...) is a line of its own in every figure, labelled by its name (a press
+by its library and name, kvpress/knorm); on the task figures it takes the colour of its kvbench peer, dashed.
 """
 
 from __future__ import annotations
@@ -328,13 +329,13 @@ def task_accuracy(df: pd.DataFrame, x: str = "bytes") -> plt.Figure | None:
     ok["other"] = ok["system"].fillna("kvbench") != "kvbench"
     protocols = [p for p in ("aware", "agnostic", "multiturn") if p in set(ok["task_protocol"])]
     fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.5), squeeze=False, sharey=True)
-    evicting = ok[ok["cache"] != "dense"]
-    peers = sorted(set(evicting["peer"]))
+    others = ok[ok["cache_label"] != "dense"]  # every row but kvbench's float dense cache, the ceiling
+    peers = sorted(set(others["peer"]))
     colors = dict(zip(peers, plt.cm.tab20(np.linspace(0, 1, max(2, len(peers))))))  # one colour per policy
-    lines = evicting[["cache_label", "peer", "other"]].drop_duplicates().sort_values(["peer", "other"])
+    lines = others[["cache_label", "peer", "other"]].drop_duplicates().sort_values(["peer", "other"])
     for ax, protocol in zip(axes[0], protocols):
         rows = ok[ok["task_protocol"] == protocol]
-        dense = rows[rows["cache"] == "dense"]["task_acc"]
+        dense = rows[rows["cache_label"] == "dense"]["task_acc"]
         if len(dense):
             ax.axhline(dense.mean(), color="black", linestyle="--", label="dense (every token)")
         for label, peer, other in lines.itertuples(index=False):
@@ -366,11 +367,13 @@ def peers_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
     ok["peer"] = [peer_label(r) for _, r in ok.iterrows()]
     ok["method"] = [method_label(r) for _, r in ok.iterrows()]
     ok["fraction"] = ok["cache_budget"] / ok["ctx"]
-    shared = ok.groupby(["peer", "fraction"])["system"].transform("nunique") > 1
+    ok["protocol"] = ok["task_protocol"].fillna("")
+    case_key = ["peer", "fraction", "model", "ctx", "batch", "protocol"]
+    shared = ok.groupby(case_key)["system"].transform("nunique") > 1
     ok = ok[shared].sort_values("system", key=lambda s: s.map(lambda name: (name != "kvbench", name)), kind="stable")
     if ok.empty:
         return None
-    cases = sorted({(p, f) for p, f in zip(ok["peer"], ok["fraction"])}, key=lambda c: (-c[1], c[0]))
+    cases = sorted(set(ok[case_key].itertuples(index=False, name=None)), key=lambda c: (-c[1], *c[2:], c[0]))
     systems = sorted(set(ok["system"]), key=lambda s: (s != "kvbench", s))
     panels = [("cache_bytes", "cache bytes held (MiB)", MIB), ("peak_alloc_bytes", "peak memory (MiB)", MIB)]
     panels.append(("decode_ms_p50", "decode ms/step (p50)", 1))
@@ -379,13 +382,19 @@ def peers_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     width = 0.8 / len(systems)
     for i, system in enumerate(systems):
-        rows = ok[ok["system"] == system].drop_duplicates(["peer", "fraction"], keep="last")
-        rows = rows.set_index(["peer", "fraction"])
+        rows = ok[ok["system"] == system].drop_duplicates(case_key, keep="last").set_index(case_key)
         for ax, (col, _, scale) in zip(axes[0], panels):
             values = [rows[col].get(case, np.nan) / scale for case in cases]
             ax.bar(np.arange(len(cases)) + i * width, values, width, label=system)
-    names = ok.drop_duplicates(["peer", "fraction", "system"]).groupby(["peer", "fraction"])["method"]
-    labels = [" / ".join(dict.fromkeys(names.get_group(case))) + f"\n{case[1]:.0%}" for case in cases]
+    names = ok.drop_duplicates([*case_key, "system"]).groupby(case_key)["method"]
+    varies = [k for k in ("model", "ctx", "batch", "protocol") if ok[k].nunique() > 1]  # said in the label
+
+    def label(case: tuple) -> str:
+        where = dict(zip(case_key, case))
+        extra = "".join(f", {k} {ctx_label(int(where[k])) if k == 'ctx' else where[k]}" for k in varies)
+        return " / ".join(dict.fromkeys(names.get_group(case))) + f"\n{case[1]:.0%}{extra}"
+
+    labels = [label(case) for case in cases]
     for ax, (_, ylabel, _) in zip(axes[0], panels):
         ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
         ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")

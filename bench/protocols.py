@@ -15,6 +15,8 @@ end-of-turn token; a batch stops once every sequence has ended.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -52,7 +54,9 @@ def _chunks(model: GPT, length: int, chunk: int) -> list[tuple[int, int]]:
 
 
 @torch.inference_mode()
-def answer(step, logits: Tensor, start: int, steps: int, eos: int | None) -> tuple[Tensor, int]:
+def answer(
+    step: Callable[[Tensor, int], Tensor], logits: Tensor, start: int, steps: int, eos: int | None
+) -> tuple[Tensor, int]:
     """Greedy tokens after `logits` (B, vocab), the first at position `start`: (B, n) with n <= steps, and the position
     of the last one, which is not fed to the caches. `step(token (B, 1), pos)` feeds a token and returns the next
     logits (B, vocab). A sequence that ended keeps feeding its end token until all have ended."""

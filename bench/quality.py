@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -130,7 +131,13 @@ def fidelity(model: GPT, tokenizer, setup: CacheSetup, ctx: int, tokens: int = 3
 
 
 def suite(
-    model: GPT | None, tokenizer, setup: CacheSetup, ctx: int, knobs: dict, prefill_chunk: int, answer_batch=None
+    model: GPT | None,
+    tokenizer,
+    setup: CacheSetup,
+    ctx: int,
+    knobs: dict,
+    prefill_chunk: int,
+    answer_batch: Callable[[list], list[list[str]]] | None = None,
 ) -> dict[str, float]:
     """Each task of knobs["suite"]: `samples` samples of ctx tokens, in batches of `batch`, under `protocol`; returns
     task -> mean score over samples and questions. `answer_batch(samples)`: another system's replies (default:

@@ -32,6 +32,7 @@ from bench.results import load
 
 KEY = [
     "system",
+    "system_kwargs",
     "model",
     "weights",
     "dtype",

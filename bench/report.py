@@ -44,10 +44,8 @@ def cache_label(row) -> str:
     if isinstance(system, str) and system != "kvbench":
         if system == "kvpress":
             return f"kvpress/{row['cache']}"
-        knobs = row.get("system_kwargs")
-        if system == "hf_quantized" and isinstance(knobs, str):
-            return f"hf_quantized/int{json.loads(knobs)['nbits']}"
-        return system
+        knobs = json.loads(row["system_kwargs"]) if isinstance(row.get("system_kwargs"), str) else {}
+        return f"{system}/int{knobs['nbits']}" if "nbits" in knobs else system
     try:
         kwargs = json.loads(row["cache_kwargs"]) if isinstance(row["cache_kwargs"], str) else {}
     except (KeyError, ValueError):
@@ -67,7 +65,7 @@ def method_label(row) -> str:
     if not isinstance(system, str) or system == "kvbench":
         return cache_label(row)
     label = cache_label(row)
-    return f"dense/{label.split('/')[1]}" if system == "hf_quantized" else str(row["cache"])
+    return f"dense/{label.split('/')[1]}" if "/" in label and system != "kvpress" else str(row["cache"])
 
 
 def peer_label(row) -> str:

@@ -378,7 +378,7 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
 
 def _resolve_system(node: Any, press: Any) -> tuple[str, dict]:
     """system=<name> (conf/system/) and its knobs: kvbench, or another library's caches (a missing optional extra:
-    one line); press=<name> with system=kvpress."""
+    one line); press=<name> with system=kvpress (ignored by the other systems, so that one sweep can set it)."""
     from bench.systems import SYSTEMS, missing_extra
 
     knobs = {k: v for k, v in dict(node or {}).items() if k != "name"}
@@ -394,6 +394,8 @@ def _resolve_system(node: Any, press: Any) -> tuple[str, dict]:
             f"system.{unknown[0]} is not a knob of system {name!r}; valid knobs: {', '.join(valid) or 'none'}"
         )
     for key, check in valid.items():
+        if key not in knobs:
+            raise ConfigError(f"system {name!r} needs system.{key} (conf/system/{name}.yaml sets it)")
         check(f"system.{key}", knobs[key])
     if name == "kvpress":
         from bench.systems.kvpress import PRESSES
@@ -401,8 +403,6 @@ def _resolve_system(node: Any, press: Any) -> tuple[str, dict]:
         if press is None:
             raise ConfigError(f"system=kvpress needs press=<name>; valid choices: {', '.join(PRESSES)}")
         knobs["press"] = _choice("press", press, PRESSES)
-    elif press is not None:
-        raise ConfigError(f"press={press!r} is kvpress's: it runs with system=kvpress (got system={name})")
     return name, knobs
 
 

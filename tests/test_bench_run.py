@@ -181,7 +181,7 @@ BAD = {
     "system=kvpress press=knorm": "system=kvpress needs cache.budget",
     "system=kvpress press=knorm cache=h2o cache.budget=0.25": "system=kvpress evicts with its own policy (press=<name>)"
     "; cache=h2o is kvbench's: leave cache at dense and set cache.budget",
-    "press=knorm": "press='knorm' is kvpress's: it runs with system=kvpress (got system=kvbench)",
+    "system=hf_quantized ~system.nbits": "system 'hf_quantized' needs system.nbits",
     "system=hf_quantized system.nbits=8": "system.nbits=8 is not valid; valid choices: 2, 4",
     "system=hf_quantized +system.axis=1": "system.axis is not a knob of system 'hf_quantized'; valid knobs: nbits, "
     "q_group_size, residual_length",

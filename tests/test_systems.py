@@ -92,18 +92,51 @@ def test_the_quantized_cache_is_measured_by_its_packed_bytes():
 
 
 @torch.inference_mode()
-def test_a_press_is_reported_with_the_bytes_it_really_holds():
-    """knorm at a quarter of the prompt holds a quarter of the tokens; kvpress's Ada-KV masks the tokens it evicts
-    instead of freeing them, so its cache holds every token whatever its compression ratio says."""
+def test_each_press_compresses_a_batch_to_the_budget_and_is_reported_with_the_bytes_it_holds():
+    """Every press at a budget of 41 of 203 prompt tokens (a ratio no float lands on exactly), batch 2: the prefill
+    leaves 41 tokens per sequence and layer, and each decode step adds one. kvpress's Ada-KV masks the tokens it
+    evicts instead of freeing them, so its cache holds every token whatever its compression ratio says."""
     pytest.importorskip("kvpress")
-    ids = torch.randint(0, 4000, (2, 256), generator=torch.Generator().manual_seed(3))
-    kept = {}
-    for press in ("knorm", "adakv"):
-        system = systems.create(spec("kvpress", f"press={press}", "cache.budget=64", "ctx=256"), torch.device("cpu"))
-        system.prefill(ids)
-        kept[press] = system.cache_bytes()
-    dense = systems.create(spec("kvbench"), torch.device("cpu")).config.kv_bytes
-    assert kept == {"knorm": dense(2, 64, 4), "adakv": dense(2, 256, 4)}
+    from bench.systems.kvpress import PRESSES
+
+    n = 203
+    ids = torch.randint(0, 4000, (2, n), generator=torch.Generator().manual_seed(3))
+    kv_bytes = Config.from_name("tiny").kv_bytes
+    for press in PRESSES:
+        system = systems.create(spec("kvpress", f"press={press}", "cache.budget=41", f"ctx={n}"), torch.device("cpu"))
+        token = system.prefill(ids)
+        kept = n if press == "adakv" else 41
+        assert system.cache_bytes() == kv_bytes(2, kept, 4), press
+        system.decode(token, n)
+        assert system.cache_bytes() == kv_bytes(2, kept + 1, 4), press
+
+
+def test_the_ratio_given_to_a_press_keeps_exactly_the_budget():
+    """kvpress keeps int(length x (1 - ratio)) tokens; 1 - budget / length would keep one fewer for 18% of the
+    (length, budget) pairs below, float rounding taking the product just under the budget."""
+    from bench.systems.kvpress import compression_ratio
+
+    pairs = [(length, budget) for length in range(65, 5000, 3) for budget in range(1, length, 7)]
+    assert all(int(length * (1 - compression_ratio(budget, length))) == budget for length, budget in pairs)
+    assert sum(int(length * (1 - (1 - budget / length))) != budget for length, budget in pairs) > len(pairs) // 10
+
+
+@torch.inference_mode()
+def test_hf_sliding_window_is_kvbench_last_recent_without_sinks():
+    """A 32-token window over a 64-token prompt and 11 decode steps: HF's sliding-window layers give the greedy tokens
+    of kvbench's last_recent at budget 32 without sinks (both: a query sees the last 32 positions, itself included).
+    The memory HF's layer holds is measured, not its view: after a prefill its 31 tokens are a slice of the whole
+    prompt's K/V, which stays alive; after a decode step, a slice of the 32 it attended."""
+    ours = systems.create(
+        spec("kvbench", "cache=last_recent", "cache.budget=32", "cache.sink_tokens=0"), torch.device("cpu")
+    )
+    sliding = systems.create(spec("hf_sliding", "cache.budget=32"), torch.device("cpu"))
+    ids = torch.randint(0, ours.config.vocab_size, (2, CTX), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(greedy(sliding, ids), greedy(ours, ids))
+    token = sliding.prefill(ids)
+    assert sliding.cache_bytes() == ours.config.kv_bytes(2, CTX, 4)
+    sliding.decode(token, CTX)
+    assert sliding.cache_bytes() == ours.config.kv_bytes(2, 32, 4)
 
 
 def _samples(task: str, questions: int) -> list[tasks.Sample]:
@@ -163,13 +196,23 @@ def test_agnostic_cuts_a_compressed_cache_back_to_the_context(monkeypatch):
             seen.append((start, [layer.keys.clone() for layer in cache.layers]))
         return real(ids, start, cache, **kw)
 
+    positions = []
+
+    def record(module, args, kwargs):  # RoPE's positions, and the slots the cache writes
+        positions.append((kwargs["position_ids"][0].tolist(), kwargs["cache_position"].tolist()))
+
     monkeypatch.setattr(system, "call", spy)
+    system.model.register_forward_pre_hook(record, with_kwargs=True)
     samples = _samples("niah_multiquery", 3)
     hf_protocols.run(system, samples, "agnostic")
-    assert len(seen) == 3 and {start for start, _ in seen} == {len(samples[0].context)}
+    n, q = len(samples[0].context), len(samples[0].questions[0])
+    assert len(seen) == 3 and {start for start, _ in seen} == {n}
     for _, keys in seen:
         assert all(k.shape[-2] == 64 for k in keys)
         assert all(torch.equal(a, b) for a, b in zip(keys, seen[0][1]))
+    # the first question: at positions n.. for RoPE, in the slots after the 64 kept (so that its mask is causal)
+    assert positions[1] == (list(range(n, n + q)), list(range(64, 64 + q)))
+    assert positions[2] == ([n + q], [64 + q])  # its answer's first token fed back
 
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch):

@@ -10,8 +10,8 @@
 * `hf_offloaded`: DynamicCache with offloading (each layer's K/V go back to the CPU once the layer has run, the next
   layer's are prefetched): GPU only;
 * `hf_sliding`: sliding-window attention layers (the model as a Mistral, its `sliding_window` = cache.budget: a
-  token attends the last `budget` positions, itself included, so the cache holds budget - 1 tokens), the peer of
-  kvbench's last_recent without sinks.
+  token attends the last `budget` positions, itself included, so the cache keeps budget - 1 tokens, a slice of what
+  the step attended), the peer of kvbench's last_recent without sinks.
 
 Each step is what `generate`'s loop calls for one token (the model's forward on the cache, the token's position),
 driven by bench/job.py's loop instead of `generate`'s so that every step is timed the same way as kvbench's.
@@ -22,7 +22,9 @@ HF's SDPA integration picks the attention kernel itself: these systems run with 
 from __future__ import annotations
 
 import inspect
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -31,6 +33,9 @@ from bench.systems import System
 from bench.systems.kvbench import argmax, build_model
 from model.attention import UnsupportedBackend, record
 from model.load import to_hf_state_dict
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 # Protocols of the task suite each system answers (bench/systems/hf_protocols.py): `agnostic` reads one cache of the
 # context for every question, which needs a cache that can be cut back to the context after an answer.
@@ -96,14 +101,23 @@ def hf_model(ours, max_positions: int, sliding_window: int | None = None, attent
     return model.eval().requires_grad_(False)
 
 
-def tensor_bytes(t) -> int:
-    """Bytes a tensor holds; a tensor subclass (quanto's packed, quantized tensors) by the inner tensors it holds."""
-    if not isinstance(t, Tensor):
-        return 0
-    if hasattr(t, "__tensor_flatten__") and type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, name)) for name in names)
-    return t.numel() * t.element_size()
+def tensor_bytes(tensors: list[Tensor], device: torch.device | None = None) -> int:
+    """Bytes the memory behind `tensors` takes (on `device` only, if given): a view counts its whole storage, once
+    however many views share it (a sliding window's slice of the prompt's K/V holds the prompt until it is copied);
+    a tensor subclass (quanto's packed, quantized tensors) counts the inner tensors it holds."""
+    storages: dict[tuple, int] = {}
+
+    def visit(t: Tensor) -> None:
+        if hasattr(t, "__tensor_flatten__") and type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
+            for name in t.__tensor_flatten__()[0]:
+                visit(getattr(t, name))
+        elif device is None or t.device.type == device.type:
+            storage = t.untyped_storage()
+            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+
+    for t in tensors:
+        visit(t)
+    return sum(storages.values())
 
 
 class HFSystem(System):
@@ -171,7 +185,7 @@ class HFSystem(System):
                 )
             )
 
-    def new_cache(self, length: int = 0):
+    def new_cache(self, length: int = 0) -> Cache:
         """An empty cache of this system's kind for `length` tokens per sequence (the static one is allocated once,
         reset, and allocated again only for a longer sequence than it holds)."""
         from transformers import DynamicCache, QuantizedCache, StaticCache
@@ -185,11 +199,13 @@ class HFSystem(System):
             return QuantizedCache(backend="quanto", config=self.model.config, **self.knobs)
         return DynamicCache(config=self.model.config, offloading=self.name == "hf_offloaded")
 
-    def compressing(self, length: int):
+    def compressing(self, length: int) -> AbstractContextManager:
         """Around a prefill of `length` tokens: what compresses the cache as it fills (kvpress's press)."""
         return nullcontext()
 
-    def call(self, ids: Tensor, start: int, cache, logits_to_keep: int = 1, step=None) -> Tensor:
+    def call(
+        self, ids: Tensor, start: int, cache: Cache, logits_to_keep: int = 1, step: Callable | None = None
+    ) -> Tensor:
         """ids (B, T) at positions start.. through `cache`; the last position's logits (B, vocab). A compressed cache
         holds fewer tokens than the positions seen: positions go to RoPE, the cache's own length to its slots."""
         held = start if cache is self.static else cache.get_seq_length()
@@ -222,7 +238,8 @@ class HFSystem(System):
 
         return run(self, samples, protocol)
 
-    def _cache_tensors(self, cache=None) -> list[Tensor]:
+    def _cache_tensors(self, cache: Cache | None = None) -> list[Tensor]:
+        """The K and V tensors (quantized or not) of every layer of `cache` (default: the current one)."""
         tensors = []
         for layer in getattr(self.cache if cache is None else cache, "layers", []):
             for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
@@ -231,15 +248,16 @@ class HFSystem(System):
         return tensors
 
     def cache_bytes(self) -> int:
-        """The bytes the cache's layers hold, measured on their tensors (quantized ones by their packed data, scales
-        and offsets), whatever the cache or a press says it keeps."""
-        return sum(tensor_bytes(t) for t in self._cache_tensors())
+        """The bytes the cache's layers hold on the model's device, measured on the memory behind their tensors
+        (quantized ones by their packed data, scales and offsets), whatever the cache or a press says it keeps. An
+        offloaded cache's layers waiting on the CPU are not on the device."""
+        return tensor_bytes(self._cache_tensors(), self.device)
 
     def resident_bytes(self) -> int:
-        tensors = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
+        tensors = [*self.model.parameters(), *self.model.buffers()]
         if self.static is not None:  # allocated once; the other caches are new with every prefill
-            tensors.update((id(t), t) for t in self._cache_tensors(self.static))
-        return sum(tensor_bytes(t) for t in tensors.values())
+            tensors += self._cache_tensors(self.static)
+        return tensor_bytes(tensors)
 
     def columns(self) -> dict:
         cols = {"compile": self.compiled, "transformers_version": self.version}

@@ -12,14 +12,20 @@ Positions go on from the context's length whatever the cache kept, as in kvpress
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from bench import protocols
+from bench.tasks import Sample
+
+if TYPE_CHECKING:
+    from bench.systems.hf import HFSystem
 
 
 @torch.inference_mode()
-def run(system, samples: list, protocol: str) -> list[list[str]]:
+def run(system: HFSystem, samples: list[Sample], protocol: str) -> list[list[str]]:
     """The answers, per sample and question, of a batch of samples under `protocol` through `system` (an HFSystem)."""
     tokenizer = system.tokenizer
     context, questions = protocols.inputs(tokenizer, samples, system.model.device)

@@ -19,12 +19,17 @@ kept, uncompressed. Presses:
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from bench.systems.hf import HFSystem
 from model.attention import UnsupportedBackend
+
+if TYPE_CHECKING:
+    from kvpress import BasePress
 
 PRESSES = (
     "knorm",
@@ -40,7 +45,7 @@ EAGER = ("observed_attention",)  # presses that read the attention weights
 LONGER_THAN = {"snapkv": 64, "adakv": 64, "streaming_llm": 4}
 
 
-def make_press(name: str, ratio: float):
+def make_press(name: str, ratio: float) -> BasePress:
     """kvpress's press `name` (PRESSES) removing a fraction `ratio` of the tokens, its other settings kvpress's
     defaults."""
     import kvpress
@@ -72,7 +77,7 @@ class KvpressSystem(HFSystem):
         super().__init__(replace(spec, system_kwargs=spec_kwargs), device)
         self.press = make_press(self.press_name, 0.0)  # its ratio is set for each prompt's length
 
-    def compressing(self, length: int):
+    def compressing(self, length: int) -> AbstractContextManager:
         self.press.compression_ratio = compression_ratio(self.budget, length)
         return self.press(self.model)
 
