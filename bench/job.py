@@ -238,6 +238,9 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
             tracked = _tracked_peak(spec, system, ids) if spec.track_tensors else Memory()
             row.update(asdict(tracked), peak_rss_bytes=memory.peak_rss_bytes, rss_file_bytes=memory.rss_file_bytes)
             row["cache_bytes_prefill"] = memory.cache_bytes_prefill
+    if spec.repeats == 0 and spec.system != "kvbench":  # another library's caches exist once a prompt went through
+        system.prefill(ids)
+        row["cache_bytes_prefill"] = system.cache_bytes()
     row["cache_bytes"] = system.cache_bytes()
     for phase in ("prefill", "decode"):  # the peak split: weights + cache bytes + what the phase held beyond them
         peak = row.get(f"peak_alloc_{phase}_bytes")
@@ -246,8 +249,6 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
         from bench import quality
 
         row.update(quality.evaluate(spec, system).columns())
-        if not row["cache_bytes"]:  # another library's caches exist only once it ran (a quality-only run)
-            row["cache_bytes"] = system.cache_bytes()
     return row
 
 

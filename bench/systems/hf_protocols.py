@@ -56,5 +56,4 @@ def run(system: HFSystem, samples: list[Sample], protocol: str) -> list[list[str
                 layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
     else:
         raise ValueError(f"protocol={protocol!r}: system {system.name} answers under aware or agnostic only")
-    system.cache = cache  # what the caches held last: the row's cache_bytes of a quality-only run
     return protocols.texts(tokenizer, replies, eos)
