@@ -62,10 +62,12 @@ def method_label(row) -> str:
     """The policy a row ran, whichever system ran it: kvbench's cache (`h2o/int8`), a press's name (`knorm`), HF's
     cache (`dense`, `dense/int4` for the quantized one, `sliding_window`)."""
     system = row.get("system") if hasattr(row, "get") else None
-    if not isinstance(system, str) or system == "kvbench":
-        return cache_label(row)
     label = cache_label(row)
-    return f"dense/{label.split('/')[1]}" if "/" in label and system != "kvpress" else str(row["cache"])
+    if not isinstance(system, str) or system == "kvbench":
+        return label
+    if system == "hf_quantized" and "/" in label:
+        return f"dense/{label.split('/')[1]}"
+    return str(row["cache"])
 
 
 def peer_label(row) -> str:

@@ -2,8 +2,8 @@
 model as the HF systems (our weights), its cache a DynamicCache, as kvpress's own pipeline runs it.
 
 A press is a context manager that hooks every attention layer: during a prefill, once a layer has written its K/V,
-the press scores them and keeps `1 - compression_ratio` of them (compression_ratio = 1 - budget / prompt length,
-so that a press keeps the same number of tokens as kvbench's cache of that budget). Decoding then runs on what was
+the press scores them and keeps `1 - compression_ratio` of them, the ratio set per prompt so that a press keeps the
+same number of tokens as kvbench's cache of that budget (`compression_ratio` below). Decoding then runs on what was
 kept, uncompressed. Presses:
 
 * `knorm`: the keys of lowest L2 norm are kept;
