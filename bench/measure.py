@@ -52,6 +52,13 @@ class TensorTracker(TorchDispatchMode):
     `peak` is a whole-process figure of tensor memory.
     """
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """torch wraps a mode's __torch_dispatch__ to keep the compiler out of it, and that wrapper imports
+        torch._dynamo on its first call: 2 s and about 175 MiB per job process for a mode that never runs compiled
+        (the tracked pass is eager). Opting out leaves __torch_dispatch__ a plain method."""
+        return False
+
     def __init__(self, baseline: int = 0) -> None:
         super().__init__()
         self.baseline = baseline

@@ -90,8 +90,7 @@ from bench.run import CONF_DIR
 from bench.spec import resolve
 for cache in ("dense", "last_recent", "h2o", "qh2o"):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"cache={cache}", "ctx=1k", "new_tokens=4", "repeats=1",
-                                                          "track_tensors=false"])
+        cfg = compose(config_name="config", overrides=[f"cache={cache}", "ctx=1k", "new_tokens=4", "repeats=1"])
     row = run_job(resolve(cfg, cuda_available=False), "s", cache, progress=False)
     assert row["status"] == "ok", row.get("error")
 print(",".join(m for m in ("torch._dynamo", "torch._inductor", "triton") if m in sys.modules))
@@ -104,7 +103,8 @@ print("torch._dynamo" in sys.modules)
 def test_an_eager_job_loads_no_compiler():
     """peak_rss_bytes counts every library the job's process loaded. torch._dynamo (and triton and inductor with
     it) added about 175 MiB to an eager CPU job's peak RSS (607 against 432 MiB: `make bench`'s dense 8k row, fresh
-    clones before and after) for code it never ran: an eager job must not import it."""
+    clones before and after) for code it never ran: an eager job, its tensor-tracked pass included, must not import
+    it."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.run(
