@@ -181,6 +181,49 @@ def test_other_systems_answer_the_tasks_as_kvbench_does(protocol, monkeypatch):
         seen[:] = []
 
 
+def test_kvpress_streaming_llm_is_streaming_after_a_full_prefill(monkeypatch):
+    """kvpress's streaming_llm keeps 4 sinks and the most recent tokens of a prompt that attended all of itself:
+    benchmarks/streaming_prefill.py's after_prefill cache on kvbench (64 slots) gives its logits at every answer step
+    under `agnostic`. kvbench's last_recent keeps the same tokens, but each prompt token read only its window: its
+    first answer's logits differ."""
+    pytest.importorskip("kvpress")
+    import importlib.util
+
+    from caches import base
+
+    path = CONF_DIR.rsplit("/conf", 1)[0] + "/benchmarks/streaming_prefill.py"
+    module_spec = importlib.util.spec_from_file_location("streaming_prefill", path)
+    streaming_prefill = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(streaming_prefill)
+    monkeypatch.setitem(base._REGISTRY, "after_prefill", streaming_prefill.RecentAfterPrefill)
+    seen: list[torch.Tensor] = []
+    real = protocols.answer
+
+    def spy(step, logits, start, steps, eos):
+        def recorded(token, pos):
+            seen.append(step(token, pos))
+            return seen[-1]
+
+        seen.append(logits)
+        return real(recorded, logits, start, steps, eos)
+
+    monkeypatch.setattr(protocols, "answer", spy)
+    samples = _samples("niah_multiquery", 3)
+    ours = systems.create(spec("kvbench"), torch.device("cpu"))
+    logits = {}
+    for name in ("after_prefill", "last_recent"):
+        protocols.run(ours.model, TOK, CacheSetup(name, {"sink_tokens": 4}, 64), samples, "agnostic", 2048)
+        logits[name], seen[:] = list(seen), []
+    press = systems.create(spec("kvpress", "press=streaming_llm", "cache.budget=64"), torch.device("cpu"))
+    press.tokenizer = TOK
+    press.answers(samples, "agnostic")
+    assert len(seen) == len(logits["after_prefill"]) == 3 * samples[0].max_new_tokens
+    scale = max(float(e.abs().max()) for e in seen)
+    for got, want in zip(seen, logits["after_prefill"]):  # float32 summation orders differ: 1e-5 of the range
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
+    assert (seen[0] - logits["last_recent"][0]).abs().max() > 1e-3 * scale
+
+
 def test_agnostic_cuts_a_compressed_cache_back_to_the_context(monkeypatch):
     """knorm at 64 of 512 context tokens: each question meets the same 64 tokens per layer, and its own tokens go
     after them."""

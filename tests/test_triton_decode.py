@@ -1,7 +1,7 @@
 """Our split-K Triton decode kernel (model/triton_decode.py), run on the CPU under Triton's interpreter, against
 SDPA over the filled slots in float64; and the decode step through it against the eager step (same greedy
 tokens). The interpreter has no bfloat16 (NumPy has none): float32 and float16 here, bfloat16 on the GPU machine
-(benchmarks/decode_variants.py checks each variant's logits against the eager step)."""
+(benchmarks/compiled_vs_eager.py compares the compiled step's tokens with the eager step's there)."""
 
 import pytest
 import torch
