@@ -11,10 +11,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from bench.tasks import TASKS
+
+if TYPE_CHECKING:  # pandas is imported where frames are made: a job's own process writes no frame and never loads it
+    import pandas as pd
 
 # Version 2 dropped columns that always held another column's value (`device`: device_kind; `peak_tracked_bytes`:
 # peak_alloc_bytes where peak_alloc_source is tensor_tracker) and settings that left the harness (`compile_mode`,
@@ -167,10 +169,14 @@ def has_row(sweep_dir: str | Path, cfg_hash: str) -> bool:
 
 def to_frame(rows: list[dict]) -> pd.DataFrame:
     """Rows -> DataFrame with every schema column, in schema order, typed; unknown keys kept after them."""
+    import pandas as pd
+
     return _typed(pd.DataFrame(rows))
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
     df = _upgrade(df)
     for col, dtype in COLUMNS.items():
         if col not in df:
@@ -225,6 +231,8 @@ def write_row(sweep_dir: str | Path, row: dict) -> Path:
 
 def load(path: str | Path) -> pd.DataFrame:
     """Every row under `path` (a folder tree of *.parquet files, or one file) as one DataFrame."""
+    import pandas as pd
+
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
     if not files:

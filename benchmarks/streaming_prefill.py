@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ctx", default="2k")
     parser.add_argument("--slots", type=int, default=512, help="tokens each cache keeps (sinks included)")
-    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--sinks", type=int, default=4, help="kvbench's sinks (kvpress's press keeps its own 4)")
     parser.add_argument("--samples", type=int, default=8, help="samples per task")
     parser.add_argument("--no-kvpress", action="store_true", help="skip kvpress's press")
     args = parser.parse_args()
@@ -99,9 +99,8 @@ def main() -> None:
     if not args.no_kvpress:
         if missing_extra("kvpress"):
             raise SystemExit(f"streaming_prefill: {missing_extra('kvpress')} (or pass --no-kvpress)")
-        budget = args.slots / spec.ctx
         press = create(
-            _spec(args.ctx, args.samples, "system=kvpress", "press=streaming_llm", f"cache.budget={budget}"),
+            _spec(args.ctx, args.samples, "system=kvpress", "press=streaming_llm", f"cache.budget={args.slots}"),
             torch.device("cpu"),
         )
         answer["kvpress"] = lambda samples: press.answers(samples, "agnostic")

@@ -1,5 +1,7 @@
 """Parity with HF transformers (a test reference only): same weights, same logits."""
 
+import functools
+
 import pytest
 import torch
 
@@ -38,11 +40,26 @@ def test_random_tiny_llama_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_smollm2():
+    """HF's own GGUF loader and tokenizer. It parses the file once for the config, once for the weights and once for
+    the tokenizer (7 s each here), and rebuilds gguf's tensor-name map for each of the model's 397 modules (10 s):
+    both are pure functions of their arguments, memoized for the fixture's loads, which compute the same thing."""
+    gguf = pytest.importorskip("gguf")
+    readers: dict[str, object] = {}
+    parse = gguf.GGUFReader
+
+    def reader(path, *args, **kwargs):
+        if str(path) not in readers:
+            readers[str(path)] = parse(path, *args, **kwargs)
+        return readers[str(path)]
+
     path = smollm2_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
-    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=SMOLLM2_GGUF)
+    with pytest.MonkeyPatch.context() as patch:  # transformers imports both from gguf at call time
+        patch.setattr(gguf, "GGUFReader", reader)
+        patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
+        tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=SMOLLM2_GGUF)
     return model.eval(), tok
 
 
