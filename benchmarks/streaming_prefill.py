@@ -1,8 +1,8 @@
 """StreamingLLM's two prefill rules on the task suite, answer by answer: is the prefill what sets kvbench's
 last_recent and kvpress's streaming_llm apart?
 
-Both keep the same tokens after a prompt: the first `sinks` and the most recent `budget - sinks`. They differ in how
-the prompt was read:
+last_recent and kvpress's press keep the same tokens after a prompt: the first `sinks` and the most recent
+`budget - sinks`. They differ in how the prompt was read; three variants:
 
 * `last_recent` (kvbench's cache): StreamingLLM throughout. Each prompt token attends only the sinks and its window,
   so the K/V it keeps were computed from that window alone.
@@ -32,9 +32,9 @@ from torch import Tensor
 from bench import protocols, tasks
 from bench.quality import CacheSetup
 from bench.run import CONF_DIR
-from bench.spec import resolve
+from bench.spec import JobSpec, resolve
 from bench.systems import create, missing_extra
-from caches.base import register
+from caches.base import KVCacheParams, register
 from caches.scored import Candidates, ScoredCache
 
 
@@ -44,8 +44,12 @@ class RecentAfterPrefill(ScoredCache):
 
     name = "after_prefill"
 
-    def __init__(self, params, sink_tokens: int = 4, buffer: str = "float", group_size: int = 32) -> None:
+    def __init__(
+        self, params: KVCacheParams, sink_tokens: int = 4, buffer: str = "float", group_size: int = 32
+    ) -> None:
         super().__init__(params, buffer, group_size)
+        if not 0 <= sink_tokens < params.cache_length:
+            raise ValueError(f"sink_tokens must be in [0, cache_length={params.cache_length}), got {sink_tokens}")
         self.sink_tokens = sink_tokens
 
     def weights_from(self, T: int) -> None:
@@ -58,7 +62,7 @@ class RecentAfterPrefill(ScoredCache):
         return (cand_pos >= 0) & (cand_pos < self.sink_tokens)
 
 
-def _spec(ctx: str, samples: int, *overrides: str):
+def _spec(ctx: str, samples: int, *overrides: str) -> JobSpec:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
             config_name="config",

@@ -41,7 +41,7 @@ def test_random_tiny_llama_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def hf_smollm2():
     """HF's own GGUF loader and tokenizer. It parses the file once for the config, once for the weights and once for
-    the tokenizer (7 s each here), and rebuilds gguf's tensor-name map for each of the model's 397 modules (10 s):
+    the tokenizer, and rebuilds gguf's tensor-name map for each of the model's 397 modules, most of its load time:
     both are pure functions of their arguments, memoized for the fixture's loads, which compute the same thing."""
     gguf = pytest.importorskip("gguf")
     readers: dict[str, object] = {}

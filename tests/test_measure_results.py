@@ -81,7 +81,7 @@ def test_rss_file_matches_smaps_and_sees_a_mapped_file(tmp_path):
 
 
 # An eager job of every cache kind in one process, then the modules it loaded (run where no test imported any).
-# track_tensors=false: the CPU's exact-bytes pass runs after the RSS figure is read (its dispatch mode loads dynamo).
+# The CPU's exact-bytes pass runs too: its dispatch mode must load no compiler.
 _EAGER_JOBS = """
 import sys
 from hydra import compose, initialize_config_dir

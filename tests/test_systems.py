@@ -5,6 +5,7 @@ protocols ask other systems the same questions in the same positions."""
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,7 +192,7 @@ def test_kvpress_streaming_llm_is_streaming_after_a_full_prefill(monkeypatch):
 
     from caches import base
 
-    path = CONF_DIR.rsplit("/conf", 1)[0] + "/benchmarks/streaming_prefill.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "streaming_prefill.py"
     module_spec = importlib.util.spec_from_file_location("streaming_prefill", path)
     streaming_prefill = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(streaming_prefill)

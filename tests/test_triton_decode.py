@@ -114,7 +114,7 @@ STEP_CASES = {  # cache, slots, knobs, the launch options the plan settles on (4
 @pytest.mark.parametrize("case", list(STEP_CASES))
 @torch.inference_mode()
 def test_the_decode_step_through_the_kernel_gives_the_eager_tokens(kernel, case):
-    """The fixed-shape step in the Triton form (run eagerly: compiling it needs CUDA) against the eager step, 32
+    """The fixed-shape step in the Triton form (run eagerly: compiling it needs CUDA) against the eager step, 16
     greedy steps; last_recent is past its buffer (eviction, sinks); on quantized buffers the kernel reads the codes
     (the eager step, a dequantized copy)."""
     from model.compiled_decode import CompiledDecode
@@ -132,7 +132,7 @@ def test_the_decode_step_through_the_kernel_gives_the_eager_tokens(kernel, case)
         if form:
             assert step.plan.kernel == f"triton:{launch}"
         tokens, logits = [], []
-        for i in range(32):
+        for i in range(16):
             out = step(token, input_pos=100 + i)  # (B, 1, vocab)
             token = out[:, -1:].argmax(-1)
             tokens.append(token)
