@@ -146,12 +146,9 @@ def _samples(task: str, questions: int) -> list[tasks.Sample]:
     return [tasks.build(task, TOK, 2048, 0, i, questions, question_tokens=width) for i in range(2)]
 
 
-@pytest.mark.parametrize("protocol", ["aware", "agnostic"])
-def test_other_systems_answer_the_tasks_as_kvbench_does(protocol, monkeypatch):
-    """Two samples of three questions at 2048 tokens: a dense run of HF's caches (and of a press at ratio 0) gives
-    the logits kvbench's dense cache gives at every step of every answer, so the questions and answers sit at the
-    same positions over the same tokens; under `agnostic` the cache is back to the context after each answer. (Random
-    weights answer with one repeated token: the logits, not the texts, tell the positions apart.)"""
+def answer_logits(monkeypatch) -> list[torch.Tensor]:
+    """The list every answer's logits are appended to, step by step, by the task protocols (bench.protocols.answer
+    spied on, for kvbench and the other systems alike)."""
     seen: list[torch.Tensor] = []
     real = protocols.answer
 
@@ -164,6 +161,16 @@ def test_other_systems_answer_the_tasks_as_kvbench_does(protocol, monkeypatch):
         return real(recorded, logits, start, steps, eos)
 
     monkeypatch.setattr(protocols, "answer", spy)
+    return seen
+
+
+@pytest.mark.parametrize("protocol", ["aware", "agnostic"])
+def test_other_systems_answer_the_tasks_as_kvbench_does(protocol, monkeypatch):
+    """Two samples of three questions at 2048 tokens: a dense run of HF's caches (and of a press at ratio 0) gives
+    the logits kvbench's dense cache gives at every step of every answer, so the questions and answers sit at the
+    same positions over the same tokens; under `agnostic` the cache is back to the context after each answer. (Random
+    weights answer with one repeated token: the logits, not the texts, tell the positions apart.)"""
+    seen = answer_logits(monkeypatch)
     samples = _samples("niah_multiquery", 3)
     ours = systems.create(spec("kvbench"), torch.device("cpu"))
     replies = protocols.run(ours.model, TOK, CacheSetup("dense"), samples, protocol, 2048)
@@ -197,18 +204,7 @@ def test_kvpress_streaming_llm_is_streaming_after_a_full_prefill(monkeypatch):
     streaming_prefill = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(streaming_prefill)
     monkeypatch.setitem(base._REGISTRY, "after_prefill", streaming_prefill.RecentAfterPrefill)
-    seen: list[torch.Tensor] = []
-    real = protocols.answer
-
-    def spy(step, logits, start, steps, eos):
-        def recorded(token, pos):
-            seen.append(step(token, pos))
-            return seen[-1]
-
-        seen.append(logits)
-        return real(recorded, logits, start, steps, eos)
-
-    monkeypatch.setattr(protocols, "answer", spy)
+    seen = answer_logits(monkeypatch)
     samples = _samples("niah_multiquery", 3)
     ours = systems.create(spec("kvbench"), torch.device("cpu"))
     logits = {}
