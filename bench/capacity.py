@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.spec import ConfigError, parse_bytes, parse_ctx
+from bench.config.spec import ConfigError, parse_bytes, parse_ctx
 
 KNOBS = ("memory", "find", "start", "max", "resolution")
 
@@ -64,7 +64,9 @@ class Prober:
         self.cuda = cuda
 
     def row(self, overrides: list[str]) -> dict | None:
-        from bench import launch, report, results
+        from bench.harness import launch
+        from bench.results import rows as results
+        from bench.results import tables
 
         spec, sweep_dir = _resolve(overrides)
         cfg_hash = results.config_hash(spec.identity())
@@ -73,7 +75,7 @@ class Prober:
         row = launch.execute(spec, sweep_id=sweep_dir.name, config_hash=cfg_hash, progress=False)
         if row is not None:
             results.write_row(sweep_dir, row)
-            print(report.summary_line(row), flush=True)
+            print(tables.summary_line(row), flush=True)
         return row
 
     def probe(self, search: Search, value: int) -> bool:
@@ -166,7 +168,7 @@ def run(argv: list[str]) -> int:
 
 
 def report(found: list[dict], find: str, sweep_dir: Path) -> int:
-    from bench.plot import capacity_figure
+    from bench.results.figures import capacity_figure
 
     lines = [f"| cache | memory budget | longest {find} fitting |", "|---|---|---|"]
     for f in found:
@@ -186,8 +188,8 @@ def _resolve(overrides: list[str]):
     """(the JobSpec, its sweep folder)."""
     from hydra import compose, initialize_config_dir
 
+    from bench.config.spec import resolve
     from bench.run import CONF_DIR
-    from bench.spec import resolve
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -207,7 +209,7 @@ def _label(spec) -> str:
 
 
 def _human(n: int) -> str:
-    from bench.report import human_bytes
+    from bench.results.tables import human_bytes
 
     return human_bytes(n)
 

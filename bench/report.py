@@ -1,277 +1,17 @@
-"""What a person at a terminal sees: one line per job and, after a multirun, a comparison table.
-Reads rows only (pandas), no torch."""
+"""`python -m bench.report RESULTS`: the comparison table of a results folder, its quality table and its
+leaderboard (also written to RESULTS/leaderboard.md). Also the table printed at the end of a multirun
+(`SweepSummary`, a Hydra callback of conf/config.yaml). The tables themselves: bench/results/tables.py."""
 
 from __future__ import annotations
 
-import json
-import math
+import argparse
+import sys
 from pathlib import Path
 
-import pandas as pd
+from hydra.experimental.callback import Callback
 
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - the table is also usable without hydra
-    Callback = object
-
-
-def human_bytes(n) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)) or n is pd.NA:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _fmt(value, spec: str) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
-def ctx_label(ctx: int) -> str:
-    return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
-
-
-def cache_label(row) -> str:
-    """`h2o`, or `h2o/int8` when the cache runs on a quantized buffer; another library's system by its name
-    (`hf_static`), a press by its library and name (`kvpress/knorm`), HF's quantized cache with its bits
-    (`hf_quantized/int4`)."""
-    system = row.get("system") if hasattr(row, "get") else None
-    if isinstance(system, str) and system != "kvbench":
-        if system == "kvpress":
-            return f"kvpress/{row['cache']}"
-        knobs = json.loads(row["system_kwargs"]) if isinstance(row.get("system_kwargs"), str) else {}
-        return f"{system}/int{knobs['nbits']}" if "nbits" in knobs else system
-    try:
-        kwargs = json.loads(row["cache_kwargs"]) if isinstance(row["cache_kwargs"], str) else {}
-    except (KeyError, ValueError):
-        kwargs = {}
-    buffer = kwargs.get("buffer", "float")
-    return row["cache"] if buffer == "float" else f"{row['cache']}/{buffer}"
-
-
-# Another library's policy -> kvbench's cache of the same policy (the rest share their cache's name).
-PEERS = {"streaming_llm": "last_recent", "observed_attention": "h2o", "sliding_window": "last_recent"}
-
-
-def method_label(row) -> str:
-    """The policy a row ran, whichever system ran it: kvbench's cache (`h2o/int8`), a press's name (`knorm`), HF's
-    cache (`dense`, `dense/int4` for the quantized one, `sliding_window`)."""
-    system = row.get("system") if hasattr(row, "get") else None
-    label = cache_label(row)
-    if not isinstance(system, str) or system == "kvbench":
-        return label
-    if system == "hf_quantized" and "/" in label:
-        return f"dense/{label.split('/')[1]}"
-    return str(row["cache"])
-
-
-def peer_label(row) -> str:
-    """kvbench's cache that a row's policy is the peer of (its own cache for kvbench's rows)."""
-    method = method_label(row)
-    return PEERS.get(method, method)
-
-
-def summary_line(row: dict, skipped: bool = False) -> str:
-    ctx = ctx_label(int(row["ctx"]))
-    head = f"{row['model']} {cache_label(row)} ctx={ctx} batch={row['batch']} sdpa={row['sdpa_requested']}"
-    if skipped:
-        return f"[skip] {head}: already in the sweep folder (config {row['config_hash']}; force=true reruns it)"
-    if row.get("status") != "ok":
-        return f"[{row.get('status')}] {head}: {row.get('error')}"
-    peak = row.get("peak_alloc_bytes")
-    src = "tensors" if row.get("peak_alloc_source") == "tensor_tracker" else "allocated"
-    quality = [
-        f"{k} {row[k]:.3g}"
-        for k in ("kl_vs_dense", "top1_agree", "task_acc", "ppl")
-        if row.get(k) is not None and not pd.isna(row.get(k))
-    ]
-    if row.get("prefill_s") is None or pd.isna(row.get("prefill_s")):  # repeats=0: a quality-only row
-        return f"[ok] {head}: quality only | cache {human_bytes(row.get('cache_bytes'))} | " + ", ".join(quality)
-    return (
-        f"[ok] {head} ({row.get('sdpa_used')}): prefill {_fmt(row.get('prefill_s'), '.3f')} s | decode "
-        f"{step_text(row)} ms/step p50, {_fmt(row.get('decode_tok_s'), '.1f')} tok/s | "
-        f"peak {human_bytes(peak)} ({src}) | cache {human_bytes(row.get('cache_bytes'))}"
-        + (" | " + ", ".join(quality) if quality else "")
-        + contention_text(row)
-    )
-
-
-def _known(value) -> bool:
-    return value is not None and value is not pd.NA and not (isinstance(value, float) and math.isnan(value))
-
-
-def step_text(row) -> str:
-    """The p50 decode step, with its 95% interval's half-width where that is over 5% of it."""
-    p50, low, high = (row.get(k) for k in ("decode_ms_p50", "decode_ms_p50_low", "decode_ms_p50_high"))
-    if not _known(p50):
-        return "-"
-    if _known(low) and _known(high) and (high - low) / 2 > 0.05 * p50:
-        return f"{p50:.2f} ±{(high - low) / 2:.2f}"
-    return f"{p50:.2f}"
-
-
-def contention_text(row) -> str:
-    """' | contention heavy: ...' when the machine was not quiet while timing (empty when it was)."""
-    level = row.get("contention")
-    if not _known(level) or level == "none":
-        return ""
-    parts = [f"others used {row['others_cpu']:.1f} of {row['cores']} cores"] if _known(row.get("others_cpu")) else []
-    if row.get("oversubscribed") is True:
-        parts.append(f"threads oversubscribed ({row.get('threads')} + others > {row.get('cores')})")
-    if _known(row.get("gpu_others")) and row["gpu_others"]:
-        parts.append(f"{row['gpu_others']} other processes on the GPU")
-    return f" | contention {level}: " + ", ".join(parts)
-
-
-def aligned(header: list[str], lines: list[list[str]], left: int) -> str:
-    """A plain-text table: the first `left` columns left-aligned, the others right-aligned."""
-    widths = [max(len(h), *(len(str(line[i])) for line in lines)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < left else f"{{:>{w}}}" for i, w in enumerate(widths))
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    return "\n".join(out + [fmt.format(*line) for line in lines])
-
-
-def markdown(header: list[str], lines: list[list[str]]) -> str:
-    rows = [header, ["---"] * len(header), *lines]
-    return "\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in rows)
-
-
-TABLE_COLUMNS = [
-    "model",
-    "cache",
-    "ctx",
-    "batch",
-    "sdpa",
-    "status",
-    "prefill s",
-    "decode tok/s",
-    "ms/step p50",
-    "peak alloc",
-    "peak rss/nvml",
-    "cache bytes",
-    "vs dense KV",
-    "contention",
-]
-
-
-def comparison_table(df: pd.DataFrame) -> str:
-    """cache x ctx (and any other axis that varies): prefill s, decode tok/s, peak memory, cache bytes, status."""
-    if df.empty:
-        return "(no rows)"
-    df = df.sort_values(["model", "batch", "ctx", "cache", "sdpa_requested"], kind="stable")
-    lines = []
-    for _, r in df.iterrows():
-        peak_other = r["peak_nvml_bytes"] if r["device_kind"] == "cuda" else r["peak_rss_bytes"]
-        ratio = (
-            f"{r['cache_bytes'] / r['kv_bytes_dense']:.2f}x"
-            if pd.notna(r["cache_bytes"]) and pd.notna(r["kv_bytes_dense"]) and r["kv_bytes_dense"]
-            else "-"
-        )
-        sdpa = str(r["sdpa_used"] if pd.notna(r["sdpa_used"]) else r["sdpa_requested"])
-        lines.append(
-            [
-                r["model"],
-                cache_label(r),
-                ctx_label(int(r["ctx"])),
-                str(r["batch"]),
-                sdpa,
-                r["status"],
-                _fmt(r["prefill_s"], ".3f"),
-                _fmt(r["decode_tok_s"], ".1f"),
-                step_text(r),
-                human_bytes(r["peak_alloc_bytes"]),
-                human_bytes(peak_other),
-                human_bytes(r["cache_bytes"]),
-                ratio,
-                r["contention"] if _known(r["contention"]) else "-",
-            ]
-        )
-    return aligned(TABLE_COLUMNS, lines, 6)
-
-
-def quality_table(df: pd.DataFrame) -> str:
-    """cache x budget x ctx: quality columns beside cache bytes (rows that have fidelity or perplexity figures)."""
-    cols = ["kl_vs_dense", "top1_agree", "ppl"]
-    df = df[df[cols].notna().any(axis=1)]
-    if df.empty:
-        return ""
-    df = df.sort_values(["ctx", "cache", "cache_budget"], kind="stable")
-    header = ["cache", "budget", "ctx", "kl_vs_dense", "top1_agree", "ppl", "cache bytes"]
-    lines = [
-        [
-            cache_label(r),
-            budget_label(r),
-            ctx_label(int(r["ctx"])),
-            _fmt(r["kl_vs_dense"], ".4f"),
-            _fmt(r["top1_agree"], ".3f"),
-            _fmt(r["ppl"], ".2f"),
-            human_bytes(r["cache_bytes"]),
-        ]
-        for _, r in df.iterrows()
-    ]
-    return aligned(header, lines, 3)
-
-
-def budget_label(r) -> str:
-    """The budget as a fraction of the context ("all" for a cache that keeps every token)."""
-    return "all" if r["cache"] == "dense" else f"{r['cache_budget'] / r['ctx']:.1%}".replace(".0%", "%")
-
-
-def leaderboard(df: pd.DataFrame) -> str:
-    """Markdown: method x system x budget, the task suite's mean accuracy per protocol beside cost (cache bytes after
-    the prefill where rows have them and after decoding, peak memory, decode step), best first within each budget;
-    then each task's accuracy. Empty when no row has task scores."""
-    from bench.protocols import PROTOCOLS
-    from bench.tasks import TASKS
-
-    df = df[(df["status"] == "ok") & df["task_acc"].notna()].copy()
-    if df.empty:
-        return ""
-    df["method"] = [method_label(r) for _, r in df.iterrows()]
-    df["system"] = df["system"].fillna("kvbench")
-    df["budget"] = [budget_label(r) for _, r in df.iterrows()]
-    df["fraction"] = [1.0 if r["cache"] == "dense" else r["cache_budget"] / r["ctx"] for _, r in df.iterrows()]
-    protocols = [p for p in PROTOCOLS if p in set(df["task_protocol"])]
-    tasks = [t for t in TASKS if f"acc_{t}" in df and df[f"acc_{t}"].notna().any()]
-    after_prefill = "cache_bytes_prefill" in df and df["cache_bytes_prefill"].notna().any()
-    header = ["method", "system", "budget", *protocols, *(["after prefill"] if after_prefill else []), "cache bytes"]
-    header += ["peak memory", "decode ms/step"]
-    lines, detail = [], []
-    groups = df.groupby(["method", "system", "budget", "fraction"], sort=False)
-    order = sorted(groups, key=lambda g: (-g[0][3], -g[1]["task_acc"].mean(), g[0][0], g[0][1]))
-    for (method, system, budget, _), group in order:
-        by_protocol = group.set_index("task_protocol")
-        accs = [_fmt(by_protocol["task_acc"].get(p), ".2f") for p in protocols]
-        first = group.iloc[0]
-        lines.append(
-            [
-                method,
-                system,
-                budget,
-                *accs,
-                *([human_bytes(first["cache_bytes_prefill"])] if after_prefill else []),
-                human_bytes(first["cache_bytes"]),
-                human_bytes(first["peak_alloc_bytes"]),
-                _fmt(group["decode_ms_p50"].median(), ".2f"),
-            ]
-        )
-        for _, r in group.iterrows():
-            detail.append([method, system, budget, r["task_protocol"], *(_fmt(r[f"acc_{t}"], ".2f") for t in tasks)])
-    models = ", ".join(sorted(set(df["model"].astype(str))))
-    ctxs = ", ".join(ctx_label(int(c)) for c in sorted(set(df["ctx"])))
-    samples = ", ".join(str(int(x)) for x in sorted(set(df["task_samples"].dropna())))
-    head = (
-        f"Task suite, mean accuracy (RULER's string_match_all) per protocol: {models}, ctx {ctxs}, {samples} "
-        f"samples per task; tasks: {', '.join(tasks)}."
-    )
-    per_task = markdown(["method", "system", "budget", "protocol", *tasks], detail)
-    return "\n\n".join([head, markdown(header, lines), per_task])
-
+from bench.results.rows import load
+from bench.results.tables import comparison_table, leaderboard, quality_table
 
 # Config hashes of the jobs this process ran or skipped, by sweep folder (filled by bench.run).
 TOUCHED: dict[str, set[str]] = {}
@@ -281,8 +21,6 @@ class SweepSummary(Callback):
     """Hydra callback: after a multirun, print the comparison table of the jobs it ran (or skipped)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from bench.results import load
-
         sweep_dir = str(Path(config.results_dir) / config.sweep)
         df = load(sweep_dir)
         hashes = TOUCHED.get(sweep_dir)
@@ -299,14 +37,7 @@ class SweepSummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.report RESULTS`: the comparison table of a results folder, its quality table, and its
-    leaderboard (also written to RESULTS/leaderboard.md)."""
-    import argparse
-    import sys
-
-    from bench.results import load
-
-    ap = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     ap.add_argument("results", help="a results folder (searched recursively for *.parquet)")
     args = ap.parse_args(argv)
     if not Path(args.results).exists():
@@ -314,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     df = load(args.results)
     print(comparison_table(df))
-    for table in (quality_table(df), leaderboard(df)):
+    board = leaderboard(df)
+    for table in (quality_table(df), board):
         if table:
             print(f"\n{table}")
-    board = leaderboard(df)
     if board:
         Path(args.results, "leaderboard.md").write_text(board + "\n")
     return 0

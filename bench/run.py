@@ -18,8 +18,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from bench import launch
-from bench.spec import BenchConfig, ConfigError, resolve
+from bench.config.spec import BenchConfig, ConfigError, resolve
+from bench.harness import launch
+from bench.scaleout.placement import placement
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
@@ -37,17 +38,19 @@ def _sweep_bar(total: int):
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict:
-    from bench import report, results
+    from bench import report
+    from bench.results import rows as results
+    from bench.results import tables
 
     spec = resolve(cfg)  # validated before Hydra started: cannot fail here unless called programmatically
     cfg_hash = results.config_hash(spec.identity())
     sweep_dir = str(Path(cfg.results_dir) / cfg.sweep)
     report.TOUCHED.setdefault(sweep_dir, set()).add(cfg_hash)
-    in_order = launch.placement().launcher == "basic"  # other launchers run jobs in other processes
+    in_order = placement().launcher == "basic"  # other launchers run jobs in other processes
     bar = _sweep_bar(int(os.environ.get("KVBENCH_N_JOBS", "1"))) if in_order else None
     if results.has_row(sweep_dir, cfg_hash) and not cfg.force:
         row = results.load(results.row_path(sweep_dir, cfg_hash)).iloc[0].to_dict()
-        print(report.summary_line(row, skipped=True), flush=True)
+        print(tables.summary_line(row, skipped=True), flush=True)
     else:
         row = launch.execute(spec, sweep_id=cfg.sweep, config_hash=cfg_hash, isolate=bool(cfg.isolate))
         if row is None:  # its process was killed from outside: no row, so that a rerun redoes it
@@ -58,7 +61,7 @@ def main(cfg: DictConfig) -> dict:
             )
             return {"status": "killed", "config_hash": cfg_hash}
         results.write_row(sweep_dir, row)
-        print(report.summary_line(row), flush=True)
+        print(tables.summary_line(row), flush=True)
     if bar is not None:
         bar.update(1)
     return {"status": row["status"], "config_hash": cfg_hash}
@@ -173,7 +176,7 @@ def validate(argv: list[str]) -> list[tuple[str, str]]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from bench.results import config_hash
+    from bench.results.rows import config_hash
 
     overrides, multirun, _ = _split_argv(argv)
     _check_launcher(overrides)
@@ -221,7 +224,8 @@ def cli(argv: list[str] | None = None) -> None:
     if other_flags:  # --help, --cfg job, ...: Hydra's own business
         main()
         return
-    from bench import report, results
+    from bench import report
+    from bench.results import rows as results
 
     try:
         planned = validate(argv)

@@ -20,7 +20,7 @@ import time
 import torch
 from torch._dynamo.utils import counters
 
-from bench.measure import sync
+from bench.measure.timing import sync
 from model.compiled_decode import CompiledDecode
 from model.config import Config
 from model.gpt import GPT

@@ -18,8 +18,9 @@ import json
 
 import torch
 
-from bench.measure import TensorTracker, sync
-from bench.spec import DTYPES, parse_ctx
+from bench.config.spec import DTYPES, parse_ctx
+from bench.measure.memory import TensorTracker
+from bench.measure.timing import sync
 from model.config import CONFIGS, Config
 from model.gpt import GPT
 

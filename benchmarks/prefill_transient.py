@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.measure import TensorTracker
+from bench.measure.memory import TensorTracker
 from model.generate import prefill_chunks
 from model.gpt import GPT
 

@@ -20,8 +20,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.measure import measured_bandwidth, sync
-from bench.spec import DTYPES, parse_ctx
+from bench.config.spec import DTYPES, parse_ctx
+from bench.measure.memory import measured_bandwidth
+from bench.measure.timing import sync
 from model.compiled_decode import CompiledDecode
 from model.config import CONFIGS, Config
 from model.generate import prefill

@@ -29,10 +29,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import Tensor
 
-from bench import protocols, tasks
-from bench.quality import CacheSetup
+from bench.config.spec import JobSpec, resolve
+from bench.eval import protocols, tasks
+from bench.eval.quality import CacheSetup
 from bench.run import CONF_DIR
-from bench.spec import JobSpec, resolve
 from bench.systems import create, missing_extra
 from caches.base import KVCacheParams, register
 from caches.scored import Candidates, ScoredCache

@@ -49,7 +49,7 @@ class KVCache(nn.Module):
     # True where `decode_step` exists: storage and attention of a decode step do not depend on the tokens, so the
     # step can be compiled with fixed shapes and captured in a CUDA graph (model/compiled_decode.py).
     supports_compiled_decode: ClassVar[bool] = False
-    # compile=auto (bench/spec.py) decodes this cache through the compiled step on CUDA: set where a GPU run has
+    # compile=auto (bench/config/spec.py) decodes this cache through the compiled step on CUDA: set where a GPU run has
     # shown that step giving the eager step's tokens
     compiled_by_default: ClassVar[bool] = False
     allocation: ClassVar[str] = "uniform"  # how set_kv_caches shares a budget among layers (caches/allocation.py)

@@ -1,5 +1,5 @@
 """A compressed cache read as it is, and new tokens appended after it without eviction: how one compressed context
-answers several questions (the `agnostic` protocol of bench/protocols.py, as NVIDIA's kvpress evaluates a press).
+answers several questions (the `agnostic` protocol of bench/eval/protocols.py, as NVIDIA's kvpress evaluates a press).
 
     base = model.kv_caches                                         # after a prefill of the context alone
     model.assign_kv_caches([FrozenPrefixCache(c, 64) for c in base])

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bench import results
+from bench.config.spec import ConfigError, resolve
+from bench.results import rows
 from bench.run import CONF_DIR, validate
-from bench.spec import ConfigError, resolve
 from model.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +24,8 @@ def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def rows(tmp_path: Path, sweep: str = "default") -> pd.DataFrame:
-    return results.load(tmp_path / "results" / sweep)
+def sweep_rows(tmp_path: Path, sweep: str = "default") -> pd.DataFrame:
+    return rows.load(tmp_path / "results" / sweep)
 
 
 @pytest.mark.parametrize("cache", sorted(p.stem for p in Path(CONF_DIR, "cache").glob("*.yaml")))
@@ -82,7 +82,7 @@ def test_every_experiment_expands_to_valid_jobs(experiment):
 def test_users_command_writes_one_ok_row_per_job(tmp_path):
     proc = bench(tmp_path, "cache=dense,last_recent", "ctx=1k,2k", "-m", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    df = rows(tmp_path)
+    df = sweep_rows(tmp_path)
     assert len(df) == 4 and (df["status"] == "ok").all(), df[["cache", "ctx", "status", "error"]]
     assert set(zip(df["cache"], df["ctx"])) == {
         ("dense", 1024),
@@ -90,7 +90,7 @@ def test_users_command_writes_one_ok_row_per_job(tmp_path):
         ("last_recent", 1024),
         ("last_recent", 2048),
     }
-    assert set(results.SCHEMA) <= set(df.columns)
+    assert set(rows.SCHEMA) <= set(df.columns)
     for col in [
         "prefill_s",
         "decode_ms_p50",
@@ -135,15 +135,15 @@ def test_users_command_writes_one_ok_row_per_job(tmp_path):
 def test_deterministic_tracked_peak(tmp_path):
     proc = bench(tmp_path, "ctx=1k", "force=true", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    first = rows(tmp_path)["peak_alloc_bytes"].item()
+    first = sweep_rows(tmp_path)["peak_alloc_bytes"].item()
     bench(tmp_path, "ctx=1k", "force=true", *SMALL)
-    assert rows(tmp_path)["peak_alloc_bytes"].item() == first > 0
+    assert sweep_rows(tmp_path)["peak_alloc_bytes"].item() == first > 0
 
 
 def test_failures_are_rows_and_the_sweep_goes_on(tmp_path):
     proc = bench(tmp_path, "inject=oom,error,none", "sdpa=auto,efficient", "ctx=512", "isolate=false", "-m", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    df = rows(tmp_path)
+    df = sweep_rows(tmp_path)
     assert len(df) == 6
     status = df.groupby("sdpa_requested")["status"].apply(sorted).to_dict()
     assert status["auto"] == ["error", "ok", "oom"]
@@ -222,7 +222,7 @@ def test_validate_rejects_a_sweep_without_multirun():
 def test_compile_true_decodes_through_the_compiled_step(tmp_path):
     proc = bench(tmp_path, "cache=dense,h2o", "compile=true,false", "ctx=512", "isolate=false", "-m", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    df = rows(tmp_path)
+    df = sweep_rows(tmp_path)
     assert len(df) == 4 and (df["status"] == "ok").all(), df[["cache", "compile", "error"]]
     compiled = df[df["compile"].astype(bool)]
     assert set(compiled["sdpa_used_decode"]) == {"compiled"} and (compiled["compile_s"] > 0).all()
@@ -243,7 +243,7 @@ def test_compile_true_decodes_through_the_compiled_step(tmp_path):
     # a combination the compiled step cannot run is a row that says why
     proc = bench(tmp_path, "compile=true", "sdpa=eager", "ctx=512", "sweep=refused", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    row = rows(tmp_path, "refused").iloc[0]
+    row = sweep_rows(tmp_path, "refused").iloc[0]
     assert row["status"] == "unsupported" and "sdpa=eager: the compiled decode step runs an SDPA kernel" in row["error"]
 
 
@@ -253,7 +253,7 @@ def test_compiled_jobs_in_one_process_do_not_pile_up_compiled_code():
     (dynamo fails the step after `recompile_limit` of them; 8 by default, 1 here)."""
     import torch._dynamo
 
-    from bench.job import run_job
+    from bench.harness.job import run_job
 
     torch._dynamo.reset()
     for cache in ("dense", "h2o"):
@@ -271,12 +271,12 @@ def test_systems_side_by_side_each_in_its_own_process(tmp_path):
         tmp_path, "system=kvbench,hf_dynamic,hf_static", "model=tiny", "ctx=1k", "new_tokens=8", "repeats=1", "-m"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    df = rows(tmp_path)
+    df = sweep_rows(tmp_path)
     assert sorted(df["system"]) == ["hf_dynamic", "hf_static", "kvbench"] and (df["status"] == "ok").all(), df.error
     assert (df["isolation"] == "process").all() and df["pid"].nunique() == 3
     assert df["weights_bytes"].nunique() == 1 and df["cache_bytes"].nunique() == 1
     assert (df["peak_alloc_source"] == "tensor_tracker").all() and (df["peak_alloc_bytes"] > df["weights_bytes"]).all()
     assert "hf_static" in proc.stdout  # the table names the systems
-    from bench.plot import systems_side_by_side
+    from bench.results.figures import systems_side_by_side
 
     assert systems_side_by_side(df) is not None

@@ -1,6 +1,6 @@
-"""Timings on a shared machine (bench/contention.py): a row says what else ran while it was timed, a job that starts
-on a busy machine says so (or waits, or refuses), each timing carries its spread, and bench.regress judges timings
-by the noise the rows recorded and refuses to judge those timed under heavy contention."""
+"""Timings on a shared machine (bench/measure/contention.py): a row says what else ran while it was timed, a job that
+starts on a busy machine says so (or waits, or refuses), each timing carries its spread, and bench.regress judges
+timings by the noise the rows recorded and refuses to judge those timed under heavy contention."""
 
 import subprocess
 import sys
@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bench import regress, results
-from bench.contention import classify
-from bench.job import median_interval, run_job
+from bench.config.spec import resolve
+from bench.harness.job import run_job
+from bench.measure.contention import classify
+from bench.measure.timing import median_interval
+from bench.results import compare, rows
 from bench.run import CONF_DIR
-from bench.spec import resolve
 
 HOG = "import time\nend = time.time() + {s}\nwhile time.time() < end: pass"
 
@@ -94,9 +95,9 @@ def _rows(h2o_ms: float, half: float, contention: str = "none") -> pd.DataFrame:
         "prefill_s": 1.0,
         "contention": contention,
     }
-    rows = []
+    made = []
     for cache, ms in (("dense", 1.0), ("h2o", h2o_ms)):
-        rows.append(
+        made.append(
             {
                 **base,
                 "cache": cache,
@@ -106,16 +107,16 @@ def _rows(h2o_ms: float, half: float, contention: str = "none") -> pd.DataFrame:
                 "decode_ms_p50_high": ms * (1 + half),
             }
         )
-    return results.to_frame(rows)
+    return rows.to_frame(made)
 
 
 def test_regress_judges_timings_by_their_recorded_noise():
     was = _rows(1.2, half=0.3)
-    assert regress.compare(_rows(2.5, half=0.3), was) == []  # +108%, within 0.3 x 4 of recorded noise
-    flagged = regress.compare(_rows(2.5, half=0.01), _rows(1.2, half=0.01))  # the same change, narrow intervals
+    assert compare.compare(_rows(2.5, half=0.3), was) == []  # +108%, within 0.3 x 4 of recorded noise
+    flagged = compare.compare(_rows(2.5, half=0.01), _rows(1.2, half=0.01))  # the same change, narrow intervals
     assert [p["column"] for p in flagged] == ["decode_ms_p50 / dense"] and "recorded noise" in flagged[0]["rule"]
     unjudged: list = []
-    assert regress.compare(_rows(3.0, half=0.01, contention="heavy"), _rows(1.2, half=0.01), unjudged=unjudged) == []
+    assert compare.compare(_rows(3.0, half=0.01, contention="heavy"), _rows(1.2, half=0.01), unjudged=unjudged) == []
     assert [column for _, column in unjudged] == ["decode_ms_p50 / dense", "prefill_s / dense"]
     assert "h2o" in unjudged[0][0]
 
@@ -123,7 +124,7 @@ def test_regress_judges_timings_by_their_recorded_noise():
 def test_regress_says_what_it_cannot_judge(tmp_path):
     for name, df in (("current", _rows(3.0, 0.01, "heavy")), ("baseline", _rows(1.2, 0.01))):
         for _, row in df.iterrows():
-            results.write_row(tmp_path / name, {**row.to_dict(), "config_hash": f"{name}-{row['cache']}"})
+            rows.write_row(tmp_path / name, {**row.to_dict(), "config_hash": f"{name}-{row['cache']}"})
     proc = subprocess.run(
         [sys.executable, "-m", "bench.regress", str(tmp_path / "current"), "--baseline", str(tmp_path / "baseline")],
         capture_output=True,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from naive_eviction import NaiveScoredCache
 
-from bench.quality import corpus
+from bench.eval.quality import corpus
 from caches import KVCacheParams, cache_class, cache_names, create_cache
 from caches.buffers import make_buffer
 from model.config import Config

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import launch, results
-from bench.spec import resolve
+from bench.config.spec import resolve
+from bench.harness import launch
+from bench.results import rows
+from bench.scaleout import placement
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["new_tokens=4", "repeats=1", "prefill_chunk=256", "ctx=1k"]
@@ -26,8 +28,8 @@ def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(bench_cmd(tmp_path, *args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def rows(tmp_path: Path, sweep: str = "default"):
-    return results.load(tmp_path / "results" / sweep)
+def sweep_rows(tmp_path: Path, sweep: str = "default"):
+    return rows.load(tmp_path / "results" / sweep)
 
 
 def cores() -> int:
@@ -46,7 +48,7 @@ def test_joblib_two_workers_two_processes_and_resume_across_launchers(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
-    df = rows(tmp_path)
+    df = sweep_rows(tmp_path)
     assert len(df) == 3 and (df["status"] == "ok").all()
     assert dense_file.stat().st_mtime_ns == mtime  # skipped by config hash, although another launcher ran it
     ran = df[df["cache"] != "dense"]
@@ -68,7 +70,7 @@ def test_submitit_local_runs_each_job_in_its_own_process(tmp_path):
         *SMALL,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    df = rows(tmp_path)
+    df = sweep_rows(tmp_path)
     assert len(df) == 2 and (df["status"] == "ok").all(), df[["cache", "status", "error"]]
     assert df["pid"].nunique() == 2 and os.getpid() not in set(df["pid"])
     # submitit gives every job a new process: the job runs there, with no child of its own
@@ -165,14 +167,14 @@ def test_a_job_killed_mid_run_leaves_no_row_and_the_rerun_redoes_exactly_it(tmp_
     assert sweep.returncode == 1 and "1 of 2 jobs have no row" in err, err[-2000:]
     assert "[killed]" in out
     folder = tmp_path / "results" / "default"
-    df = rows(tmp_path)
+    df = sweep_rows(tmp_path)
     assert list(df["cache"]) == ["last_recent"]  # the sweep went on; the killed job left nothing
     assert [p.name for p in folder.iterdir() if p.is_file()] == [f"{df['config_hash'].item()}.parquet"]
 
     rerun = bench(tmp_path, *LONG)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert rerun.stdout.count("[skip]") == 1 and rerun.stdout.count("[ok]") == 1
-    assert sorted(rows(tmp_path)["cache"]) == ["dense", "last_recent"]
+    assert sorted(sweep_rows(tmp_path)["cache"]) == ["dense", "last_recent"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -202,7 +204,7 @@ def test_memory_figures_do_not_depend_on_the_place_in_the_sweep(tmp_path):
     a = bench(tmp_path, "cache=dense,h2o", "sweep=dense_first", "-m", *SMALL)
     b = bench(tmp_path, "cache=h2o,dense", "sweep=dense_second", "-m", *SMALL)
     assert a.returncode == 0 and b.returncode == 0, (a.stderr + b.stderr)[-2000:]
-    first, second = rows(tmp_path, "dense_first"), rows(tmp_path, "dense_second")
+    first, second = sweep_rows(tmp_path, "dense_first"), sweep_rows(tmp_path, "dense_second")
     assert list(first["isolation"]) == ["process"] * 2 and first["pid"].nunique() == 2
     for cache in ("dense", "h2o"):
         one = first[first["cache"] == cache].iloc[0]
@@ -246,12 +248,12 @@ def test_a_dead_child_is_no_row_or_an_error_row(monkeypatch, spec, code, status,
 
 def test_gpu_locks_give_each_job_its_own_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    monkeypatch.setattr(launch.tempfile, "gettempdir", lambda: str(tmp_path))
-    with launch.gpu_lock("cuda") as a, launch.gpu_lock("cuda") as b:
+    monkeypatch.setattr(placement.tempfile, "gettempdir", lambda: str(tmp_path))
+    with placement.gpu_lock("cuda") as a, placement.gpu_lock("cuda") as b:
         assert (a, b) == ("4", "6")
-    with launch.gpu_lock("cuda") as c:  # released on exit
+    with placement.gpu_lock("cuda") as c:  # released on exit
         assert c == "4"
-    with launch.gpu_lock("cpu") as none:
+    with placement.gpu_lock("cpu") as none:
         assert none is None
 
 
@@ -259,22 +261,22 @@ def test_nvml_index_follows_cuda_visible_devices(monkeypatch):
     import pynvml
     import torch
 
-    from bench import measure
+    from bench.measure import memory
 
     monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: (_ for _ in ()).throw(AttributeError))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-    assert measure.nvml_index(torch.device("cuda", 1)) == 1
-    assert measure.nvml_index(torch.device("cuda", 0)) == 3
+    assert memory.nvml_index(torch.device("cuda", 1)) == 1
+    assert memory.nvml_index(torch.device("cuda", 0)) == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert measure.nvml_index(torch.device("cuda", 2)) == 2
+    assert memory.nvml_index(torch.device("cuda", 2)) == 2
 
 
 def test_a_launcher_whose_plugin_is_missing_is_refused_in_one_line(monkeypatch):
     import importlib.util
 
     from bench import run
-    from bench.spec import ConfigError
+    from bench.config.spec import ConfigError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if "hydra_plugins" in name else real(name))

@@ -8,13 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import measure, results
-from bench.report import comparison_table, summary_line
+from bench.measure import memory
+from bench.results import rows
+from bench.results.tables import comparison_table, summary_line
 
 
 def test_tensor_tracker_counts_live_bytes_exactly():
     x = torch.zeros(1000)  # allocated before the mode: not counted
-    with measure.TensorTracker(baseline=123) as tracker:
+    with memory.TensorTracker(baseline=123) as tracker:
         a = torch.ones(1000)  # +4000
         b = a.view(10, 100)  # a view: no new memory
         c = a * 2  # +4000 -> 8000 live
@@ -32,17 +33,17 @@ def test_tensor_tracker_counts_live_bytes_exactly():
 
 
 def test_peak_rss_resets_and_sees_a_big_allocation():
-    if not measure.reset_peak_rss():
+    if not memory.reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs here")
     mib = 2**20
     big = torch.ones(256 * mib // 4)  # 256 MiB, touched, then freed (returned to the OS: it was mmapped)
     del big
-    high = measure.peak_rss()
-    measure.reset_peak_rss()
-    low = measure.peak_rss()
+    high = memory.peak_rss()
+    memory.reset_peak_rss()
+    low = memory.peak_rss()
     assert low <= high - 200 * mib  # the reset forgot the freed 256 MiB
     big = torch.ones(256 * mib // 4)
-    assert measure.peak_rss() >= low + 200 * mib
+    assert memory.peak_rss() >= low + 200 * mib
     del big
 
 
@@ -64,20 +65,20 @@ def _file_backed_rss_from_smaps() -> int:
 
 def test_rss_file_matches_smaps_and_sees_a_mapped_file(tmp_path):
     """rss_file is the file-backed part of the resident set: the part of peak_rss set by the page cache."""
-    if measure.rss_file() is None or not measure.reset_peak_rss():
+    if memory.rss_file() is None or not memory.reset_peak_rss():
         pytest.skip("no /proc/self/status or clear_refs here")
     mib = 2**20
-    assert abs(measure.rss_file() - _file_backed_rss_from_smaps()) < mib
+    assert abs(memory.rss_file() - _file_backed_rss_from_smaps()) < mib
     path = tmp_path / "blob"
     path.write_bytes(b"\1" * (64 * mib))
-    measure.reset_peak_rss()
-    before, low = measure.rss_file(), measure.peak_rss()
+    memory.reset_peak_rss()
+    before, low = memory.rss_file(), memory.peak_rss()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         assert sum(m[i] for i in range(0, len(m), mmap.PAGESIZE)) == len(m) // mmap.PAGESIZE  # touch every page
-        assert measure.rss_file() >= before + 63 * mib
-        assert abs(measure.rss_file() - _file_backed_rss_from_smaps()) < mib
-        assert measure.peak_rss() >= low + 63 * mib  # file pages count in the peak resident set too
-    assert measure.rss_file() < before + mib  # unmapped: gone from this process's resident set
+        assert memory.rss_file() >= before + 63 * mib
+        assert abs(memory.rss_file() - _file_backed_rss_from_smaps()) < mib
+        assert memory.peak_rss() >= low + 63 * mib  # file pages count in the peak resident set too
+    assert memory.rss_file() < before + mib  # unmapped: gone from this process's resident set
 
 
 # An eager job of every cache kind in one process, then the modules it loaded (run where no test imported any).
@@ -85,9 +86,9 @@ def test_rss_file_matches_smaps_and_sees_a_mapped_file(tmp_path):
 _EAGER_JOBS = """
 import sys
 from hydra import compose, initialize_config_dir
-from bench.job import run_job
+from bench.harness.job import run_job
 from bench.run import CONF_DIR
-from bench.spec import resolve
+from bench.config.spec import resolve
 for cache in ("dense", "last_recent", "h2o", "qh2o"):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"cache={cache}", "ctx=1k", "new_tokens=4", "repeats=1"])
@@ -118,15 +119,15 @@ def test_an_eager_job_loads_no_compiler_and_no_dataframes():
 
 def test_write_is_atomic_and_load_reads_a_tree(tmp_path):
     row = {"config_hash": "abc123", "model": "tiny", "ctx": 1024, "status": "ok", "prefill_s": 0.5, "new_col": 7}
-    path = results.write_row(tmp_path / "sweep" / "a", row)
-    results.write_row(tmp_path / "sweep" / "b", {**row, "config_hash": "def456", "ctx": 2048})
-    assert path.name == "abc123.parquet" and results.has_row(tmp_path / "sweep" / "a", "abc123")
+    path = rows.write_row(tmp_path / "sweep" / "a", row)
+    rows.write_row(tmp_path / "sweep" / "b", {**row, "config_hash": "def456", "ctx": 2048})
+    assert path.name == "abc123.parquet" and rows.has_row(tmp_path / "sweep" / "a", "abc123")
     assert not [p for p in tmp_path.rglob("*") if p.suffix == ".tmp"]
-    df = results.load(tmp_path / "sweep")
+    df = rows.load(tmp_path / "sweep")
     assert sorted(df["ctx"].tolist()) == [1024, 2048]
-    assert list(df.columns[: len(results.SCHEMA)]) == list(results.SCHEMA)
+    assert list(df.columns[: len(rows.SCHEMA)]) == list(rows.SCHEMA)
     assert str(df["ctx"].dtype) == "Int64" and df["mbu"].isna().all() and "new_col" in df
-    assert results.load(tmp_path / "nothing").empty
+    assert rows.load(tmp_path / "nothing").empty
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -136,14 +137,14 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pd.DataFrame, "to_parquet", boom)
     with pytest.raises(OSError):
-        results.write_row(tmp_path, {"config_hash": "x1"})
+        rows.write_row(tmp_path, {"config_hash": "x1"})
     assert os.listdir(tmp_path) == []
 
 
 def test_config_hash_is_stable_and_sensitive():
     a = {"ctx": 1024, "cache": "dense", "cache_kwargs": {}}
-    assert results.config_hash(a) == results.config_hash(dict(reversed(a.items())))
-    assert results.config_hash(a) != results.config_hash({**a, "ctx": 2048})
+    assert rows.config_hash(a) == rows.config_hash(dict(reversed(a.items())))
+    assert rows.config_hash(a) != rows.config_hash({**a, "ctx": 2048})
 
 
 def test_summary_and_table_render():
@@ -167,16 +168,16 @@ def test_summary_and_table_render():
     }
     line = summary_line(row)
     assert line.startswith("[ok] tiny dense ctx=8k") and "1.25 ms/step" in line and "3.0 MiB" in line
-    table = comparison_table(results.to_frame([row, {**row, "cache": "last_recent", "cache_bytes": 2**18}]))
+    table = comparison_table(rows.to_frame([row, {**row, "cache": "last_recent", "cache_bytes": 2**18}]))
     assert "last_recent" in table and "0.25x" in table and "1.0 GiB" in table
 
 
 def test_mbu_is_bytes_per_step_over_step_time_over_bandwidth(monkeypatch):
     import torch
 
-    from bench import job, measure
+    from bench.harness import job
 
-    monkeypatch.setattr(measure, "measured_bandwidth", lambda device: 4e12)  # an H200-like 4 TB/s
+    monkeypatch.setattr(job.trackers, "measured_bandwidth", lambda device: 4e12)  # an H200-like 4 TB/s
     result = job.roofline(step_bytes=6e9, step_ms=2.5, device=torch.device("cuda"))
     assert (result.bandwidth_bytes_s, result.mbu) == (4e12, pytest.approx(0.6))  # 6 GB in 2.5 ms = 2.4 TB/s
 
@@ -187,7 +188,7 @@ def test_the_copy_bandwidth_is_timed_on_the_device_in_batches(monkeypatch):
     between copies does not count."""
     import torch
 
-    from bench import measure
+    from bench.measure import memory
 
     clock = {"s": 0.0, "copies": 0}
     per_copy = [2.5e-4, 2.0e-4, 3.0e-4]  # seconds per copy in successive batches (warm-up copies: the first)
@@ -216,19 +217,19 @@ def test_the_copy_bandwidth_is_timed_on_the_device_in_batches(monkeypatch):
             clock["s"] += per_copy[min(len(per_copy) - 1, max(0, (clock["copies"] - 3) // 10))]
             clock["copies"] += 1
 
-    monkeypatch.setattr(measure, "_BANDWIDTH", {})
+    monkeypatch.setattr(memory, "_BANDWIDTH", {})
     monkeypatch.setattr(torch, "empty", lambda n, dtype=None, device=None: Tensor(n))
     monkeypatch.setattr(torch, "empty_like", lambda t: Tensor(t.n))
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    bandwidth = measure.measured_bandwidth(torch.device("cuda"), nbytes=1 << 30, copies=10, trials=3)
+    bandwidth = memory.measured_bandwidth(torch.device("cuda"), nbytes=1 << 30, copies=10, trials=3)
     assert clock["copies"] == 3 + 3 * 10
     assert bandwidth == pytest.approx((1 << 30) / 2.0e-4)  # 512 MiB read + 512 MiB written in the best 0.2 ms
 
 
 def test_timing_from_the_timed_seconds():
-    from bench.job import timing
+    from bench.harness.job import timing
 
     t = timing(
         [2.0, 1.0, 3.0], [0.001 * k for k in range(1, 11)], batch=4, used={"prefill": {"flash"}, "decode": {"compiled"}}
@@ -243,12 +244,12 @@ def test_timing_from_the_timed_seconds():
 def test_expandable_segments_request_keeps_the_users_options(monkeypatch, var):
     """Before CUDA starts the request goes through the environment variable the user already set (else the CUDA
     one), replacing only its expandable_segments option."""
-    for v in measure.ALLOC_CONF_VARS:
+    for v in memory.ALLOC_CONF_VARS:
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv(var, "max_split_size_mb:128,expandable_segments:False")
     assert not torch.cuda.is_initialized()
-    assert measure.request_expandable_segments(True) == "max_split_size_mb:128,expandable_segments:True"
+    assert memory.request_expandable_segments(True) == "max_split_size_mb:128,expandable_segments:True"
     assert os.environ[var] == "max_split_size_mb:128,expandable_segments:True"
     monkeypatch.delenv(var)
-    assert measure.request_expandable_segments(False) == "expandable_segments:False"
+    assert memory.request_expandable_segments(False) == "expandable_segments:False"
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False"

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bench.nvml_sampler import NvmlSampler
+from bench.measure.nvml_sampler import NvmlSampler
 
 FAKE = textwrap.dedent("""
     import os

@@ -5,7 +5,7 @@ import pytest
 import torch
 from reference import naive_forward, window_allowed
 
-from bench.measure import TensorTracker
+from bench.measure.memory import TensorTracker
 from model import attention as A
 from model import gpt
 from model.config import Config

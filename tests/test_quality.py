@@ -3,7 +3,7 @@ tests/test_tasks.py."""
 
 import pytest
 
-from bench.quality import CacheSetup, fidelity, perplexity
+from bench.eval.quality import CacheSetup, fidelity, perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import plot, regress, report, results
+from bench.results import compare, figures, rows, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_BASELINE = ROOT / "results" / "baselines" / "ci-cpu"
@@ -22,11 +22,11 @@ def regress_cli(current: Path, baseline: Path, *extra: str) -> subprocess.Comple
 
 def _doctored(tmp_path: Path, edit) -> Path:
     """A copy of the CI baseline with `edit(df)` applied."""
-    df = results.load(CI_BASELINE)
+    df = rows.load(CI_BASELINE)
     edit(df)
     out = tmp_path / "doctored"
     for row in df.to_dict("records"):
-        results.write_row(out, row)
+        rows.write_row(out, row)
     return out
 
 
@@ -63,13 +63,13 @@ def test_absolute_times_are_not_compared(tmp_path):
 def test_missing_rows_and_status_changes_fail(tmp_path):
     current = tmp_path / "current"
     shutil.copytree(CI_BASELINE, current)
-    df = results.load(current)
+    df = rows.load(current)
     row = df[df["cache"] == "last_recent"].iloc[0].to_dict()
     for round_row in current.rglob(f"{row['config_hash']}.parquet"):  # the configuration, from every round
         round_row.unlink()
     broken = df[df["cache"] == "h2o"].iloc[0].to_dict()
-    results.write_row(current, {**broken, "status": "oom", "error": "OutOfMemoryError", "started_at": "2999-01-01"})
-    problems = regress.compare(results.load(current), results.load(CI_BASELINE))
+    rows.write_row(current, {**broken, "status": "oom", "error": "OutOfMemoryError", "started_at": "2999-01-01"})
+    problems = compare.compare(rows.load(current), rows.load(CI_BASELINE))
     kinds = {(p["column"], p["current"].split(":")[0] if isinstance(p["current"], str) else None) for p in problems}
     assert ("(row)", "missing") in kinds and ("status", "oom") in kinds
 
@@ -107,7 +107,7 @@ def test_figures_from_the_baselines(tmp_path):
 
 
 def test_figure_axes_have_units_and_titles_name_device():
-    fig = plot.memory_time_vs_ctx(results.load(H200 / "caches"))
+    fig = figures.memory_time_vs_ctx(rows.load(H200 / "caches"))
     labels = [ax.get_ylabel() for ax in fig.axes]
     assert labels == ["peak memory (MiB)", "cache bytes (MiB)", "decode step, p50 (ms)"]
     assert "NVIDIA H200" in fig._suptitle.get_text() and "llama-3.2-1b" in fig._suptitle.get_text()
@@ -115,17 +115,17 @@ def test_figure_axes_have_units_and_titles_name_device():
 
 
 def test_backend_phase_table_names_what_ran():
-    table = plot.backend_phase_table(results.load(H200 / "backend_matrix"))
+    table = figures.backend_phase_table(rows.load(H200 / "backend_matrix"))
     assert table.loc["flash", "chunked prefill"][1] == "no kernel"
     assert table.loc["efficient", "decode"][1] == "no kernel"
     assert table.loc["auto", "decode"] == (0, "flash")
 
 
 def test_quality_figure_appears_only_with_quality_columns():
-    df = results.load(CI_BASELINE)
-    assert plot.quality_vs_bytes(df) is None
+    df = rows.load(CI_BASELINE)
+    assert figures.quality_vs_bytes(df) is None
     df["kl_vs_dense"] = pd.Series([0.0, 0.1, 0.2, 0.0, 0.05, 0.3], dtype="float64")
-    assert plot.quality_vs_bytes(df) is not None
+    assert figures.quality_vs_bytes(df) is not None
 
 
 @pytest.mark.slow
@@ -144,39 +144,39 @@ def test_notebook_runs_top_to_bottom():
 
 def test_the_newest_row_of_a_configuration_is_compared(tmp_path):
     """A results folder holding a rerun (say, after a change of the config hash) is judged by its newest row."""
-    base = results.load(CI_BASELINE)
+    base = rows.load(CI_BASELINE)
     row = base[base["cache"] == "h2o"].iloc[0].to_dict()
     stale = {**row, "config_hash": "stale", "started_at": "2000-01-01T00:00:00+00:00", "cache_bytes": 1}
     current = tmp_path / "current"
     shutil.copytree(CI_BASELINE, current)
-    results.write_row(current, stale)  # an old, wrong row for the same configuration
-    assert regress.compare(results.load(current), base) == []
+    rows.write_row(current, stale)  # an old, wrong row for the same configuration
+    assert compare.compare(rows.load(current), base) == []
     newest = {**row, "config_hash": "newer", "started_at": "2999-01-01T00:00:00+00:00", "cache_bytes": 1}
-    results.write_row(current, newest)
-    assert [p["column"] for p in regress.compare(results.load(current), base)] == ["cache_bytes"]
+    rows.write_row(current, newest)
+    assert [p["column"] for p in compare.compare(rows.load(current), base)] == ["cache_bytes"]
 
 
 def test_each_timing_is_judged_on_its_fastest_round(tmp_path):
     """`make regress` measures in rounds: a round disturbed by another process does not decide, unless it is the
     only round of the newest code."""
-    base = results.load(CI_BASELINE)
+    base = rows.load(CI_BASELINE)
     row = base[base["cache"] == "h2o"].iloc[0].to_dict()
     current = tmp_path / "current"
     shutil.copytree(CI_BASELINE, current)
     slow = {"decode_ms_p50": row["decode_ms_p50"] * 3, "decode_ms_p50_low": row["decode_ms_p50_low"] * 3}
     slow["decode_ms_p50_high"] = row["decode_ms_p50_high"] * 3
     disturbed = {**row, **slow, "config_hash": "round9", "started_at": "2999-01-01T00:00:00+00:00"}
-    results.write_row(current / "round9", disturbed)
-    assert regress.compare(results.load(current), base) == []
-    results.write_row(current / "round9", {**disturbed, "git_commit": "newer code"})
-    flagged = regress.compare(results.load(current), base)
+    rows.write_row(current / "round9", disturbed)
+    assert compare.compare(rows.load(current), base) == []
+    rows.write_row(current / "round9", {**disturbed, "git_commit": "newer code"})
+    flagged = compare.compare(rows.load(current), base)
     assert [p["column"] for p in flagged] == ["decode_ms_p50 / dense"] and "h2o" in flagged[0]["config"]
 
 
 def test_the_committed_leaderboard_draws_a_line_per_cache():
     """Twelve caches, more than a ten-colour cycle: each gets its own line and colour in each protocol's panel."""
-    df = results.load(ROOT / "results" / "baselines" / "leaderboard-cpu")
-    fig = plot.task_accuracy(df)
+    df = rows.load(ROOT / "results" / "baselines" / "leaderboard-cpu")
+    fig = figures.task_accuracy(df)
     caches = set(df["cache"]) - {"dense"}
     for ax in fig.axes:
         lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("dense")]
@@ -188,8 +188,8 @@ def test_the_committed_peers_stand_side_by_side():
     """kvbench's caches and kvpress's presses of the same policy at the same budget: the leaderboard names each row's
     system, the peers figure puts their bars next to each other (streaming_llm beside last_recent), and on the
     accuracy figure a press takes its peer's colour, dashed."""
-    df = results.load(ROOT / "results" / "baselines" / "peers-cpu")
-    board = report.leaderboard(df)
+    df = rows.load(ROOT / "results" / "baselines" / "peers-cpu")
+    board = tables.leaderboard(df)
     header = board.split("\n\n")[1].splitlines()[0]
     assert header.startswith("| method | system | budget |")
     for method, system in [
@@ -199,11 +199,11 @@ def test_the_committed_peers_stand_side_by_side():
         ("dense", "hf_dynamic"),
     ]:
         assert f"| {method} | {system} |" in board, (method, system)
-    fig = plot.peers_side_by_side(df)
+    fig = figures.peers_side_by_side(df)
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert "last_recent / streaming_llm\n25%" in labels and "tova\n25%" in labels
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["kvbench", "kvpress"]
     assert [ax.get_ylabel() for ax in fig.axes][-1] == "task suite accuracy"
-    lines = {ln.get_label(): ln for ln in plot.task_accuracy(df).axes[0].get_lines()}
+    lines = {ln.get_label(): ln for ln in figures.task_accuracy(df).axes[0].get_lines()}
     assert tuple(lines["kvpress/tova"].get_color()) == tuple(lines["tova"].get_color())
     assert lines["kvpress/tova"].get_linestyle() == "--" and lines["tova"].get_linestyle() == "-"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster import slurm  # noqa: F401  (the fixture)
 
-from bench import results
+from bench.results import rows
 
 pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +28,8 @@ def sweep(cluster, tmp_path: Path, *args: str, background: bool = False):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def rows(tmp_path: Path, sweep_name: str = "default"):
-    return results.load(tmp_path / "results" / sweep_name)
+def sweep_rows(tmp_path: Path, sweep_name: str = "default"):
+    return rows.load(tmp_path / "results" / sweep_name)
 
 
 def _running(cluster, timeout: float = 120) -> list[str]:
@@ -48,7 +48,7 @@ def test_the_readme_command_runs_two_jobs_as_two_slurm_jobs(slurm, tmp_path):  #
     error), two rows from two Slurm tasks of one array, and at most one line about sacct (accounting is off)."""
     proc = sweep(slurm, tmp_path, "cache=dense,last_recent", "ctx=1k", "new_tokens=4", "repeats=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    df = rows(tmp_path)
+    df = sweep_rows(tmp_path)
     assert sorted(df["cache"]) == ["dense", "last_recent"] and (df["status"] == "ok").all(), df["error"]
     assert df["slurm_job_id"].nunique() == 2 and sorted(df["slurm_array_task_id"]) == ["0", "1"]
     assert (df["launcher"] == "submitit_slurm").all() and (df["isolation"] == "launcher").all()
@@ -87,7 +87,7 @@ def test_a_cancelled_job_is_missing_and_the_rerun_redoes_exactly_it(slurm, tmp_p
     stamp = kept[0].stat().st_mtime_ns
     rerun = sweep(slurm, tmp_path, *args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert sorted(rows(tmp_path)["cache"]) == ["dense", "last_recent"]
+    assert sorted(sweep_rows(tmp_path)["cache"]) == ["dense", "last_recent"]
     assert kept[0].stat().st_mtime_ns == stamp  # the job that had its row was skipped, not redone
 
 
@@ -103,7 +103,7 @@ def test_a_job_over_its_time_limit_is_missing_too(slurm, tmp_path):  # noqa: F81
 
 def test_no_gpu_flags_on_the_cpu(slurm, monkeypatch):  # noqa: F811
     """The check behind dropping gpus_per_task: this cluster's partition has no GPU."""
-    from bench.slurm import partition_has_gpus
+    from bench.scaleout.slurm import partition_has_gpus
 
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     assert partition_has_gpus("debug") is False

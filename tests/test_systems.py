@@ -12,10 +12,11 @@ import torch
 from char_tokenizer import CharTokenizer
 from hydra import compose, initialize_config_dir
 
-from bench import protocols, systems, tasks
-from bench.quality import CacheSetup
+from bench import systems
+from bench.config.spec import resolve
+from bench.eval import protocols, tasks
+from bench.eval.quality import CacheSetup
 from bench.run import CONF_DIR
-from bench.spec import resolve
 from model.config import Config
 
 pytest.importorskip("transformers")
@@ -284,7 +285,7 @@ def test_without_kvpress_a_press_run_exits_2_naming_the_extra(tmp_path, monkeypa
 def test_every_system_writes_a_row_of_the_schema(tmp_path):
     """One sweep over every system (in this process): each writes one row holding the schema's columns; on the CPU
     the offloaded cache is `unsupported` with its reason, the others ran."""
-    from bench.results import COLUMNS, SCHEMA, load
+    from bench.results.rows import COLUMNS, SCHEMA, load
     from bench.run import cli
 
     args = ["model=tiny", "ctx=128", "new_tokens=4", "repeats=1", "warmup=false", "isolate=false", "device=cpu"]

@@ -1,13 +1,13 @@
-"""The long-context task suite (bench/tasks.py) and its protocols (bench/protocols.py): generators deterministic
-and placing their needles where asked, RULER's scorer, what each protocol does to the caches, and on SmolLM2 that
-the suite separates a cache that keeps the needle from one that cannot."""
+"""The long-context task suite (bench/eval/tasks.py) and its protocols (bench/eval/protocols.py): generators
+deterministic and placing their needles where asked, RULER's scorer, what each protocol does to the caches, and on
+SmolLM2 that the suite separates a cache that keeps the needle from one that cannot."""
 
 import pytest
 import torch
 from char_tokenizer import CharTokenizer
 
-from bench import protocols, tasks
-from bench.quality import CacheSetup, suite
+from bench.eval import protocols, tasks
+from bench.eval.quality import CacheSetup, suite
 from caches import frozen
 
 TOK = CharTokenizer()

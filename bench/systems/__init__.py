@@ -1,12 +1,12 @@
 """What a job measures: kvbench's own core, or another library's KV caches, behind one small interface that the
-one timed loop of bench/job.py drives, so that every system gets the same warm-up, timers, memory trackers, row
+one timed loop of bench/harness/job.py drives, so that every system gets the same warm-up, timers, memory trackers, row
 schema and process of its own (`system=kvbench,hf_static_compiled ... -m`).
 
 A system builds its model (kvbench's GPT, or another library's model holding exactly the same weights) and its
 caches, then answers four calls: `prefill(ids)` and `decode(token, pos)` each return the next greedy token per
 sequence (B, 1); `cache_bytes()` is what its caches hold now; `columns()` says what ran. Another library's system
 also answers the task suite through its own caches (`answers(samples, protocol)`, bench/systems/hf_protocols.py);
-kvbench's is answered by bench/quality.py on its model directly.
+kvbench's is answered by bench/eval/quality.py on its model directly.
 """
 
 from __future__ import annotations

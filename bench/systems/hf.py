@@ -14,7 +14,7 @@
   the step attended), the peer of kvbench's last_recent without sinks.
 
 Each step is what `generate`'s loop calls for one token (the model's forward on the cache, the token's position),
-driven by bench/job.py's loop instead of `generate`'s so that every step is timed the same way as kvbench's.
+driven by bench/harness/job.py's loop instead of `generate`'s so that every step is timed the same way as kvbench's.
 The prefill is one call over the whole prompt, as `generate` makes it, so the `prefill_chunk` of these rows is ctx.
 HF's SDPA integration picks the attention kernel itself: these systems run with sdpa=auto only.
 """

@@ -1,4 +1,4 @@
-"""The task suite's protocols (bench/protocols.py) on another library's system: the same samples, the same padded
+"""The task suite's protocols (bench/eval/protocols.py) on another library's system: the same samples, the same padded
 questions, the same greedy answers cut at the end-of-turn token, through the system's own caches.
 
 * `aware`: per question, a fresh cache; the context and the question prefilled together (compressed together, for
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from bench import protocols
-from bench.tasks import Sample
+from bench.eval import protocols
+from bench.eval.tasks import Sample
 
 if TYPE_CHECKING:
     from bench.systems.hf import HFSystem

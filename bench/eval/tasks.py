@@ -15,7 +15,7 @@ downloaded; vt and cwe have no one-shot example; answers are generated up to `ma
 cwe 64, fwe 32, pass key 8; RULER: 128, 30, 120, 50), which every expected answer fits.
 
 Several questions per context (`questions=n`): the needle tasks place n target needles (n chains for vt) and ask
-for each in turn, which the `agnostic` and `multiturn` protocols (bench/protocols.py) ask of one cache.
+for each in turn, which the `agnostic` and `multiturn` protocols (bench/eval/protocols.py) ask of one cache.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 * `multiturn`: the questions one after another in one conversation through one cache, each answer staying in it,
   eviction going on throughout (SCBench's shared-context setting, Li et al., 2024).
 
-Samples of one batch have contexts of one length (bench/tasks.py builds them so); each question is padded on the
+Samples of one batch have contexts of one length (bench/eval/tasks.py builds them so); each question is padded on the
 left with newlines to the longest of the batch. Answers are greedy, up to the task's `max_new_tokens`, cut at the
 end-of-turn token; a batch stops once every sequence has ended.
 """
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from bench.tasks import Sample
+from bench.eval.tasks import Sample
 from caches.frozen import FrozenPrefixCache
 from model.generate import prefill_chunks
 from model.gpt import GPT
@@ -77,7 +77,7 @@ def answer(
 @torch.inference_mode()
 def run(model: GPT, tokenizer, setup, samples: list[Sample], protocol: str, chunk: int) -> list[list[str]]:
     """The answers, per sample and question, of a batch of samples under `protocol` through caches `setup` makes
-    (bench.quality.CacheSetup)."""
+    (bench.eval.quality.CacheSetup)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not valid; valid choices: {', '.join(PROTOCOLS)}")
     context, questions = inputs(tokenizer, samples, model.lm_head.weight.device)

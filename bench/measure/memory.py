@@ -1,4 +1,4 @@
-"""Timers and memory trackers. Each answers a different question, and a run reports all of them:
+"""Memory trackers. Each answers a different question, and a run reports all of them:
 
 * `TensorTracker` (CPU): exact peak of live tensor bytes, counted op by op. Deterministic from run to run, so CI
   can compare it exactly. It sees the tensors ops return (not a kernel's private scratch space).
@@ -17,29 +17,11 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 import weakref
-from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextmanager
-def timed(device: torch.device, out: list[float]):
-    """Append the wall seconds of the block to `out`, with the device synchronised on both sides."""
-    sync(device)
-    t0 = time.perf_counter()
-    yield
-    sync(device)
-    out.append(time.perf_counter() - t0)
-
 
 # ---- CPU -------------------------------------------------------------------------------------------------------
 

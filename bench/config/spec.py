@@ -43,14 +43,14 @@ DEFAULT_SUITE = ["niah_single", "niah_multikey", "niah_multivalue", "passkey"]
 
 @dataclass
 class EvalConfig:
-    """Quality evaluations (bench/quality.py), run after the timed phases on real weights. Select with the `eval`
+    """Quality evaluations (bench/eval/quality.py), run after the timed phases on real weights. Select with the `eval`
     group, several at once: `eval=tasks`, `eval=[fidelity,tasks,ppl]`, `eval=passkey` (the suite's pass key)."""
 
     fidelity: bool = False
     tasks: bool = False
     ppl: bool = False
-    suite: list[str] = field(default_factory=lambda: list(DEFAULT_SUITE))  # bench/tasks.py TASKS
-    protocol: str = "aware"  # aware | agnostic | multiturn (bench/protocols.py)
+    suite: list[str] = field(default_factory=lambda: list(DEFAULT_SUITE))  # bench/eval/tasks.py TASKS
+    protocol: str = "aware"  # aware | agnostic | multiturn (bench/eval/protocols.py)
     samples: int = 3  # samples per task
     questions: int = 1  # questions per context (agnostic and multiturn ask them of one cache)
     batch: int = 4  # samples evaluated at once through the caches
@@ -82,7 +82,7 @@ class BenchConfig:
     sweep: str = "default"  # results go to <results_dir>/<sweep>/
     results_dir: str = "results"
     force: bool = False  # rerun a job whose config hash already has a row in the sweep folder
-    isolate: bool = True  # each job in a fresh process (bench/launch.py); false: in the launcher's process
+    isolate: bool = True  # each job in a fresh process (bench/harness/launch.py); false: in the launcher's process
     track_tensors: bool = True  # CPU: one extra untimed pass under the exact tensor-bytes tracker
     nvml_period_ms: float = 5.0  # 0: no NVML sampler (to measure what it costs)
     inject: str = "none"  # none | oom | error: make the job fail on purpose (tests of failure handling)
@@ -122,7 +122,7 @@ class JobSpec:
     system_kwargs: dict = field(default_factory=dict)  # the system's own knobs (hf_quantized's nbits, kvpress's press)
     allocation: str = "uniform"  # how the layers share the budget (caches/allocation.py): uniform | pyramid
     memory_limit: int | None = None  # CUDA: bytes the caching allocator may hold (None: the whole device)
-    idle_policy: str = "warn"  # bench/contention.py; not part of the measurement's identity
+    idle_policy: str = "warn"  # bench/measure/contention.py; not part of the measurement's identity
     idle_timeout_s: float = 300.0
     evals: list[str] = field(default_factory=list)  # selected quality evaluations
     eval_knobs: dict = field(default_factory=dict)  # trials, depths, seed, question, tokens, ppl_chunk
@@ -436,8 +436,8 @@ def _get(node: Any, key: str, default: Any = None) -> Any:
 
 
 def _resolve_eval(node: Any, weights: str) -> tuple[list[str], dict]:
-    from bench.protocols import PROTOCOLS
-    from bench.tasks import TASKS
+    from bench.eval.protocols import PROTOCOLS
+    from bench.eval.tasks import TASKS
 
     if node is None:
         return [], {}

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.tasks import TASKS
+from bench.eval.tasks import TASKS
 
 if TYPE_CHECKING:  # pandas is imported where frames are made: a job's own process writes no frame and never loads it
     import pandas as pd
@@ -120,7 +120,7 @@ EXTRA: dict[str, str] = {
     "warmup_released_bytes": "Int64",  # CUDA: cached allocator memory handed back after the warm-up (measure.py)
     "compile_s": "float64",  # the warm-up's first decode steps, compilation and graph recording included
     "cudagraph_skips": "Int64",  # compile_mode=reduce-overhead: graphs inductor declined to capture (0 expected)
-    "contention": "string",  # none | some | heavy: what else used the machine while timing (bench/contention.py)
+    "contention": "string",  # none | some | heavy: what else used the machine while timing
     "others_cpu": "float64",  # cores' worth of CPU other processes used during the timed phases
     "cpu_steal": "float64",  # cores' worth of hypervisor steal
     "load_start": "float64",
@@ -143,7 +143,7 @@ EXTRA: dict[str, str] = {
     "eval": "string",  # quality evaluations run: fidelity+tasks+ppl
     "eval_question": "string",  # (schema 1) the old pass-key evaluation: in_prefill | after_prefill
     "passkey_by_depth": "string",  # (schema 1) JSON {depth: accuracy}
-    "task_acc": "float64",  # the task suite: the mean of the tasks' accuracies (bench/quality.py)
+    "task_acc": "float64",  # the task suite: the mean of the tasks' accuracies (bench/eval/quality.py)
     "task_protocol": "string",  # aware | agnostic | multiturn
     "task_samples": "Int64",
     "task_questions": "Int64",

@@ -1,4 +1,4 @@
-"""A job's own process: `python -m bench.child FD`, started by `bench.launch.run_in_child`.
+"""A job's own process: `python -m bench.harness.child FD`, started by `bench.harness.launch.run_in_child`.
 
 Reads the pickled job from stdin, runs it, and writes its pickled row to file descriptor FD (a pipe to the
 parent). It never writes a result file: the parent does, atomically, once the whole row has arrived.
@@ -30,7 +30,7 @@ def main() -> None:
     die_with_parent()
     out_fd = int(sys.argv[1])
     job = pickle.load(sys.stdin.buffer)
-    from bench.job import run_job
+    from bench.harness.job import run_job
 
     row = run_job(job["spec"], sweep_id=job["sweep_id"], config_hash=job["config_hash"], progress=job["progress"])
     with os.fdopen(out_fd, "wb") as out:

@@ -2,8 +2,8 @@
 decode steps, each timed after a device sync), with every memory tracker running. Returns one result row; a
 failure (out of memory, an unsupported combination, anything else) is a row with its status, never an exception.
 
-Each phase returns a small dataclass (`Timing`, `Memory`, `Roofline`, `bench.quality.Quality`); the row is the job's
-identity columns with them merged in at the end.
+Each phase returns a small dataclass (`Timing`, `Memory`, `Roofline`, `bench.eval.quality.Quality`); the row is the
+job's identity columns with them merged in at the end.
 """
 
 from __future__ import annotations
@@ -22,14 +22,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bench import measure, nvml_sampler, systems
-from bench.contention import Contention, ContentionMonitor, classify, cores_allowed, others_busy
-from bench.nvml_sampler import NvmlSampler
-from bench.results import SCHEMA_VERSION
-from bench.spec import JobSpec
+from bench import systems
+from bench.config.spec import JobSpec
+from bench.measure import memory as trackers
+from bench.measure import nvml_sampler
+from bench.measure.contention import Contention, ContentionMonitor, classify, cores_allowed, others_busy
+from bench.measure.nvml_sampler import NvmlSampler
+from bench.measure.timing import median_interval, timed
+from bench.results.rows import SCHEMA_VERSION
 from model.attention import UnsupportedBackend, record_backends
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -111,7 +114,7 @@ def base_row(spec: JobSpec, sweep_id: str, config_hash: str, probe_device: bool 
         "config_hash": config_hash,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "device_name": measure.device_name(device) if probe_device else None,
+        "device_name": trackers.device_name(device) if probe_device else None,
         "device_kind": device.type,
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
@@ -140,7 +143,7 @@ def base_row(spec: JobSpec, sweep_id: str, config_hash: str, probe_device: bool 
 
 def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = True) -> dict:
     device = torch.device(spec.device)
-    alloc_conf = measure.request_expandable_segments(spec.expandable_segments) if device.type == "cuda" else None
+    alloc_conf = trackers.request_expandable_segments(spec.expandable_segments) if device.type == "cuda" else None
     row = base_row(spec, sweep_id, config_hash)  # (queries the device: the allocator's setting must come first)
     row["alloc_conf"] = alloc_conf
     t_start = time.perf_counter()
@@ -206,7 +209,7 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
     nvml_baseline = None
     if device.type == "cuda":
         row["driver_version"] = nvml_sampler.driver_version()
-        row["nvml_index"] = measure.nvml_index(device)
+        row["nvml_index"] = trackers.nvml_index(device)
         nvml_baseline = nvml_sampler.device_used(row["nvml_index"])  # the level before the run
     if spec.memory_limit is not None and device.type == "cuda":  # beyond it, allocating is an out-of-memory error
         total = torch.cuda.get_device_properties(device).total_memory
@@ -246,7 +249,7 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
         peak = row.get(f"peak_alloc_{phase}_bytes")
         row[f"transient_{phase}_bytes"] = None if peak is None else peak - row["weights_bytes"] - row["cache_bytes"]
     if spec.evals:
-        from bench import quality
+        from bench.eval import quality
 
         row.update(quality.evaluate(spec, system).columns())
     return row
@@ -259,7 +262,7 @@ def _timed(
 
     def decode(token: torch.Tensor, start: int, steps: int, times: list[float], desc: str | None) -> torch.Tensor:
         for i in tqdm(range(steps), desc=desc, leave=False, disable=None if desc else True):
-            with measure.timed(device, times):
+            with timed(device, times):
                 token = system.decode(token, start + i)
         return token
 
@@ -272,12 +275,12 @@ def _timed(
         decode(system.prefill(ids[:, :warm]), warm, 3 if spec.compile else 2, warm_steps, None)
         if spec.compile:
             compile_s, skips = sum(warm_steps), _cudagraph_skips() - skips_before
-    memory = Memory(warmup_released_bytes=measure.release_warmup_memory(device))
+    memory = Memory(warmup_released_bytes=trackers.release_warmup_memory(device))
     nvml = None
     if device.type == "cuda" and spec.nvml_period_ms > 0:
         torch.cuda.synchronize(device)
         nvml = NvmlSampler(nvml_index, spec.nvml_period_ms / 1e3, baseline_used=nvml_baseline).start()
-    rss_resettable = measure.reset_peak_rss()
+    rss_resettable = trackers.reset_peak_rss()
     monitor = ContentionMonitor(torch.get_num_threads(), nvml_index).start()
     prefill_s: list[float] = []
     step_s: list[float] = []
@@ -286,12 +289,12 @@ def _timed(
     try:
         for r in range(spec.repeats):
             label = f"repeat {r + 1}/{spec.repeats}" if progress else None
-            with measure.CudaPeaks(device) as p, measure.timed(device, prefill_s), record_backends() as seen:
+            with trackers.CudaPeaks(device) as p, timed(device, prefill_s), record_backends() as seen:
                 token = system.prefill(ids, label and f"prefill {label}")
             peaks["prefill"] = [max(peaks["prefill"][0], p.allocated or 0), max(peaks["prefill"][1], p.reserved or 0)]
             used["prefill"] |= seen
             memory.cache_bytes_prefill = system.cache_bytes()
-            with measure.CudaPeaks(device) as p, record_backends() as seen:
+            with trackers.CudaPeaks(device) as p, record_backends() as seen:
                 decode(token, spec.ctx, spec.new_tokens, step_s, label and f"decode {label}")
             peaks["decode"] = [max(peaks["decode"][0], p.allocated or 0), max(peaks["decode"][1], p.reserved or 0)]
             used["decode"] |= seen
@@ -301,13 +304,13 @@ def _timed(
             memory.peak_nvml_bytes = nvml.stop()
             memory.peak_nvml_source = nvml.source
     if rss_resettable:
-        memory.peak_rss_bytes, memory.rss_file_bytes = measure.peak_rss(), measure.rss_file()
+        memory.peak_rss_bytes, memory.rss_file_bytes = trackers.peak_rss(), trackers.rss_file()
     if device.type == "cuda":
         memory.peak_alloc_prefill_bytes, memory.peak_alloc_decode_bytes = peaks["prefill"][0], peaks["decode"][0]
         memory.peak_alloc_bytes = max(peaks["prefill"][0], peaks["decode"][0])
         memory.peak_alloc_source = "torch.cuda"
         memory.peak_reserved_bytes = max(peaks["prefill"][1], peaks["decode"][1])
-        memory.expandable_segments = measure.expandable_segments_seen(device)
+        memory.expandable_segments = trackers.expandable_segments_seen(device)
     return timing(prefill_s, step_s, spec.batch, used, compile_s, skips), memory, seen
 
 
@@ -336,18 +339,6 @@ def timing(
     )
 
 
-def median_interval(values: list[float], resamples: int = 1000, level: float = 0.95) -> tuple[float, float]:
-    """The median's `level` confidence interval by the percentile bootstrap (`resamples` resamples, seeded: the same
-    values give the same interval)."""
-    import random
-
-    rng = random.Random(0)
-    n = len(values)
-    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
-    tail = (1 - level) / 2
-    return medians[int(tail * (resamples - 1))], medians[int(round((1 - tail) * (resamples - 1)))]
-
-
 def _cudagraph_skips() -> int:
     from torch._dynamo.utils import counters  # here: importing the compiler costs eager jobs 140 MiB of RSS
 
@@ -364,14 +355,14 @@ def _roofline(spec: JobSpec, system, timed: Timing, device: torch.device) -> Roo
 
 def roofline(step_bytes: float, step_ms: float, device: torch.device) -> Roofline:
     """Achieved bytes/s of a decode step over the device-to-device bandwidth measured once per device."""
-    bandwidth = measure.measured_bandwidth(device)
+    bandwidth = trackers.measured_bandwidth(device)
     return Roofline(bandwidth, step_bytes / (step_ms / 1e3) / bandwidth)
 
 
 def _tracked_peak(spec: JobSpec, system, ids: torch.Tensor) -> Memory:
     """One more prefill + decode, untimed, under the exact tensor tracker: peak live tensor bytes (weights, caches
     and inputs included), per phase. Deterministic for a given config, so CI compares it exactly."""
-    tracker = measure.TensorTracker(baseline=system.resident_bytes() + ids.numel() * ids.element_size())
+    tracker = trackers.TensorTracker(baseline=system.resident_bytes() + ids.numel() * ids.element_size())
     with tracker, system.eager_steps():
         token = system.prefill(ids)
         prefill_peak = tracker.peak

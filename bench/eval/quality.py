@@ -3,8 +3,9 @@
 * `fidelity`: a fixed real prompt of ctx tokens; N tokens generated greedily with the dense cache; the same
   tokens teacher-forced through the cache under test. Mean KL(dense || cache) of the N next-token distributions
   and top-1 agreement.
-* `tasks`: the long-context task suite (bench/tasks.py, after RULER) under a protocol (bench/protocols.py): per task
-  the mean of RULER's string_match_all over its samples and questions (`acc_<task>`), and their mean (`task_acc`).
+* `tasks`: the long-context task suite (bench/eval/tasks.py, after RULER) under a protocol (bench/eval/protocols.py):
+  per task the mean of RULER's string_match_all over its samples and questions (`acc_<task>`), and their mean
+  (`task_acc`).
 * `ppl`: perplexity of a real English text that ships with Python (the strings of `pydoc_data.topics`), ctx
   tokens scored in one pass through the cache, `chunk` tokens per call, so that eviction happens along the way.
 """
@@ -144,7 +145,7 @@ def suite(
     kvbench's model through caches `setup` makes)."""
     from tqdm.auto import tqdm
 
-    from bench import protocols, tasks
+    from bench.eval import protocols, tasks
 
     batches = [(task, start) for task in knobs["suite"] for start in range(0, knobs["samples"], knobs["batch"])]
     scores: dict[str, list[float]] = {task: [] for task in knobs["suite"]}
