@@ -4,10 +4,11 @@
     python -m bench.capacity cache=dense,h2o memory=16GiB find=batch ctx=32k model=llama-3.2-1b
     python -m bench.capacity cache=dense,last_recent,h2o,snapkv memory=24MiB,32MiB,48MiB,64MiB   # CPU, tiny model
 
-Every other argument is a `bench.run` override (sweeps allowed: one search per combination). Each probe is a real
-job in a process of its own (repeats=1, new_tokens=4 unless given), its row written to `results/<sweep>/` like any
-other (sweep=capacity by default), so a search interrupted resumes and probes are shared between searches. A probe
-fits when:
+Its settings are `bench.run`'s (sweeps allowed: one search per combination, each memory budget included) and the
+search's own: `memory`, `find` (ctx | batch), `start`, `max`, `resolution` (bench/config/schema.py, CapacityConfig;
+defaults in conf/capacity.yaml), checked as `bench.run` checks a command. Each probe is a real job in a process of its
+own (repeats=1, new_tokens=4 unless given), its row written to `results/<sweep>/` like any other (sweep=capacity by
+default), so a search interrupted resumes and probes are shared between searches. A probe fits when:
 
 * CUDA: the job ran with the caching allocator capped to the budget (`memory_limit`) and did not run out of memory;
 * CPU: its exact tracked peak of live tensor bytes (weights, caches, inputs and transients) is within the budget.
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.config.spec import ConfigError, parse_bytes, parse_ctx
+from bench.harness.sweep import compose_job, expand
 
-KNOBS = ("memory", "find", "start", "max", "resolution")
+CONFIG = "capacity"  # conf/capacity.yaml
 
 
 @dataclass
@@ -37,18 +39,6 @@ class Search:
     memory: int  # bytes
     find: str  # ctx | batch
     label: str  # cache (or system) and batch, for the table and the figure
-
-
-def split_args(argv: list[str]) -> tuple[dict, list[str]]:
-    """(this tool's knobs, the bench.run overrides)."""
-    knobs, overrides = {}, []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in KNOBS and value:
-            knobs[key] = value
-        elif arg not in ("-m", "--multirun"):
-            overrides.append(arg)
-    return knobs, overrides
 
 
 def fits(row: dict, memory: int) -> bool:
@@ -68,7 +58,7 @@ class Prober:
         from bench.results import rows as results
         from bench.results import tables
 
-        spec, sweep_dir = _resolve(overrides)
+        spec, sweep_dir, _ = compose_job(overrides, CONFIG)
         cfg_hash = results.config_hash(spec.identity())
         if results.has_row(sweep_dir, cfg_hash):
             return results.load(results.row_path(sweep_dir, cfg_hash)).iloc[0].to_dict()
@@ -113,58 +103,56 @@ def longest(prober: Prober, search: Search, start: int, maximum: int, resolution
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     try:
-        return run(argv)
+        return run([a for a in argv if a not in ("-m", "--multirun")])
     except ConfigError as err:
         print(f"kvbench: error: {err}", file=sys.stderr)
         return 2
 
 
-def run(argv: list[str]) -> int:
+def run(overrides: list[str]) -> int:
     import torch
 
-    from bench.run import job_overrides, validate, with_cache_knobs
-
-    knobs, overrides = split_args(with_cache_knobs(argv))
-    if "memory" not in knobs:
-        raise ConfigError("memory=... is needed: one or more budgets, e.g. memory=8GiB,16GiB")
-    memories = sorted(parse_bytes(m) for m in knobs["memory"].split(","))
-    find = knobs.get("find", "ctx")
-    if find not in ("ctx", "batch"):
-        raise ConfigError(f"find={find!r} is not valid; valid choices: ctx, batch")
-    if any(o.startswith(f"{find}=") for o in overrides):
-        raise ConfigError(f"{find} is what the search varies: leave it out (start=, max= bound it)")
-    defaults = {"sweep": "capacity", "repeats": "1", "new_tokens": "4", "warmup": "false"}
-    overrides = [f"{k}={v}" for k, v in defaults.items() if not any(o.startswith(f"{k}=") for o in overrides)] + [
-        *overrides
-    ]
-    validate([*overrides, "-m"])  # every value checked before any probe runs
-    parse = parse_ctx if find == "ctx" else int
-    start = parse(knobs.get("start", "1k" if find == "ctx" else "1"))
-    cuda = torch.cuda.is_available() and not any(o == "device=cpu" for o in overrides)
-    prober = Prober(cuda)
-    searches = []
-    for job in job_overrides(overrides, multirun=True):
-        spec, sweep_dir = _resolve(job + [f"{find}={start}"])
-        maximum = parse(knobs["max"]) if "max" in knobs else _default_max(spec, find)
-        label = f"{_label(spec)} batch={spec.batch}" if find == "ctx" else f"{_label(spec)} ctx={spec.ctx}"
-        for memory in memories:
-            searches.append((Search(job, memory, find, label), maximum))
-    if "resolution" in knobs:
-        fixed = parse(knobs["resolution"])
-        resolution = lambda value: fixed  # noqa: E731
-    else:
-        resolution = (lambda value: max(256, value // 64)) if find == "ctx" else (lambda value: 1)
+    jobs = expand(overrides, multirun=True)
+    searches, sweep_dir = [], None
+    for job in jobs:  # every value checked before any probe runs
+        spec, sweep_dir, cfg = compose_job(job, CONFIG)
+        if cfg.memory is None:
+            raise ConfigError("memory=... is needed: one or more budgets, e.g. memory=8GiB,16GiB")
+        find = cfg.find
+        if any(o.startswith(f"{find}=") for o in job):
+            raise ConfigError(f"{find} is what the search varies: leave it out (start=, max= bound it)")
+        parse = parse_ctx if find == "ctx" else _positive_int
+        start = parse(cfg.start or ("1k" if find == "ctx" else "1"))
+        maximum = parse(cfg.max) if cfg.max else _default_max(spec, find)
+        if cfg.resolution:
+            fixed = parse(cfg.resolution)
+            resolution = lambda value, fixed=fixed: fixed  # noqa: E731
+        else:
+            resolution = (lambda value: max(256, value // 64)) if find == "ctx" else (lambda value: 1)
+        what = f"batch={spec.batch}" if find == "ctx" else f"ctx={spec.ctx}"
+        label = f"{_label(spec)} {what}"
+        searches.append((Search(job, parse_bytes(cfg.memory), find, label), start, maximum, resolution))
+    prober = Prober(torch.cuda.is_available() and spec.device == "cuda")
     found = []
-    for search, maximum in searches:
+    for search, start, maximum, resolution in searches:
         value = longest(prober, search, start, maximum, resolution)
-        found.append({"label": search.label, "memory": search.memory, find: value, "at_max": value == maximum})
+        found.append({"label": search.label, "memory": search.memory, search.find: value, "at_max": value == maximum})
         print(
-            f"[capacity] {search.label} memory={_human(search.memory)}: {find} {value}"
+            f"[capacity] {search.label} memory={_human(search.memory)}: {search.find} {value}"
             + (" (the search's maximum)" if value == maximum else ""),
             flush=True,
         )
-    return report(found, find, sweep_dir)
+    return report(found, searches[0][0].find, sweep_dir)
+
+
+def _positive_int(value: str) -> int:
+    if not str(value).isdigit() or int(value) < 1:
+        raise ConfigError(f"{value!r} is not a batch size; valid: an integer >= 1")
+    return int(value)
 
 
 def report(found: list[dict], find: str, sweep_dir: Path) -> int:
@@ -184,28 +172,16 @@ def report(found: list[dict], find: str, sweep_dir: Path) -> int:
     return 0
 
 
-def _resolve(overrides: list[str]):
-    """(the JobSpec, its sweep folder)."""
-    from hydra import compose, initialize_config_dir
-
-    from bench.config.spec import resolve
-    from bench.run import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return resolve(cfg), Path(cfg.results_dir) / cfg.sweep
-
-
 def _default_max(spec, find: str) -> int:
-    from model.config import CONFIGS
+    from model.config import Config
 
-    return min(CONFIGS[spec.model].block_size, 1 << 20) if find == "ctx" else 1024
+    return min(Config.from_name(spec.model).block_size, 1 << 20) if find == "ctx" else 1024
 
 
 def _label(spec) -> str:
-    buffer = spec.cache_kwargs.get("buffer", "float")
-    name = spec.cache if buffer == "float" else f"{spec.cache}/{buffer}"
-    return name if spec.system == "kvbench" else spec.system
+    from bench import systems
+
+    return systems.system_class(spec.system.name).label(spec.cache.name, spec.cache.kwargs, spec.system.knobs)
 
 
 def _human(n: int) -> str:

@@ -26,14 +26,13 @@ import json
 import time
 
 import torch
-from hydra import compose, initialize_config_dir
 from torch import Tensor
 
-from bench.config.spec import JobSpec, resolve
+from bench.config.spec import JobSpec
 from bench.eval import protocols, tasks
-from bench.eval.quality import CacheSetup
-from bench.run import CONF_DIR
+from bench.harness.sweep import compose_job
 from bench.systems import create, missing_extra
+from bench.systems.kvbench import KvbenchSystem
 from caches.base import KVCacheParams, register
 from caches.scored import Candidates, ScoredCache
 
@@ -63,19 +62,8 @@ class RecentAfterPrefill(ScoredCache):
 
 
 def _spec(ctx: str, samples: int, *overrides: str) -> JobSpec:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                "experiment=leaderboard",
-                f"ctx={ctx}",
-                "eval.protocol=agnostic",
-                f"eval.samples={samples}",
-                "repeats=0",
-                *overrides,
-            ],
-        )
-    return resolve(cfg, cuda_available=False)
+    fixed = ["experiment=leaderboard", f"ctx={ctx}", "eval.protocol=agnostic", f"eval.samples={samples}", "repeats=0"]
+    return compose_job([*fixed, "device=cpu", *overrides])[0]
 
 
 def main() -> None:
@@ -90,15 +78,15 @@ def main() -> None:
     register(RecentAfterPrefill.name)(RecentAfterPrefill)
     spec = _spec(args.ctx, args.samples, "cache=dense")
     kvbench = create(spec, torch.device("cpu"))
-    model, tokenizer, knobs = kvbench.model, kvbench.tokenizer, spec.eval_knobs
+    model, tokenizer, knobs = kvbench.model, kvbench.tokenizer, spec.eval
     ctx = spec.ctx
     variants = {
-        "last_recent": CacheSetup("last_recent", {"sink_tokens": args.sinks}, args.slots),
-        "after_prefill": CacheSetup("after_prefill", {"sink_tokens": args.sinks}, args.slots),
+        name: KvbenchSystem.around(model, tokenizer, name, args.slots, ctx, sink_tokens=args.sinks)
+        for name in ("last_recent", "after_prefill")
     }
     answer = {
-        name: (lambda samples, setup=setup: protocols.run(model, tokenizer, setup, samples, "agnostic", ctx))
-        for name, setup in variants.items()
+        name: (lambda samples, system=system: protocols.run(system, samples, "agnostic"))
+        for name, system in variants.items()
     }
     if not args.no_kvpress:
         if missing_extra("kvpress"):
@@ -107,14 +95,14 @@ def main() -> None:
             _spec(args.ctx, args.samples, "system=kvpress", "press=streaming_llm", f"cache.budget={args.slots}"),
             torch.device("cpu"),
         )
-        answer["kvpress"] = lambda samples: press.answers(samples, "agnostic")
+        answer["kvpress"] = lambda samples: protocols.run(press, samples, "agnostic")
 
     replies: dict[str, list[tuple[str, str, str]]] = {name: [] for name in answer}  # (task, reply, expected)
     seconds = dict.fromkeys(answer, 0.0)
-    for task in knobs["suite"]:
-        for start in range(0, knobs["samples"], knobs["batch"]):
-            indices = range(start, min(knobs["samples"], start + knobs["batch"]))
-            seed, n_q = knobs["seed"], knobs["questions"]
+    for task in knobs.suite:
+        for start in range(0, knobs.samples, knobs.batch):
+            indices = range(start, min(knobs.samples, start + knobs.batch))
+            seed, n_q = knobs.seed, knobs.questions
             first = [tasks.build(task, tokenizer, ctx, seed, i, n_q) for i in indices]
             width = max(len(s.questions[0]) for s in first)  # the batch's contexts share one length
             samples = [tasks.build(task, tokenizer, ctx, seed, i, n_q, question_tokens=width) for i in indices]
@@ -125,10 +113,10 @@ def main() -> None:
                 for sample, texts in zip(samples, out):
                     replies[name] += [(task, reply, want) for reply, want in zip(texts, sample.answers)]
 
-    report: dict = {"ctx": ctx, "slots": args.slots, "sinks": args.sinks, "samples": knobs["samples"]}
+    report: dict = {"ctx": ctx, "slots": args.slots, "sinks": args.sinks, "samples": knobs.samples}
     for name, rows in replies.items():
         per_task = {}
-        for task in knobs["suite"]:
+        for task in knobs.suite:
             scores = [tasks.score(reply, want) for t, reply, want in rows if t == task]
             per_task[task] = sum(scores) / len(scores)
         report[name] = {

@@ -1,4 +1,4 @@
-"""`adakv`: Ada-KV's head-wise adaptive budget (Feng et al., 2024) on top of a scorer (SnapKV's or H2O's).
+"""`adakv`: Ada-KV's head-wise adaptive budget (Feng et al., 2024) around any per-head score-based cache's policy.
 
 A layer holds `cache_length` slots per KV head on average, G x cache_length in all, in one flat buffer per
 sequence: each slot has an owner (a KV head), a position and a score. When the candidates (the filled slots and
@@ -8,25 +8,38 @@ head whose attention is spread keeps more tokens and a focused one fewer. The st
 K, V (B, G x cache_length, hs) and per slot an owner, a position and a score; nothing is a mask over a full
 per-head buffer.
 
+The scores are the `scorer` cache's (caches/scored.py): its policy, built without storage, scores each head's
+candidates (`candidate_scores`), ranks and protects them (`rank`, `protected`) and says which queries' attention
+weights it needs (`weights_from`); its knobs (SnapKV's window, kernel and pooling, H2O's recent) are passed through.
+A policy whose scores are not a head's own cannot be wrapped: TOVA's are averaged over the heads (which here hold
+different tokens), Expected Attention's come from query statistics of its own, Q-Hitter's from a quantization error
+per slot (`headwise = False`).
+
 Attention gathers each head's own slots into a padded (B, G, longest, hs) block (grouped gather), then attends
 them and the call's new tokens with one softmax (model/attention.py, grouped_attention): per call, a copy of the
-buffer laid out by head, at most G times the longest head's share. Scores: `snapkv` (a call of several tokens: the
-weights of its last `window` queries, pooled over `kernel` neighbouring positions of the head; a decode step's
-token is kept, the lowest-scored prompt token of the layer goes) or `h2o` (weights accumulated over every query,
-the `recent` newest tokens of each head kept). Eager only: the selection has data-dependent shapes.
+buffer laid out by head, at most G times the longest head's share. Eager only: the selection has data-dependent
+shapes.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import replace
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from caches.base import KVCache, KVCacheParams, register
+from caches.base import KVCache, KVCacheParams, cache_class, cache_names, register
 from caches.buffers import buffer_nbytes, make_buffer
+from caches.scored import Candidates, ScoredCache
 from model.attention import Visibility, grouped_attention
 
-SCORERS = ("snapkv", "h2o")
+STORAGE = ("buffer", "group_size")  # a scorer's knobs that are about its storage: adakv has its own
+
+
+def scorers() -> list[str]:
+    """The caches whose policy adakv can wrap."""
+    return [n for n in cache_names() if issubclass(cache_class(n), ScoredCache) and cache_class(n).headwise]
 
 
 @register("adakv")
@@ -38,20 +51,18 @@ class AdaKVCache(KVCache):
         params: KVCacheParams,
         scorer: str = "snapkv",
         alpha: float = 0.2,
-        window: int = 32,
-        kernel: int = 7,
-        pooling: str = "max",
-        recent: int | None = None,
         buffer: str = "float",
         group_size: int = 32,
+        **scorer_knobs,
     ) -> None:
         super().__init__(params)
-        if scorer not in SCORERS:
-            raise ValueError(f"scorer={scorer!r} is not valid; valid choices: {', '.join(SCORERS)}")
-        if not 0.0 <= alpha <= 1.0 or window < 1 or kernel < 1 or kernel % 2 == 0 or pooling not in ("max", "avg"):
-            raise ValueError("alpha must be in [0, 1], window >= 1, kernel odd, pooling max or avg")
-        self.scorer, self.alpha, self.window, self.kernel, self.pooling = scorer, alpha, window, kernel, pooling
-        self.recent = params.cache_length // 2 if recent is None else recent
+        if scorer not in scorers():
+            raise ValueError(f"scorer={scorer!r} is not valid; valid choices: {', '.join(scorers())}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        # The policy alone: its own slots on the meta device hold nothing, and it is no submodule (no bytes of ours).
+        self.__dict__["policy"] = cache_class(scorer)(replace(params, device=torch.device("meta")), **scorer_knobs)
+        self.scorer, self.alpha = scorer, alpha
         B, G, L = params.batch_size, params.n_query_groups, params.cache_length
         self.slots = G * L  # the layer's total
         flat = KVCacheParams(B, 1, params.n_head, params.head_size, self.slots, params.device, params.dtype)
@@ -60,6 +71,14 @@ class AdaKVCache(KVCache):
             self.register_buffer(
                 name, torch.full((B, self.slots), fill, dtype=dtype, device=params.device), persistent=False
             )
+
+    @classmethod
+    def knob_defaults(cls, knobs: dict) -> dict:
+        """Its own knobs and its scorer's (the scorer's storage knobs are its own)."""
+        scorer = knobs.get("scorer") or inspect.signature(cls.__init__).parameters["scorer"].default
+        own = super().knob_defaults(knobs)
+        theirs = cache_class(scorer).knob_defaults(knobs) if scorer in cache_names() else {}
+        return {**own, **{k: v for k, v in theirs.items() if k not in STORAGE}}
 
     @property
     def max_tokens_forward(self) -> int:
@@ -103,47 +122,23 @@ class AdaKVCache(KVCache):
             (old_k, old_v, Visibility(q_start=p, k_pos=old_pos, all_visible=False)),
             (key, value, Visibility(q_start=p, k_pos=new_pos if T > 1 else None, all_visible=T == 1, k_start=p)),
         ]
-        w_from = 0 if self.scorer == "h2o" else (max(0, T - self.window) if T > 1 else None)
-        out, weights = grouped_attention(query, segments, self.attn_opts, w_from)
-        self._select(key, value, p, old_pos, index, weights)
+        out, weights = grouped_attention(query, segments, self.attn_opts, self.policy.weights_from(T))
+        w_old, w_new = weights if weights is not None else (None, None)
+        stored = self.score[:B].gather(1, index.flatten(1)).view(old_pos.shape)  # (B, G, longest)
+        call = Candidates(stored, w_old, w_new, T, old_k, key, old_v, value, old_pos, new_pos.expand(B, G, T))
+        self._select(key, value, p, call, index)
         return out
 
-    def _scores(self, cand_pos: Tensor, index: Tensor, weights: list[Tensor] | None, T: int) -> Tensor:
-        """Scores (B, G, longest + T) of each head's slots (padding: -inf) and its new tokens; cand_pos their
-        positions (-1: padding)."""
-        B, G, width = cand_pos.shape
-        longest = width - T
-        stored = self.score[:B].gather(1, index.flatten(1)).view(B, G, longest)
-        if weights is None:  # snapkv's decode step: the prompt's scores stay, the new token is kept
-            scores = torch.cat([stored, torch.full((B, G, T), float("inf"), device=stored.device)], dim=-1)
-        elif self.scorer == "h2o":
-            scores = torch.cat([stored + weights[0], weights[1]], dim=-1)
-        else:  # snapkv: pool each head's weights over its neighbouring positions (padding sorted last, weight 0)
-            w = torch.cat(weights, dim=-1)  # (B, G, longest + T)
-            real = cand_pos >= 0
-            order = torch.argsort(torch.where(real, cand_pos, torch.iinfo(torch.long).max), dim=-1)
-            flat = w.gather(-1, order).flatten(0, 1).unsqueeze(1)  # (B * G, 1, longest + T)
-            pad = self.kernel // 2
-            if self.pooling == "max":  # weights are >= 0: padding's zeros never win
-                pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=pad)
-            else:  # the mean over real neighbours only
-                count = real.gather(-1, order).float().flatten(0, 1).unsqueeze(1)
-                pooled = F.avg_pool1d(flat, self.kernel, 1, pad) / F.avg_pool1d(count, self.kernel, 1, pad)
-            scores = torch.empty_like(w).scatter_(-1, order, pooled.view_as(w))
-        return scores.masked_fill(cand_pos < 0, float("-inf"))
-
-    def _select(self, key: Tensor, value: Tensor, p: int, old_pos: Tensor, index: Tensor, weights) -> None:
+    def _select(self, key: Tensor, value: Tensor, p: int, call: Candidates, index: Tensor) -> None:
         """Keep the layer's best G x cache_length candidates across heads (each head's floor first), write the new
         tokens that stay into the free slots."""
-        B, G, T, _ = key.shape
-        longest = old_pos.shape[-1]
-        L = self.cache_length
-        new_pos = torch.arange(p, p + T, device=key.device).expand(B, G, T)
-        cand_pos = torch.cat([old_pos, new_pos], dim=-1)  # (B, G, longest + T), -1 at padding
-        scores = self._scores(cand_pos, index, weights, T)  # (B, G, longest + T)
-        rank = scores.clone()
-        end = p + T
-        protect = cand_pos >= end - (self.recent if self.scorer == "h2o" else (self.window if T > 1 else 1))
+        T, L, end = call.T, self.cache_length, p + call.T
+        longest = call.old_pos.shape[-1]
+        cand_pos = call.pos  # (B, G, longest + T), -1 at padding
+        scores = self.policy.candidate_scores(call).masked_fill(cand_pos < 0, float("-inf"))
+        rank = self.policy.rank(scores, cand_pos, None, end)
+        protect = self.policy.protected(cand_pos, end, T)
+        protect = torch.zeros_like(cand_pos, dtype=torch.bool) if protect is None else protect
         floor = int(self.alpha * L)
         if floor:  # each head's own top `floor` are set aside before the heads compete (ties: the newer)
             by_pos = torch.argsort(cand_pos, dim=-1, descending=True, stable=True)
@@ -151,7 +146,7 @@ class AdaKVCache(KVCache):
             top = by_pos.gather(-1, by_score[..., :floor])
             protect = protect.scatter(-1, top, True)
         rank = rank.masked_fill(protect & (cand_pos >= 0), float("inf"))
-        for b in range(B):
+        for b in range(key.shape[0]):
             self._keep(b, key, value, rank[b], cand_pos[b], scores[b], index[b], longest)
 
     def _keep(self, b: int, key, value, rank, cand_pos, scores, index, longest: int) -> None:

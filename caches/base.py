@@ -10,6 +10,7 @@ score-based cache gets the attention weights it needs in the same pass. Seen fro
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -53,6 +54,7 @@ class KVCache(nn.Module):
     # shown that step giving the eager step's tokens
     compiled_by_default: ClassVar[bool] = False
     allocation: ClassVar[str] = "uniform"  # how set_kv_caches shares a budget among layers (caches/allocation.py)
+    keeps_every_token: ClassVar[bool] = False  # no budget: a slot for every token it is given (dense)
 
     def __init__(self, params: KVCacheParams) -> None:
         super().__init__()
@@ -176,6 +178,13 @@ class KVCache(nn.Module):
     def size_estimate(self) -> int:
         """Bytes held by the cache's buffers now (every buffer it registered, payload and bookkeeping)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @classmethod
+    def knob_defaults(cls, knobs: dict) -> dict:
+        """The knobs this cache takes, with their defaults (its constructor's keyword arguments), given the knobs a
+        user set (a cache whose knobs depend on another setting, adakv's on its scorer, reads them)."""
+        params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # after self and params
+        return {p.name: p.default for p in params if p.kind is not p.VAR_KEYWORD}
 
     @classmethod
     def size_estimate_apriori(cls, params: KVCacheParams, **kwargs) -> int:

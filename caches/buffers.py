@@ -25,6 +25,10 @@ class KVBuffer(nn.Module):
     """Full-precision K and V, (batch, n_query_groups, slots, head_size) each."""
 
     names: tuple[str, ...] = ("k", "v")
+    quantized: bool = False  # stores codes and scales, not K and V (model/compiled_decode.py picks its kernel by it)
+    # A fixed-shape decode step can read it (compiled, and captured in a CUDA graph): reading it does not touch the
+    # whole buffer when a step needs a few slots
+    compiled_reads: bool = True
 
     def __init__(self, batch: int, groups: int, slots: int, head_size: int, device, dtype: torch.dtype) -> None:
         super().__init__()
@@ -101,6 +105,7 @@ class KVBuffer(nn.Module):
 
 class QuantizedKVBuffer(KVBuffer):
     bits: int = 8
+    quantized = True
     names = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
 
     def __init__(self, batch, groups, slots, head_size, device, dtype, group_size: int = 32) -> None:

@@ -16,6 +16,7 @@ from model.attention import Visibility
 class DenseCache(KVCache):
     supports_compiled_decode = True
     compiled_by_default = True
+    keeps_every_token = True
 
     def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:
         super().__init__(params)

@@ -36,6 +36,8 @@ def rotate_half_matrix(hs: int, device) -> Tensor:
 
 @register("expected_attention")
 class ExpectedAttentionCache(ScoredCache):
+    headwise = False  # scores from query statistics it gathers itself
+
     def __init__(
         self,
         params: KVCacheParams,

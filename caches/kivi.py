@@ -38,6 +38,8 @@ def _unpack(payload: Tensor, bits: int) -> Tensor:
 
 class KiviKVBuffer(KVBuffer):
     bits: int = 2
+    quantized = True
+    compiled_reads = False  # its reads dequantize the whole buffer
     names = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero", "k_res", "v_res")
 
     def __init__(self, batch, groups, slots, head_size, device, dtype, group_size: int = 32) -> None:

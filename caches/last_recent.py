@@ -32,7 +32,7 @@ class LastRecentCache(KVCache):
     def __init__(
         self,
         params: KVCacheParams,
-        sink_tokens: int = 0,
+        sink_tokens: int = 4,
         buffer: str = "float",
         group_size: int = 32,
     ) -> None:

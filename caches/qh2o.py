@@ -21,6 +21,7 @@ from caches.scored import minmax
 @register("qh2o")
 class QH2OCache(H2OCache):
     uses_quant_error = True
+    headwise = False  # ranks by a quantization error kept per slot
     default_buffer = "int4"
 
     def __init__(

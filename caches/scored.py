@@ -69,6 +69,8 @@ class ScoredCache(KVCache):
     requires_attn_weights = True
     supports_compiled_decode = True  # decode_step: fixed shapes, no Python ints
     uses_quant_error = False  # qh2o: also keep each token's K+V quantization error
+    # Its scores are each KV head's own, from the call's candidates alone: caches/adakv.py can take them per head
+    headwise = True
     default_buffer = "float"
 
     def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:

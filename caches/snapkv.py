@@ -43,12 +43,16 @@ class SnapKVCache(ScoredCache):
         if c.T == 1:  # decode: keep the prompt's scores, never evict a generated token
             return torch.cat([old, torch.full_like(old[..., :1], INF).expand(*old.shape[:-1], 1)], dim=-1)
         w = c.w_new if c.w_old is None else torch.cat([c.w_old, c.w_new], dim=-1)  # (B, G, n + T)
-        order = torch.argsort(c.pos, dim=-1)  # pool over neighbouring positions, not slots
+        pos = c.pos
+        order = torch.argsort(pos, dim=-1)  # pool over neighbouring positions, not slots (empty ones, -1, first)
         w_sorted = w.gather(-1, order)
         flat = w_sorted.flatten(0, 1).unsqueeze(1)  # (B * G, 1, n + T)
         pad = self.kernel // 2
-        if self.pooling == "max":
+        if self.pooling == "max":  # weights are >= 0 and an empty slot's is 0: it never wins
             pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=pad)
+        elif bool((pos < 0).any()):  # the mean over the real neighbours only (adakv's padded heads)
+            real = (pos >= 0).gather(-1, order).float().flatten(0, 1).unsqueeze(1)
+            pooled = F.avg_pool1d(flat, self.kernel, 1, pad) / F.avg_pool1d(real, self.kernel, 1, pad)
         else:
             pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=pad, count_include_pad=False)
         return torch.empty_like(w).scatter_(-1, order, pooled.view_as(w))

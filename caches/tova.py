@@ -19,6 +19,8 @@ from caches.scored import Candidates, ScoredCache
 
 @register("tova")
 class TOVACache(ScoredCache):
+    headwise = False  # the heads' weights averaged: one score per token for every head
+
     def weights_from(self, T: int) -> int:
         return T - 1
 

@@ -64,8 +64,12 @@ def plan(model: nn.Module, compile: bool = True, form: str | None = None) -> Dec
     weighted, backend = weighted.pop(), backends.pop()
     device = model.lm_head.weight.device
     cache = caches[0]
-    if type(getattr(cache, "buf", None)).__name__.startswith("Kivi"):
-        raise UnsupportedBackend("a kivi buffer runs eagerly: its reads dequantize the whole buffer (compile=false)")
+    buf = getattr(cache, "buf", None)  # where the cache keeps K/V (caches/buffers.py), as it declares
+    if buf is not None and not buf.compiled_reads:
+        raise UnsupportedBackend(
+            f"a {type(buf).__name__.removesuffix('KVBuffer').lower()} buffer runs eagerly: its reads dequantize the "
+            "whole buffer (compile=false)"
+        )
     if weighted:
         if form not in (None, WEIGHTED):
             raise ValueError(
@@ -80,7 +84,7 @@ def plan(model: nn.Module, compile: bool = True, form: str | None = None) -> Dec
         raise UnsupportedBackend(
             "sdpa=eager: the compiled decode step runs an SDPA kernel (compile=false decodes through the eager path)"
         )
-    quantized = hasattr(cache.buf, "bits")
+    quantized = buf is not None and buf.quantized
     if form is None:
         form = (
             "triton"

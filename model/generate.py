@@ -1,6 +1,9 @@
-"""Chunked prefill and batched decode through the model's KV caches."""
+"""Chunked prefill and the decode loop through the model's KV caches: the one prefill and the one greedy loop that
+the harness, the task protocols and `generate` all run."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -8,29 +11,33 @@ from torch import Tensor
 from model.gpt import GPT
 
 
-def prefill_chunks(model: GPT, prompt_length: int, prefill_chunk: int) -> list[tuple[int, int]]:
-    """(start, end) of each prefill call: the first within every cache's max_prefill_length, the later ones
-    within every cache's max_tokens_forward, none longer than prefill_chunk."""
+def prefill_chunks(model: GPT, length: int, prefill_chunk: int, start: int = 0) -> list[tuple[int, int]]:
+    """(begin, end) offsets into `length` new tokens of each call: none longer than prefill_chunk nor than any cache
+    takes in one call (max_tokens_forward); a prompt's first call (start 0) also within every max_prefill_length."""
     if prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     caches = model.kv_caches
-    first = min([prefill_chunk] + [c.max_prefill_length for c in caches if c.max_prefill_length is not None])
     later = min([prefill_chunk] + [c.max_tokens_forward for c in caches])
-    bounds, start, size = [], 0, first
-    while start < prompt_length:
-        end = min(prompt_length, start + size)
-        bounds.append((start, end))
-        start, size = end, later
+    first = later
+    if start == 0:
+        first = min([prefill_chunk] + [c.max_prefill_length for c in caches if c.max_prefill_length is not None])
+    bounds, begin, size = [], 0, first
+    while begin < length:
+        end = min(length, begin + size)
+        bounds.append((begin, end))
+        begin, size = end, later
     return bounds
 
 
 @torch.inference_mode()
-def prefill(model: GPT, prompt: Tensor, prefill_chunk: int = 2048) -> Tensor:
-    """Run prompt (B, T) through the caches in chunks; returns the logits of the last position (B, vocab).
-    Only the last position goes through the output head."""
+def prefill(model: GPT, ids: Tensor, prefill_chunk: int = 2048, start: int = 0, progress=None) -> Tensor:
+    """ids (B, T) through the caches at positions start.. (0: a new prompt, which resets every cache), in the chunks
+    `prefill_chunks` allows; returns the last position's logits (B, vocab): only it goes through the output head.
+    progress: wraps the list of chunks (a progress bar)."""
+    bounds = prefill_chunks(model, ids.shape[1], prefill_chunk, start)
     hidden = None
-    for start, end in prefill_chunks(model, prompt.shape[1], prefill_chunk):
-        hidden = model(prompt[:, start:end], input_pos=start, skip_lm_head=True)  # (B, end - start, n_embd)
+    for begin, end in progress(bounds) if progress else bounds:
+        hidden = model(ids[:, begin:end], input_pos=start + begin, skip_lm_head=True)  # (B, end - begin, n_embd)
     return model.lm_head(hidden[:, -1])  # (B, vocab)
 
 
@@ -44,6 +51,33 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, g
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.inference_mode()
+def decode(
+    step: Callable[[Tensor, int], Tensor],
+    logits: Tensor,
+    start: int,
+    steps: int,
+    eos: int | None = None,
+    pick: Callable[[Tensor], Tensor] = sample,
+) -> tuple[Tensor, int]:
+    """Up to `steps` tokens after `logits` (B, vocab), the first at position `start`: (B, n) with n <= steps, and the
+    position of the last one, which is not fed to the caches. `step(token (B, 1), pos)` feeds a token and returns
+    the next logits (B, vocab); `pick` chooses a token from logits (greedy by default). With `eos`, a sequence that
+    ended keeps emitting `eos` until all have ended, and the loop stops once they have."""
+    tokens, done, pos = [], torch.zeros(logits.shape[0], 1, dtype=torch.bool), start
+    for i in range(steps):
+        token = pick(logits)  # (B, 1)
+        if eos is not None:
+            token = token.masked_fill(done.to(token.device), eos)
+            done |= (token == eos).cpu()
+        tokens.append(token)
+        if i == steps - 1 or bool(done.all()):
+            break
+        logits = step(token, pos)
+        pos += 1
+    return torch.cat(tokens, dim=1), pos
 
 
 @torch.inference_mode()
@@ -68,19 +102,16 @@ def generate(
     if own_caches:
         model.set_kv_caches(batch_size=B, cache="dense", cache_length=T + max_new_tokens)
     try:
-        out = [prompt]
         logits = prefill(model, prompt, prefill_chunk)
-        done = torch.zeros(B, 1, dtype=torch.bool, device=prompt.device)
-        for i in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, generator)  # (B, 1)
-            if eos_id is not None:
-                token = token.masked_fill(done, eos_id)
-                done |= token == eos_id
-            out.append(token)
-            if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
-                break
-            logits = model(token, input_pos=T + i)[:, -1]  # (B, vocab)
-        return torch.cat(out, dim=1)
+        tokens, _ = decode(
+            lambda token, pos: model(token, input_pos=pos)[:, -1],
+            logits,
+            T,
+            max_new_tokens,
+            eos_id,
+            lambda logits: sample(logits, temperature, top_k, generator),
+        )
+        return torch.cat([prompt, tokens], dim=1)
     finally:
         if own_caches:
             model.clear_kv_caches()

@@ -10,8 +10,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bench.config.spec import ConfigError, resolve
+from bench.harness.sweep import check
 from bench.results import rows
-from bench.run import CONF_DIR, validate
+from bench.results.schema import DESIGN_COLUMNS
+from bench.run import CONF_DIR
+from caches import cache_class, cache_names
 from model.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +23,15 @@ SMALL = ["new_tokens=4", "repeats=1", "prefill_chunk=256"]
 
 def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "bench.run", *args, f"results_dir={tmp_path / 'results'}"]
+    overrides = [a for a in args if a != "-m"]  # Hydra reads its flags before or after the overrides
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.run",
+        *overrides,
+        f"results_dir={tmp_path / 'results'}",
+        *(["-m"] if "-m" in args else []),
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -28,11 +39,14 @@ def sweep_rows(tmp_path: Path, sweep: str = "default") -> pd.DataFrame:
     return rows.load(tmp_path / "results" / sweep)
 
 
-@pytest.mark.parametrize("cache", sorted(p.stem for p in Path(CONF_DIR, "cache").glob("*.yaml")))
-def test_every_cache_config_composes(cache):
+@pytest.mark.parametrize("cache", cache_names())
+def test_every_cache_composes_with_its_own_defaults(cache):
+    """`cache=<name>` needs no yaml: the choice comes from the registry, its knobs' defaults from its constructor."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         spec = resolve(compose(config_name="config", overrides=[f"cache={cache}"]), cuda_available=False)
-    assert spec.cache == cache and spec.model == "tiny" and spec.device == "cpu" and spec.ctx == 8192
+    assert spec.cache.name == cache and spec.model == "tiny" and spec.device == "cpu" and spec.ctx == 8192
+    assert spec.cache.kwargs == cache_class(cache).knob_defaults({})
+    assert spec.cache.budget == (8192 + 32 if cache == "dense" else 2048)
 
 
 @pytest.mark.parametrize("cuda", [False, True])
@@ -46,17 +60,16 @@ def test_expandable_segments_is_a_cuda_setting(cuda):
         specs.append(resolve(cfg, cuda_available=cuda))
     assert [s.expandable_segments for s in specs] == ([True, False] if cuda else [False, False])
     assert (specs[0].identity() != specs[1].identity()) == cuda
-    assert "expandable_segments" not in specs[1].identity()  # the default allocator: hashes as before the knob
 
 
-def test_the_system_is_hashed_only_when_it_is_not_kvbench():
-    """Rows from before the `system` group resume: kvbench's jobs hash as they did; another system's job is another
-    configuration, compiled or not by its own name."""
+def test_each_system_is_a_configuration_of_its_own_compiled_by_its_own_rule():
+    """Another system's job is another configuration; whether its decode step is compiled is its class's answer."""
     specs = {}
     for system in ("kvbench", "hf_static", "hf_static_compiled"):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             specs[system] = resolve(compose(config_name="config", overrides=[f"system={system}"]), cuda_available=False)
-    assert "system" not in specs["kvbench"].identity() and specs["hf_static"].identity()["system"] == "hf_static"
+    assert len({str(s.identity()) for s in specs.values()}) == 3
+    assert [s.identity()["system"]["name"] for s in specs.values()] == list(specs)
     assert [s.compile for s in specs.values()] == [False, False, True]
 
 
@@ -76,7 +89,7 @@ def test_compile_auto_takes_the_caches_whose_compiled_step_ran_on_a_gpu(cuda):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))
 def test_every_experiment_expands_to_valid_jobs(experiment):
-    assert len(validate([f"experiment={experiment}", "-m"])) >= 4
+    assert len(check([f"experiment={experiment}"], multirun=True)) >= 4
 
 
 def test_users_command_writes_one_ok_row_per_job(tmp_path):
@@ -90,7 +103,7 @@ def test_users_command_writes_one_ok_row_per_job(tmp_path):
         ("last_recent", 1024),
         ("last_recent", 2048),
     }
-    assert set(rows.SCHEMA) <= set(df.columns)
+    assert set(DESIGN_COLUMNS) <= set(df.columns)
     for col in [
         "prefill_s",
         "decode_ms_p50",
@@ -216,7 +229,7 @@ def test_bad_input_from_the_command_line(tmp_path):
 
 def test_validate_rejects_a_sweep_without_multirun():
     with pytest.raises(ConfigError, match="add -m"):
-        validate(["ctx=8k,32k"])
+        check(["ctx=8k,32k"], multirun=False)
 
 
 def test_compile_true_decodes_through_the_compiled_step(tmp_path):

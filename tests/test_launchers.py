@@ -20,7 +20,15 @@ SMALL = ["new_tokens=4", "repeats=1", "prefill_chunk=256", "ctx=1k"]
 
 
 def bench_cmd(tmp_path: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "bench.run", *args, f"results_dir={tmp_path / 'results'}"]
+    overrides = [a for a in args if a != "-m"]  # Hydra reads its flags before or after the overrides
+    return [
+        sys.executable,
+        "-m",
+        "bench.run",
+        *overrides,
+        f"results_dir={tmp_path / 'results'}",
+        *(["-m"] if "-m" in args else []),
+    ]
 
 
 def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -275,12 +283,12 @@ def test_nvml_index_follows_cuda_visible_devices(monkeypatch):
 def test_a_launcher_whose_plugin_is_missing_is_refused_in_one_line(monkeypatch):
     import importlib.util
 
-    from bench import run
     from bench.config.spec import ConfigError
+    from bench.harness import sweep
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if "hydra_plugins" in name else real(name))
     with pytest.raises(ConfigError, match=r"hydra/launcher=joblib needs hydra-joblib-launcher: pip install "):
-        run.validate(["hydra/launcher=joblib", "cache=dense,h2o", "-m"])
+        sweep.check(["hydra/launcher=joblib", "cache=dense,h2o"], multirun=True)
     with pytest.raises(ConfigError, match="hydra/launcher=submitit_slurm needs hydra-submitit-launcher"):
-        run.validate(["hydra/launcher=submitit_slurm", "-m"])
+        sweep.check(["hydra/launcher=submitit_slurm"], multirun=True)

@@ -10,6 +10,7 @@ import torch
 
 from bench.measure import memory
 from bench.results import rows
+from bench.results.schema import COLUMNS
 from bench.results.tables import comparison_table, summary_line
 
 
@@ -125,7 +126,7 @@ def test_write_is_atomic_and_load_reads_a_tree(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.suffix == ".tmp"]
     df = rows.load(tmp_path / "sweep")
     assert sorted(df["ctx"].tolist()) == [1024, 2048]
-    assert list(df.columns[: len(rows.SCHEMA)]) == list(rows.SCHEMA)
+    assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
     assert str(df["ctx"].dtype) == "Int64" and df["mbu"].isna().all() and "new_col" in df
     assert rows.load(tmp_path / "nothing").empty
 
@@ -151,6 +152,7 @@ def test_summary_and_table_render():
     row = {
         "model": "tiny",
         "cache": "dense",
+        "label": "dense",
         "ctx": 8192,
         "batch": 1,
         "sdpa_requested": "auto",
@@ -168,7 +170,9 @@ def test_summary_and_table_render():
     }
     line = summary_line(row)
     assert line.startswith("[ok] tiny dense ctx=8k") and "1.25 ms/step" in line and "3.0 MiB" in line
-    table = comparison_table(rows.to_frame([row, {**row, "cache": "last_recent", "cache_bytes": 2**18}]))
+    table = comparison_table(
+        rows.to_frame([row, {**row, "cache": "last_recent", "label": "last_recent", "cache_bytes": 2**18}])
+    )
     assert "last_recent" in table and "0.25x" in table and "1.0 GiB" in table
 
 

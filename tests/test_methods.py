@@ -52,6 +52,25 @@ def test_adakv_matches_its_naive_reference(scorer, knobs, prefill):
     assert (lengths.sum(dim=1) == G * L).all()
 
 
+@pytest.mark.parametrize("scorer", ["knorm", "keydiff", "random"])
+def test_adakv_wraps_any_headwise_policy_and_with_a_full_floor_is_that_policy(scorer):
+    """alpha = 1: each head sets aside its own top cache_length, which fill the layer's total, so Ada-KV keeps per head
+    what the wrapped cache keeps per head (both: the lowest score goes first, the older on a tie)."""
+    L = 6
+    params = KVCacheParams(B, G, H, HS, L, CPU, torch.float32)
+    wrapped, plain = create_cache("adakv", params, scorer=scorer, alpha=1.0), create_cache(scorer, params)
+    q, k, v = _qkv(19 + 8, seed=5)
+    for start, end in [(0, 19)] + [(t, t + 1) for t in range(19, 27)]:
+        args = (q[:, :, start:end], k[:, :, start:end], v[:, :, start:end])
+        wrapped(*args, start), plain(*args, start)
+        assert torch.equal(wrapped.token_positions(), plain.token_positions().sort(dim=-1).values), (scorer, start)
+
+
+def test_adakv_refuses_a_policy_whose_scores_are_not_a_heads_own():
+    with pytest.raises(ValueError, match="scorer='tova' is not valid; valid choices: h2o, keydiff, knorm, pyramidkv"):
+        create_cache("adakv", KVCacheParams(B, G, H, HS, 6, CPU, torch.float32), scorer="tova")
+
+
 def naive_kivi(x: torch.Tensor, bits: int, group: int, residual_from: int, per_channel: bool) -> torch.Tensor:
     """x (n, hs) as KIVI stores it: rows before `residual_from` quantized in groups of `group` rows per channel
     (keys) or per row in groups of `group` channels (values), min-max to 2**bits levels against the float16-rounded

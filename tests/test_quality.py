@@ -3,27 +3,25 @@ tests/test_tasks.py."""
 
 import pytest
 
-from bench.eval.quality import CacheSetup, fidelity, perplexity
+from bench.eval.quality import fidelity, perplexity
+from bench.systems.kvbench import KvbenchSystem
 
 pytestmark = pytest.mark.slow
 
 
 def test_fidelity_of_dense_against_itself_is_perfect(smollm2):
-    model, tok = smollm2
-    assert fidelity(model, tok, CacheSetup("dense"), ctx=256, tokens=8) == {"kl_vs_dense": 0.0, "top1_agree": 1.0}
+    assert fidelity(KvbenchSystem.around(*smollm2), ctx=256, tokens=8) == (0.0, 1.0)
 
 
 def test_fidelity_of_last_recent_with_room_for_everything_is_perfect(smollm2):
-    model, tok = smollm2
-    roomy = CacheSetup("last_recent", {"sink_tokens": 4}, cache_length=300)
-    assert fidelity(model, tok, roomy, ctx=256, tokens=8) == {"kl_vs_dense": 0.0, "top1_agree": 1.0}
-    tight = CacheSetup("last_recent", {"sink_tokens": 4}, cache_length=36)
-    result = fidelity(model, tok, tight, ctx=256, tokens=8)
-    assert result["kl_vs_dense"] > 0.01  # eviction shows
+    roomy = KvbenchSystem.around(*smollm2, "last_recent", 300, sink_tokens=4)
+    assert fidelity(roomy, ctx=256, tokens=8) == (0.0, 1.0)
+    tight = KvbenchSystem.around(*smollm2, "last_recent", 36, sink_tokens=4)
+    kl, _ = fidelity(tight, ctx=256, tokens=8)
+    assert kl > 0.01  # eviction shows
 
 
 def test_perplexity_is_sane_and_eviction_costs(smollm2):
-    model, tok = smollm2
-    dense = perplexity(model, tok, CacheSetup("dense"), ctx=512, chunk=128)["ppl"]
-    window = perplexity(model, tok, CacheSetup("last_recent", {}, 64), ctx=512, chunk=32)["ppl"]
+    dense = perplexity(KvbenchSystem.around(*smollm2), ctx=512, chunk=128)
+    window = perplexity(KvbenchSystem.around(*smollm2, "last_recent", 64), ctx=512, chunk=32)
     assert 3 < dense < 60 and window > dense * 1.05

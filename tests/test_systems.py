@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from bench import systems
 from bench.config.spec import resolve
 from bench.eval import protocols, tasks
-from bench.eval.quality import CacheSetup
 from bench.run import CONF_DIR
+from bench.systems.kvbench import KvbenchSystem
 from model.config import Config
 
 pytest.importorskip("transformers")
@@ -28,6 +28,11 @@ def spec(system: str, *more: str):
     overrides = [f"system={system}", "model=tiny", f"ctx={CTX}", f"new_tokens={STEPS}", "batch=2", "device=cpu"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return resolve(compose(config_name="config", overrides=[*overrides, *more]))
+
+
+def with_length(job, length: int):
+    """The same job with `length` cache slots per sequence (a budget no fraction of ctx gives)."""
+    return dataclasses.replace(job, cache=dataclasses.replace(job.cache, length=length))
 
 
 @torch.inference_mode()
@@ -43,12 +48,12 @@ def dense_runs():
     than the sequence, and each press of kvpress with a budget above any prompt's length (compression ratio 0)."""
     runs = [(name, spec(name)) for name in ("hf_dynamic", "hf_static", "hf_static_compiled")]
     sliding = spec("hf_sliding", "cache.budget=1.0")
-    runs.append(("hf_sliding", dataclasses.replace(sliding, cache_length=CTX + STEPS)))
+    runs.append(("hf_sliding", with_length(sliding, CTX + STEPS)))
     if systems.missing_extra("kvpress") is None:
         from bench.systems.kvpress import PRESSES
 
         for press in PRESSES:
-            keep_all = dataclasses.replace(spec("kvpress", f"press={press}", "cache.budget=1.0"), cache_length=1 << 20)
+            keep_all = with_length(spec("kvpress", f"press={press}", "cache.budget=1.0"), 1 << 20)
             runs.append((f"kvpress/{press}", keep_all))
     return runs
 
@@ -148,10 +153,10 @@ def _samples(task: str, questions: int) -> list[tasks.Sample]:
 
 
 def answer_logits(monkeypatch) -> list[torch.Tensor]:
-    """The list every answer's logits are appended to, step by step, by the task protocols (bench.protocols.answer
-    spied on, for kvbench and the other systems alike)."""
+    """The list every answer's logits are appended to, step by step, by the task protocols (their greedy loop spied
+    on, for kvbench and the other systems alike)."""
     seen: list[torch.Tensor] = []
-    real = protocols.answer
+    real = protocols.decode
 
     def spy(step, logits, start, steps, eos):
         def recorded(token, pos):
@@ -161,7 +166,7 @@ def answer_logits(monkeypatch) -> list[torch.Tensor]:
         seen.append(logits)
         return real(recorded, logits, start, steps, eos)
 
-    monkeypatch.setattr(protocols, "answer", spy)
+    monkeypatch.setattr(protocols, "decode", spy)
     return seen
 
 
@@ -174,7 +179,7 @@ def test_other_systems_answer_the_tasks_as_kvbench_does(protocol, monkeypatch):
     seen = answer_logits(monkeypatch)
     samples = _samples("niah_multiquery", 3)
     ours = systems.create(spec("kvbench"), torch.device("cpu"))
-    replies = protocols.run(ours.model, TOK, CacheSetup("dense"), samples, protocol, 2048)
+    replies = protocols.run(KvbenchSystem.around(ours.model, TOK), samples, protocol)
     expected, seen[:] = list(seen), []
     assert len(expected) == 3 * samples[0].max_new_tokens  # no answer ended early: every step compared
     for name, other_spec in dense_runs():
@@ -182,7 +187,7 @@ def test_other_systems_answer_the_tasks_as_kvbench_does(protocol, monkeypatch):
             continue
         other = systems.create(other_spec, torch.device("cpu"))
         other.tokenizer = TOK
-        assert other.answers(samples, protocol) == replies, name
+        assert protocols.run(other, samples, protocol) == replies, name
         scale = max(float(e.abs().max()) for e in expected)
         assert len(seen) == len(expected), name
         for got, want in zip(seen, expected):  # float32 summation orders differ: 1e-5 of the logits' range
@@ -210,11 +215,11 @@ def test_kvpress_streaming_llm_is_streaming_after_a_full_prefill(monkeypatch):
     ours = systems.create(spec("kvbench"), torch.device("cpu"))
     logits = {}
     for name in ("after_prefill", "last_recent"):
-        protocols.run(ours.model, TOK, CacheSetup(name, {"sink_tokens": 4}, 64), samples, "agnostic", 2048)
+        protocols.run(KvbenchSystem.around(ours.model, TOK, name, 64, sink_tokens=4), samples, "agnostic")
         logits[name], seen[:] = list(seen), []
     press = systems.create(spec("kvpress", "press=streaming_llm", "cache.budget=64"), torch.device("cpu"))
     press.tokenizer = TOK
-    press.answers(samples, "agnostic")
+    protocols.run(press, samples, "agnostic")
     assert len(seen) == len(logits["after_prefill"]) == 3 * samples[0].max_new_tokens
     scale = max(float(e.abs().max()) for e in seen)
     for got, want in zip(seen, logits["after_prefill"]):  # float32 summation orders differ: 1e-5 of the range
@@ -226,16 +231,14 @@ def test_agnostic_cuts_a_compressed_cache_back_to_the_context(monkeypatch):
     """knorm at 64 of 512 context tokens: each question meets the same 64 tokens per layer, and its own tokens go
     after them."""
     pytest.importorskip("kvpress")
-    from bench.systems import hf_protocols
-
     system = systems.create(spec("kvpress", "press=knorm", "cache.budget=64"), torch.device("cpu"))
     system.tokenizer = TOK
     seen, real = [], system.call
 
-    def spy(ids, start, cache, **kw):
+    def spy(ids, start, **kw):
         if ids.shape[1] > 1 and start > 0:  # a question
-            seen.append((start, [layer.keys.clone() for layer in cache.layers]))
-        return real(ids, start, cache, **kw)
+            seen.append((start, [layer.keys.clone() for layer in system.cache.layers]))
+        return real(ids, start, **kw)
 
     positions = []
 
@@ -245,7 +248,7 @@ def test_agnostic_cuts_a_compressed_cache_back_to_the_context(monkeypatch):
     monkeypatch.setattr(system, "call", spy)
     system.model.register_forward_pre_hook(record, with_kwargs=True)
     samples = _samples("niah_multiquery", 3)
-    hf_protocols.run(system, samples, "agnostic")
+    protocols.run(system, samples, "agnostic")
     n, q = len(samples[0].context), len(samples[0].questions[0])
     assert len(seen) == 3 and {start for start, _ in seen} == {n}
     for _, keys in seen:
@@ -285,7 +288,8 @@ def test_without_kvpress_a_press_run_exits_2_naming_the_extra(tmp_path, monkeypa
 def test_every_system_writes_a_row_of_the_schema(tmp_path):
     """One sweep over every system (in this process): each writes one row holding the schema's columns; on the CPU
     the offloaded cache is `unsupported` with its reason, the others ran."""
-    from bench.results.rows import COLUMNS, SCHEMA, load
+    from bench.results.rows import load
+    from bench.results.schema import COLUMNS, DESIGN_COLUMNS
     from bench.run import cli
 
     args = ["model=tiny", "ctx=128", "new_tokens=4", "repeats=1", "warmup=false", "isolate=false", "device=cpu"]
@@ -300,7 +304,7 @@ def test_every_system_writes_a_row_of_the_schema(tmp_path):
         except SystemExit as done:
             assert done.code in (0, None)
     df = load(tmp_path)
-    assert set(SCHEMA) <= set(df.columns) and list(df.columns)[: len(COLUMNS)] == list(COLUMNS)
+    assert set(DESIGN_COLUMNS) <= set(df.columns) and list(df.columns) == list(COLUMNS)  # nothing undeclared
     by = {(r.system, r.cache): r for r in df.itertuples()}
     assert set(by) == {
         ("kvbench", "dense"),

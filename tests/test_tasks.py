@@ -6,8 +6,10 @@ import pytest
 import torch
 from char_tokenizer import CharTokenizer
 
+from bench.config.schema import EvalConfig
 from bench.eval import protocols, tasks
-from bench.eval.quality import CacheSetup, suite
+from bench.eval.quality import suite
+from bench.systems.kvbench import KvbenchSystem
 from caches import frozen
 
 TOK = CharTokenizer()
@@ -69,7 +71,7 @@ def test_agnostic_asks_every_question_of_the_same_compressed_cache(tiny, monkeyp
 
     monkeypatch.setattr(frozen.FrozenPrefixCache, "__init__", spy)
     samples = _samples("niah_multiquery", 2, questions=3)
-    replies = protocols.run(tiny, TOK, CacheSetup("h2o", {}, 128), samples, "agnostic", 256)
+    replies = protocols.run(KvbenchSystem.around(tiny, TOK, "h2o", 128, 256), samples, "agnostic")
     layers = tiny.config.n_layer
     assert len(seen) == 3 * layers and len(replies) == 2 and all(len(r) == 3 for r in replies)
     assert seen[0].shape[-1] == 128  # compressed to the budget
@@ -81,16 +83,16 @@ def test_multiturn_keeps_earlier_answers_in_the_cache(tiny, monkeypatch):
     """One cache through the whole conversation: when the second question comes, the first answer's tokens are in
     the cache (dense: every position up to there)."""
     states = []
-    real = protocols.answer
+    real = protocols.decode
 
     def spy(step, logits, start, steps, eos):
         out = real(step, logits, start, steps, eos)
         states.append((start, out[1], tiny.kv_caches[0].token_positions()[0, 0].tolist()))
         return out
 
-    monkeypatch.setattr(protocols, "answer", spy)
+    monkeypatch.setattr(protocols, "decode", spy)
     samples = _samples("niah_single", 2, questions=2)
-    protocols.run(tiny, TOK, CacheSetup("dense"), samples, "multiturn", 256)
+    protocols.run(KvbenchSystem.around(tiny, TOK, prefill_chunk=256), samples, "multiturn")
     (start1, last1, _), (start2, _, kept2) = states
     assert start2 > last1 >= start1
     assert set(range(start1, last1)) <= set(kept2)  # the first answer, fed back, stayed in the cache
@@ -101,7 +103,8 @@ def test_multiturn_keeps_earlier_answers_in_the_cache(tiny, monkeypatch):
 def test_dense_finds_the_needle_and_a_64_token_cache_does_not(smollm2):
     """SmolLM2-135M, niah_single at 1k, aware protocol, 4 samples (needles at depths spread over the context)."""
     model, tok = smollm2
-    knobs = {"suite": ["niah_single"], "protocol": "aware", "samples": 4, "questions": 1, "batch": 4, "seed": 0}
-    dense = suite(model, tok, CacheSetup("dense"), 1024, knobs, 1024)["niah_single"]
-    small = suite(model, tok, CacheSetup("last_recent", {"sink_tokens": 4}, 64), 1024, knobs, 1024)["niah_single"]
+    knobs = EvalConfig(suite=["niah_single"], samples=4, batch=4)
+    dense = suite(KvbenchSystem.around(model, tok, prefill_chunk=1024), 1024, knobs)["niah_single"]
+    window = KvbenchSystem.around(model, tok, "last_recent", 64, 1024, sink_tokens=4)
+    small = suite(window, 1024, knobs)["niah_single"]
     assert dense >= 0.9 and small < dense, (dense, small)

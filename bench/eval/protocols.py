@@ -1,31 +1,28 @@
-"""How a task's samples meet a cache: three protocols, each a batch of samples through the model's caches.
+"""How a task's samples meet a system's caches: three protocols, each a batch of samples through any system's caches
+(the calls of bench/systems/base.py: `open`, `forward`, `question`).
 
 * `aware`: the context and the question in one prompt (a single chat turn), prefilled and compressed together,
   then the answer generated through the same cache. One prompt per question.
 * `agnostic`: the context prefilled and compressed alone; then each question is asked of that same compressed
-  cache, read as it is, the question and its answer appended after it without eviction (caches/frozen.py), and
-  dropped before the next question. What a cache reused across requests faces, and how NVIDIA's kvpress evaluates.
+  cache, read as it is, the question and its answer appended after it without eviction, and dropped before the next
+  question. What a cache reused across requests faces, and how NVIDIA's kvpress evaluates.
 * `multiturn`: the questions one after another in one conversation through one cache, each answer staying in it,
   eviction going on throughout (SCBench's shared-context setting, Li et al., 2024).
 
-Samples of one batch have contexts of one length (bench/eval/tasks.py builds them so); each question is padded on the
-left with newlines to the longest of the batch. Answers are greedy, up to the task's `max_new_tokens`, cut at the
-end-of-turn token; a batch stops once every sequence has ended.
+Samples of one batch have contexts of one length (bench/eval/tasks.py builds them so); each question is padded on
+the left with newlines to the longest of the batch. Answers are greedy (model/generate.py `decode`), up to the task's
+`max_new_tokens`, cut at the end-of-turn token; a batch stops once every sequence has ended. Positions go on from
+the context's length whatever the cache kept, as in kvpress's pipeline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from bench.config.schema import PROTOCOLS
 from bench.eval.tasks import Sample
-from caches.frozen import FrozenPrefixCache
-from model.generate import prefill_chunks
-from model.gpt import GPT
-
-PROTOCOLS = ("aware", "agnostic", "multiturn")
+from model.generate import decode
 
 
 def padded(samples: list[Sample], newline: list[int]) -> list[Tensor]:
@@ -39,96 +36,49 @@ def padded(samples: list[Sample], newline: list[int]) -> list[Tensor]:
 
 
 @torch.inference_mode()
-def prefill(model: GPT, ids: Tensor, start: int, chunk: int) -> Tensor:
-    """ids (B, T) through the caches from position `start` (0: a new prefill), in chunks the caches accept; returns
-    the last position's logits (B, vocab)."""
-    hidden = None
-    for a, b in prefill_chunks(model, ids.shape[1], chunk) if start == 0 else _chunks(model, ids.shape[1], chunk):
-        hidden = model(ids[:, a:b], input_pos=start + a, skip_lm_head=True)  # (B, b - a, n_embd)
-    return model.lm_head(hidden[:, -1])
-
-
-def _chunks(model: GPT, length: int, chunk: int) -> list[tuple[int, int]]:
-    size = min([chunk] + [c.max_tokens_forward for c in model.kv_caches])
-    return [(a, min(length, a + size)) for a in range(0, length, size)]
-
-
-@torch.inference_mode()
-def answer(
-    step: Callable[[Tensor, int], Tensor], logits: Tensor, start: int, steps: int, eos: int | None
-) -> tuple[Tensor, int]:
-    """Greedy tokens after `logits` (B, vocab), the first at position `start`: (B, n) with n <= steps, and the position
-    of the last one, which is not fed to the caches. `step(token (B, 1), pos)` feeds a token and returns the next
-    logits (B, vocab). A sequence that ended keeps feeding its end token until all have ended."""
-    tokens, done, pos = [], torch.zeros(logits.shape[0], 1, dtype=torch.bool), start
-    for i in range(steps):
-        token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        if eos is not None:
-            token = token.masked_fill(done.to(token.device), eos)
-            done |= (token == eos).cpu()
-        tokens.append(token)
-        if i == steps - 1 or bool(done.all()):
-            break
-        logits = step(token, pos)
-        pos += 1
-    return torch.cat(tokens, dim=1), pos
-
-
-@torch.inference_mode()
-def run(model: GPT, tokenizer, setup, samples: list[Sample], protocol: str, chunk: int) -> list[list[str]]:
-    """The answers, per sample and question, of a batch of samples under `protocol` through caches `setup` makes
-    (bench.eval.quality.CacheSetup)."""
+def run(system, samples: list[Sample], protocol: str) -> list[list[str]]:
+    """The answers, per sample and question, of a batch of samples under `protocol` through `system`'s caches."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not valid; valid choices: {', '.join(PROTOCOLS)}")
-    context, questions = inputs(tokenizer, samples, model.lm_head.weight.device)
-    steps = samples[0].max_new_tokens
-    eos = tokenizer.eos_id
+    tokenizer = system.tokenizer
+    context = torch.tensor([s.context for s in samples], device=next(system.model.parameters()).device)  # (B, n)
+    questions = [q.to(context.device) for q in padded(samples, tokenizer.encode("\n"))]
+    steps, eos = samples[0].max_new_tokens, tokenizer.eos_id
     B, n = context.shape
-    replies: list[list[Tensor]] = []
+    replies: list[Tensor] = []
 
-    def step(token: Tensor, pos: int) -> Tensor:
-        return model(token, input_pos=pos)[:, -1]
+    def answer(logits: Tensor, start: int) -> tuple[Tensor, int]:
+        return decode(system.forward, logits, start, steps, eos)
 
     if protocol == "aware":
         for q in questions:
-            setup.assign(model, n + q.shape[1] + steps, B)
-            logits = prefill(model, torch.cat([context, q], dim=1), 0, chunk)
-            replies.append(answer(step, logits, n + q.shape[1], steps, eos)[0])
+            system.open(B, n + q.shape[1] + steps)
+            logits = system.forward(torch.cat([context, q], dim=1), 0)
+            replies.append(answer(logits, n + q.shape[1])[0])
     elif protocol == "agnostic":
-        setup.assign(model, n + max(q.shape[1] for q in questions) + steps, B)
-        prefill(model, context, 0, chunk)
-        base = model.kv_caches
+        system.open(B, n + max(q.shape[1] for q in questions) + steps)
+        system.forward(context, 0)
         for q in questions:
-            model.assign_kv_caches([FrozenPrefixCache(c, q.shape[1] + steps) for c in base])
-            logits = model(q, input_pos=n)[:, -1]
-            replies.append(answer(step, logits, n + q.shape[1], steps, eos)[0])
-        model.assign_kv_caches(base)
+            with system.question(q.shape[1] + steps):
+                logits = system.forward(q, n)
+                replies.append(answer(logits, n + q.shape[1])[0])
     else:
-        setup.assign(model, n + sum(q.shape[1] + steps for q in questions), B)
-        logits = prefill(model, torch.cat([context, questions[0]], dim=1), 0, chunk)
-        pos = n + questions[0].shape[1]
+        system.open(B, n + sum(q.shape[1] + steps for q in questions))
+        pos = 0
         for j, q in enumerate(questions):
-            if j:  # the next question, after the previous answer, in the same cache
-                logits = prefill(model, q, pos, chunk)
-                pos += q.shape[1]
-            tokens, pos = answer(step, logits, pos, steps, eos)
+            logits = system.forward(torch.cat([context, q], dim=1) if j == 0 else q, pos)
+            pos += q.shape[1] + (n if j == 0 else 0)
+            tokens, pos = answer(logits, pos)
             replies.append(tokens)
             if j < len(questions) - 1:  # the answer's last token goes into the cache before the next question
-                model(tokens[:, -1:], input_pos=pos)
+                system.forward(tokens[:, -1:], pos)
                 pos += 1
-    model.clear_kv_caches()
     return texts(tokenizer, replies, eos)
 
 
 def texts(tokenizer, replies: list[Tensor], eos: int | None) -> list[list[str]]:
     """Per sample, the text of its reply to each question (replies: one (B, n) tensor per question)."""
     return [[_text(tokenizer, r[b], eos) for r in replies] for b in range(replies[0].shape[0])]
-
-
-def inputs(tokenizer, samples: list[Sample], device: torch.device) -> tuple[Tensor, list[Tensor]]:
-    """The batch's contexts (B, n) and its questions, each (B, q_j), on `device`."""
-    context = torch.tensor([s.context for s in samples], device=device)  # (B, n)
-    return context, [q.to(device) for q in padded(samples, tokenizer.encode("\n"))]
 
 
 def _text(tokenizer, tokens: Tensor, eos: int | None) -> str:

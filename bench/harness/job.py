@@ -2,8 +2,8 @@
 decode steps, each timed after a device sync), with every memory tracker running. Returns one result row; a
 failure (out of memory, an unsupported combination, anything else) is a row with its status, never an exception.
 
-Each phase returns a small dataclass (`Timing`, `Memory`, `Roofline`, `bench.eval.quality.Quality`); the row is the
-job's identity columns with them merged in at the end.
+Each part of the row is a dataclass of bench/results/schema.py (`Identity`, `Configuration`, `Timing`, `Memory`, ...),
+filled by what measures it; the row is their fields merged.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import socket
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,59 +29,20 @@ from bench.measure import nvml_sampler
 from bench.measure.contention import Contention, ContentionMonitor, classify, cores_allowed, others_busy
 from bench.measure.nvml_sampler import NvmlSampler
 from bench.measure.timing import median_interval, timed
-from bench.results.rows import SCHEMA_VERSION
+from bench.results.schema import (
+    SCHEMA_VERSION,
+    Bytes,
+    Configuration,
+    Identity,
+    Memory,
+    Outcome,
+    Roofline,
+    SystemColumns,
+    Timing,
+)
 from model.attention import UnsupportedBackend, record_backends
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Timing:
-    """The timed phases: prefill (time to first token) over repeats, decode steps over every repeat."""
-
-    prefill_s: float  # median over repeats
-    prefill_s_min: float
-    decode_ms_p50: float  # over every timed step of every repeat
-    decode_ms_p90: float
-    decode_ms_mean: float
-    decode_tok_s: float  # batch x steps / decode seconds
-    sdpa_used_prefill: str  # the attention backends that ran, "+"-joined
-    sdpa_used_decode: str
-    sdpa_used: str  # one name when both phases agree, else "prefill|decode"
-    compile_s: float | None = None  # compiled decode: the warm-up's first steps (compilation, graph recording)
-    cudagraph_skips: int | None = None  # graphs inductor declined to capture (0 expected)
-    prefill_cv: float | None = None  # coefficient of variation over repeats (None: one repeat)
-    decode_cv: float | None = None  # over every timed step
-    decode_ms_p50_low: float | None = None  # the p50 step's 95% confidence interval (bootstrap over the steps)
-    decode_ms_p50_high: float | None = None
-
-
-@dataclass
-class Memory:
-    """Peaks of the timed phases (CUDA: torch's allocator and NVML; CPU: the resident set), or of the CPU's untimed
-    tracked pass (`peak_alloc_source` tensor_tracker: exact live tensor bytes)."""
-
-    peak_alloc_bytes: int | None = None
-    peak_alloc_prefill_bytes: int | None = None
-    peak_alloc_decode_bytes: int | None = None
-    peak_alloc_source: str | None = None  # torch.cuda | tensor_tracker
-    peak_reserved_bytes: int | None = None
-    peak_nvml_bytes: int | None = None
-    peak_nvml_source: str | None = None
-    peak_rss_bytes: int | None = None
-    rss_file_bytes: int | None = None
-    warmup_released_bytes: int | None = None
-    expandable_segments: bool | None = None
-    cache_bytes_prefill: int | None = None  # what the caches hold right after a prefill (an eviction's compression)
-
-
-@dataclass
-class Roofline:
-    """CUDA: a decode step's bytes (weights read once + the K/V attended) over its p50 time and the measured
-    device-to-device bandwidth."""
-
-    bandwidth_bytes_s: float | None
-    mbu: float | None
 
 
 def git_commit() -> str | None:
@@ -103,42 +64,55 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def configuration(spec: JobSpec) -> Configuration:
+    """The configuration columns, with the row's labels from its system's class."""
+    cls = systems.system_class(spec.system.name)
+    label_args = (spec.cache.name, spec.cache.kwargs, spec.system.knobs)
+    return Configuration(
+        system=spec.system.name,
+        system_kwargs=json.dumps(spec.system.knobs, sort_keys=True) if spec.system.knobs else None,
+        model=spec.model,
+        weights=spec.weights,
+        dtype=spec.dtype,
+        cache=spec.cache.name,
+        cache_budget=spec.cache.budget,
+        cache_length=spec.cache.length,
+        cache_kwargs=json.dumps(spec.cache.kwargs, sort_keys=True),
+        ctx=spec.ctx,
+        batch=spec.batch,
+        new_tokens=spec.new_tokens,
+        sdpa_requested=spec.sdpa,
+        prefill_chunk=spec.prefill_chunk,
+        repeats=spec.repeats,
+        seed=spec.seed,
+        label=cls.label(*label_args),
+        method=cls.method(*label_args),
+        peer=cls.peer(*label_args),
+        threads=spec.threads,
+    )
+
+
 def base_row(spec: JobSpec, sweep_id: str, config_hash: str, probe_device: bool = True) -> dict:
     """The identity and configuration columns of a job's row (`probe_device=False`: no device query, for a
     row the launching process writes about a job whose own process died)."""
     device = torch.device(spec.device)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": os.urandom(8).hex(),
-        "sweep_id": sweep_id,
-        "config_hash": config_hash,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "device_name": trackers.device_name(device) if probe_device else None,
-        "device_kind": device.type,
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "system": spec.system,
-        "system_kwargs": json.dumps(spec.system_kwargs, sort_keys=True) if spec.system_kwargs else None,
-        "model": spec.model,
-        "weights": spec.weights,
-        "dtype": spec.dtype,
-        "cache": spec.cache,
-        "cache_budget": spec.cache_budget,
-        "cache_length": spec.cache_length,
-        "cache_kwargs": json.dumps(spec.cache_kwargs, sort_keys=True),
-        "ctx": spec.ctx,
-        "batch": spec.batch,
-        "new_tokens": spec.new_tokens,
-        "sdpa_requested": spec.sdpa,
-        "prefill_chunk": spec.prefill_chunk,
-        "repeats": spec.repeats,
-        "seed": spec.seed,
-        "hostname": socket.gethostname(),
-        "pid": os.getpid(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # under Slurm: the job, and its index in the sweep's array
-        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
-    }
+    identity = Identity(
+        schema_version=SCHEMA_VERSION,
+        run_id=os.urandom(8).hex(),
+        sweep_id=sweep_id,
+        config_hash=config_hash,
+        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(),
+        device_name=trackers.device_name(device) if probe_device else None,
+        device_kind=device.type,
+        torch_version=torch.__version__,
+        cuda_version=torch.version.cuda,
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        slurm_array_task_id=os.environ.get("SLURM_ARRAY_TASK_ID"),
+    )
+    return {**asdict(identity), **asdict(configuration(spec))}
 
 
 def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = True) -> dict:
@@ -150,17 +124,17 @@ def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = Tru
     try:
         refused = _idle(spec, row)
         if refused:
-            row.update(status="busy", error=refused, total_s=time.perf_counter() - t_start)
+            row.update(asdict(Outcome("busy", refused, time.perf_counter() - t_start)))
             return row
         row.update(_measure(spec, device, progress))
         row["status"] = "ok"
     except UnsupportedBackend as err:
-        row.update(status="unsupported", error=str(err))
+        row.update(asdict(Outcome("unsupported", str(err))))
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
         if type(err).__name__ == "UncompletedJobError":
             raise  # the scheduler ends this job (time limit, preemption): it leaves no row, and the rerun redoes it
         status = "oom" if is_oom(err) else "error"
-        row.update(status=status, error=f"{type(err).__name__}: {err}".strip()[:2000])
+        row.update(asdict(Outcome(status, f"{type(err).__name__}: {err}".strip()[:2000])))
     finally:
         if spec.compile:  # its compiled code and CUDA-graph pools go, and the next job in this process (isolate=false)
             torch._dynamo.reset()  # does not count against dynamo's recompile limit
@@ -219,36 +193,41 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
     system = systems.create(spec, device)
     params = list(system.model.parameters())
     itemsize = torch.empty((), dtype=spec.torch_dtype).element_size()
-    row.update(system.columns())
-    row["n_params"] = sum(p.numel() for p in params)
-    row["weights_bytes"] = sum(p.numel() * p.element_size() for p in params)
-    row["kv_bytes_dense"] = system.config.kv_bytes(spec.batch, spec.ctx + spec.new_tokens, itemsize)
+    row.update(asdict(SystemColumns(**system.columns())))
+    row["prefill_chunk"] = system.prefill_chunk
+    sizes = Bytes(
+        n_params=sum(p.numel() for p in params),
+        weights_bytes=sum(p.numel() * p.element_size() for p in params),
+        kv_bytes_dense=system.config.kv_bytes(spec.batch, spec.ctx + spec.new_tokens, itemsize),
+    )
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     ids = torch.randint(0, system.config.vocab_size, (spec.batch, spec.ctx), generator=gen).to(device)  # (B, ctx)
     if spec.inject == "oom":
         raise torch.OutOfMemoryError("injected out-of-memory (inject=oom)")
     if spec.inject == "error":
         raise RuntimeError("injected failure (inject=error)")
-    if spec.system != "kvbench":
-        row["prefill_chunk"] = spec.ctx  # another library's prefill is one call, as its generate makes it
+    memory = Memory()
     if spec.repeats > 0:  # repeats=0: a quality-only run
-        timed, memory, seen = _timed(spec, system, ids, device, progress, nvml_baseline, row.get("nvml_index"))
-        row.update(asdict(timed), **asdict(seen))
+        timing_, memory, seen, sizes.cache_bytes_prefill = _timed(
+            spec, system, ids, device, progress, nvml_baseline, row.get("nvml_index")
+        )
+        row.update(asdict(timing_), **asdict(seen))
         if device.type == "cuda":
-            row.update(asdict(memory))
-            row.update(asdict(_roofline(spec, system, timed, device)))
-        else:
-            tracked = _tracked_peak(spec, system, ids) if spec.track_tensors else Memory()
-            row.update(asdict(tracked), peak_rss_bytes=memory.peak_rss_bytes, rss_file_bytes=memory.rss_file_bytes)
-            row["cache_bytes_prefill"] = memory.cache_bytes_prefill
-    if spec.repeats == 0 and spec.system != "kvbench":  # another library's caches exist once a prompt went through
+            row.update(asdict(_roofline(spec, system, timing_, device)))
+        elif spec.track_tensors:
+            tracked = _tracked_peak(spec, system, ids)
+            tracked.peak_rss_bytes, tracked.rss_file_bytes = memory.peak_rss_bytes, memory.rss_file_bytes
+            memory = tracked
+    elif not system.allocates_up_front:  # a quality-only run: caches that exist once a prompt went through them
         system.prefill(ids)
-        row["cache_bytes_prefill"] = system.cache_bytes()
-    row["cache_bytes"] = system.cache_bytes()
+        sizes.cache_bytes_prefill = system.cache_bytes()
+    sizes.cache_bytes = system.cache_bytes()
     for phase in ("prefill", "decode"):  # the peak split: weights + cache bytes + what the phase held beyond them
-        peak = row.get(f"peak_alloc_{phase}_bytes")
-        row[f"transient_{phase}_bytes"] = None if peak is None else peak - row["weights_bytes"] - row["cache_bytes"]
-    if spec.evals:
+        peak = getattr(memory, f"peak_alloc_{phase}_bytes")
+        transient = None if peak is None else peak - sizes.weights_bytes - sizes.cache_bytes
+        setattr(memory, f"transient_{phase}_bytes", transient)
+    row.update(asdict(sizes), **asdict(memory))
+    if spec.eval.evals:
         from bench.eval import quality
 
         row.update(quality.evaluate(spec, system).columns())
@@ -257,8 +236,9 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
 
 def _timed(
     spec: JobSpec, system, ids: torch.Tensor, device: torch.device, progress: bool, nvml_baseline, nvml_index
-) -> tuple[Timing, Memory, Contention]:
-    """Warm-up, then `repeats` x (prefill, `new_tokens` decode steps), every tracker running."""
+) -> tuple[Timing, Memory, Contention, int | None]:
+    """Warm-up, then `repeats` x (prefill, `new_tokens` decode steps), every tracker running. Returns also what the
+    caches held right after the last prefill."""
 
     def decode(token: torch.Tensor, start: int, steps: int, times: list[float], desc: str | None) -> torch.Tensor:
         for i in tqdm(range(steps), desc=desc, leave=False, disable=None if desc else True):
@@ -269,8 +249,7 @@ def _timed(
     compile_s = skips = None
     if spec.warmup or spec.compile:  # first calls pay for lazy initialisation, kernel selection, allocator growth
         skips_before = _cudagraph_skips() if spec.compile else 0  # and compilation (graphs recorded on the 3rd call)
-        # kvbench prefills in chunks (the first is the warm-up); another library's prefill is one call over the prompt
-        warm = min(spec.ctx, spec.prefill_chunk) if spec.system == "kvbench" else spec.ctx
+        warm = min(spec.ctx, system.prefill_chunk)  # one prefill call (another library's: the whole prompt)
         warm_steps: list[float] = []
         decode(system.prefill(ids[:, :warm]), warm, 3 if spec.compile else 2, warm_steps, None)
         if spec.compile:
@@ -286,6 +265,7 @@ def _timed(
     step_s: list[float] = []
     peaks = {"prefill": [0, 0], "decode": [0, 0]}
     used = {"prefill": set(), "decode": set()}
+    after_prefill = None
     try:
         for r in range(spec.repeats):
             label = f"repeat {r + 1}/{spec.repeats}" if progress else None
@@ -293,7 +273,7 @@ def _timed(
                 token = system.prefill(ids, label and f"prefill {label}")
             peaks["prefill"] = [max(peaks["prefill"][0], p.allocated or 0), max(peaks["prefill"][1], p.reserved or 0)]
             used["prefill"] |= seen
-            memory.cache_bytes_prefill = system.cache_bytes()
+            after_prefill = system.cache_bytes()
             with trackers.CudaPeaks(device) as p, record_backends() as seen:
                 decode(token, spec.ctx, spec.new_tokens, step_s, label and f"decode {label}")
             peaks["decode"] = [max(peaks["decode"][0], p.allocated or 0), max(peaks["decode"][1], p.reserved or 0)]
@@ -311,7 +291,7 @@ def _timed(
         memory.peak_alloc_source = "torch.cuda"
         memory.peak_reserved_bytes = max(peaks["prefill"][1], peaks["decode"][1])
         memory.expandable_segments = trackers.expandable_segments_seen(device)
-    return timing(prefill_s, step_s, spec.batch, used, compile_s, skips), memory, seen
+    return timing(prefill_s, step_s, spec.batch, used, compile_s, skips), memory, seen, after_prefill
 
 
 def timing(

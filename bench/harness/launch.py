@@ -56,7 +56,7 @@ def execute(spec: JobSpec, sweep_id: str, config_hash: str, isolate: bool = True
 
     where = placement()
     if spec.device == "cpu" and spec.threads is None and where.cpus:
-        spec = replace(spec, threads=where.cpus)  # the cores split between the jobs running at once
+        spec = replace(spec, settings=replace(spec.settings, threads=where.cpus))  # the cores split between jobs
     fresh = _jobs_in_this_process == 0 and where.launcher.startswith("submitit")
     one_gpu = spec.device != "cuda" or len(cuda_devices()) <= 1
     isolation = "none" if not isolate else "launcher" if fresh and one_gpu else "process"

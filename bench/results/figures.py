@@ -9,7 +9,6 @@ call them directly:
     throughput_vs_batch(df)  decode tokens/s against batch, a line per cache and ctx
     backend_matrix(df)       which SDPA backend ran which phase: ok / unsupported / oom / error
     quality_vs_bytes(df)     each quality column against cache bytes, a marker per cache and budget, Pareto front
-    passkey_heatmap(df)      pass-key accuracy by cache and budget against ctx x depth of the key (schema 1 rows)
     task_accuracy(df, x)     the task suite's accuracy against cache bytes (x="bytes") or the fraction of the context
                              kept (x="kept"), a line per cache, a panel per protocol, dense as the ceiling
     systems_side_by_side(df) several systems (system=...): decode ms/step and peak memory / (weights + KV), per system
@@ -22,7 +21,6 @@ by its library and name, kvpress/knorm); on the task figures it takes the colour
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -30,16 +28,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from bench.results.tables import cache_label, ctx_label, method_label, peer_label
+from bench.results.tables import cache_label, ctx_label
 
 MIB = 2**20
 STATUS_CODE = {"ok": 0, "unsupported": 1, "oom": 2, "error": 3}
 STATUS_COLORS = ["#4caf50", "#ffb300", "#e53935", "#757575"]
 
 
-def _kvbench(df: pd.DataFrame) -> pd.DataFrame:
-    """kvbench's own rows (the SDPA backend is a choice of ours only)."""
-    return df[df["system"].isna() | (df["system"] == "kvbench")]
+def _backend_choice(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the systems that ran under more than one SDPA backend (another library's picks its own)."""
+    return df[df.groupby("system")["sdpa_requested"].transform("nunique") > 1]
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
@@ -195,7 +193,7 @@ def backend_phase_table(df: pd.DataFrame) -> pd.DataFrame:
         if (backend, phase) not in cells or code > cells[(backend, phase)][0]:
             cells[(backend, phase)] = (code, note)
 
-    df = _kvbench(df)  # HF rows have no backend choice of ours
+    df = _backend_choice(df)
     for _, r in df.iterrows():
         backend = r["sdpa_requested"]
         prefill_phase = "chunked prefill" if r["prefill_chunk"] < r["ctx"] else "prefill"
@@ -214,7 +212,7 @@ def backend_phase_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def backend_matrix(df: pd.DataFrame) -> plt.Figure | None:
-    df = _kvbench(df)
+    df = _backend_choice(df)
     if df.empty or df["sdpa_requested"].nunique() < 2:
         return None
     table = backend_phase_table(df)
@@ -282,36 +280,6 @@ def _budget_label(r: pd.Series) -> str:
     )
 
 
-def passkey_heatmap(df: pd.DataFrame) -> plt.Figure | None:
-    """Pass-key accuracy by cache (and budget) against ctx x depth of the key."""
-    ok = df[(df["status"] == "ok") & df["passkey_by_depth"].notna()] if "passkey_by_depth" in df else df.iloc[:0]
-    if ok.empty:
-        return None
-    cells: dict[tuple[str, tuple[int, float]], list[float]] = {}
-    for _, r in ok.iterrows():
-        for depth, acc in json.loads(r["passkey_by_depth"]).items():
-            cells.setdefault((_budget_label(r), (int(r["ctx"]), float(depth))), []).append(acc)
-    rows = sorted({k[0] for k in cells})
-    cols = sorted({k[1] for k in cells})
-    grid = np.full((len(rows), len(cols)), np.nan)
-    for (row, col), accs in cells.items():
-        grid[rows.index(row), cols.index(col)] = sum(accs) / len(accs)
-    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 3, 0.45 * len(rows) + 1.8))
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(cols)), [f"{ctx_label(c)}\n@{d:g}" for c, d in cols], fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
-    ax.set_xlabel("context length (tokens) @ depth of the key (fraction of the context)")
-    fig.colorbar(image, ax=ax, label="pass-key accuracy")
-    question = ", ".join(sorted(set(ok["eval_question"].dropna().astype(str)))) or "in_prefill"
-    ax.set_title(_title(ok, f"Pass-key retrieval (question {question})"), fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 def task_accuracy(df: pd.DataFrame, x: str = "bytes") -> plt.Figure | None:
     """The task suite's mean accuracy against cache bytes (MiB) or the fraction of the context kept, one line per cache
     (and system) through its budgets, one panel per protocol, dense's accuracy as a dashed line (the ceiling).
@@ -322,8 +290,7 @@ def task_accuracy(df: pd.DataFrame, x: str = "bytes") -> plt.Figure | None:
     if ok.empty:
         return None
     ok["kept"] = [1.0 if r["cache"] == "dense" else r["cache_budget"] / r["ctx"] for _, r in ok.iterrows()]
-    ok["peer"] = [peer_label(r) for _, r in ok.iterrows()]
-    ok["other"] = ok["system"].fillna("kvbench") != "kvbench"
+    ok["other"] = ok["label"] != ok["peer"]  # another library's implementation of a kvbench policy
     protocols = [p for p in ("aware", "agnostic", "multiturn") if p in set(ok["task_protocol"])]
     fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.5), squeeze=False, sharey=True)
     others = ok[ok["cache_label"] != "dense"]  # every row but kvbench's float dense cache, the ceiling
@@ -360,18 +327,16 @@ def peers_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
     ok = ok[ok["cache"] != "dense"].copy()
     if ok.empty:
         return None
-    ok["system"] = ok["system"].fillna("kvbench")
-    ok["peer"] = [peer_label(r) for _, r in ok.iterrows()]
-    ok["method"] = [method_label(r) for _, r in ok.iterrows()]
     ok["fraction"] = ok["cache_budget"] / ok["ctx"]
     ok["protocol"] = ok["task_protocol"].fillna("")
     case_key = ["peer", "fraction", "model", "ctx", "batch", "protocol"]
     shared = ok.groupby(case_key)["system"].transform("nunique") > 1
-    ok = ok[shared].sort_values("system", key=lambda s: s.map(lambda name: (name != "kvbench", name)), kind="stable")
+    ok = ok[shared]
     if ok.empty:
         return None
     cases = sorted(set(ok[case_key].itertuples(index=False, name=None)), key=lambda c: (-c[1], *c[2:], c[0]))
-    systems = sorted(set(ok["system"]), key=lambda s: (s != "kvbench", s))
+    reference = set(ok[ok["label"] == ok["peer"]]["system"])  # the system whose cache is the policy's name: first
+    systems = sorted(set(ok["system"]), key=lambda s: (s not in reference, s))
     panels = [("cache_bytes", "cache bytes held (MiB)", MIB), ("peak_alloc_bytes", "peak memory (MiB)", MIB)]
     panels.append(("decode_ms_p50", "decode ms/step (p50)", 1))
     if ok["task_acc"].notna().any():
@@ -403,9 +368,6 @@ def peers_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
-SYSTEM_ORDER = ["kvbench", "hf_static_compiled", "hf_static", "hf_dynamic"]
-
-
 def systems_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
     """Several systems with a dense cache: for each (ctx, batch), a bar per system of decode ms/step and of peak
     memory over weights + dense KV (torch's allocated peak on CUDA, the exact tracked tensor peak on CPU)."""
@@ -413,7 +375,8 @@ def systems_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
     if df["system"].nunique() < 2:
         return None
     cases = sorted({(int(c), int(b)) for c, b in zip(df["ctx"], df["batch"])})
-    systems = [s for s in SYSTEM_ORDER if s in set(df["system"])] + sorted(set(df["system"]) - set(SYSTEM_ORDER))
+    reference = set(df[df["label"] == df["peer"]]["system"])  # kvbench's own dense cache first
+    systems = sorted(set(df["system"]), key=lambda s: (s not in reference, s))
     cuda = df["device_kind"] == "cuda"
     df["peak_ratio"] = df["peak_alloc_bytes"].astype("float64") / (df["weights_bytes"] + df["kv_bytes_dense"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -477,7 +440,6 @@ def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
         ("throughput_vs_batch", throughput_vs_batch(df)),
         ("backend_matrix", backend_matrix(df)),
         ("quality_vs_bytes", quality_vs_bytes(df)),
-        ("passkey_heatmap", passkey_heatmap(df)),
         ("task_accuracy_vs_bytes", task_accuracy(df, "bytes")),
         ("task_accuracy_vs_kept", task_accuracy(df, "kept")),
         ("systems_side_by_side", systems_side_by_side(df)),

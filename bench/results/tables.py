@@ -3,7 +3,6 @@ Reads rows only (pandas), no torch."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pandas as pd
@@ -31,43 +30,9 @@ def ctx_label(ctx: int) -> str:
 
 
 def cache_label(row) -> str:
-    """`h2o`, or `h2o/int8` when the cache runs on a quantized buffer; another library's system by its name
-    (`hf_static`), a press by its library and name (`kvpress/knorm`), HF's quantized cache with its bits
-    (`hf_quantized/int4`)."""
-    system = row.get("system") if hasattr(row, "get") else None
-    if isinstance(system, str) and system != "kvbench":
-        if system == "kvpress":
-            return f"kvpress/{row['cache']}"
-        knobs = json.loads(row["system_kwargs"]) if isinstance(row.get("system_kwargs"), str) else {}
-        return f"{system}/int{knobs['nbits']}" if "nbits" in knobs else system
-    try:
-        kwargs = json.loads(row["cache_kwargs"]) if isinstance(row["cache_kwargs"], str) else {}
-    except (KeyError, ValueError):
-        kwargs = {}
-    buffer = kwargs.get("buffer", "float")
-    return row["cache"] if buffer == "float" else f"{row['cache']}/{buffer}"
-
-
-# Another library's policy -> kvbench's cache of the same policy (the rest share their cache's name).
-PEERS = {"streaming_llm": "last_recent", "observed_attention": "h2o", "sliding_window": "last_recent"}
-
-
-def method_label(row) -> str:
-    """The policy a row ran, whichever system ran it: kvbench's cache (`h2o/int8`), a press's name (`knorm`), HF's
-    cache (`dense`, `dense/int4` for the quantized one, `sliding_window`)."""
-    system = row.get("system") if hasattr(row, "get") else None
-    label = cache_label(row)
-    if not isinstance(system, str) or system == "kvbench":
-        return label
-    if system == "hf_quantized" and "/" in label:
-        return f"dense/{label.split('/')[1]}"
-    return str(row["cache"])
-
-
-def peer_label(row) -> str:
-    """kvbench's cache that a row's policy is the peer of (its own cache for kvbench's rows)."""
-    method = method_label(row)
-    return PEERS.get(method, method)
+    """How tables and figures name a row: its `label` column, which its system's class wrote (`h2o/int8`,
+    `hf_static`, `kvpress/knorm`, `hf_quantized/int4`)."""
+    return str(row["label"])
 
 
 def summary_line(row: dict, skipped: bool = False) -> str:
@@ -226,8 +191,6 @@ def leaderboard(df: pd.DataFrame) -> str:
     df = df[(df["status"] == "ok") & df["task_acc"].notna()].copy()
     if df.empty:
         return ""
-    df["method"] = [method_label(r) for _, r in df.iterrows()]
-    df["system"] = df["system"].fillna("kvbench")
     df["budget"] = [budget_label(r) for _, r in df.iterrows()]
     df["fraction"] = [1.0 if r["cache"] == "dense" else r["cache_budget"] / r["ctx"] for _, r in df.iterrows()]
     protocols = [p for p in PROTOCOLS if p in set(df["task_protocol"])]

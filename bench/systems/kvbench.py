@@ -1,18 +1,22 @@
-"""kvbench's own core as a system: the GPT of model/ with a cache of caches/ per layer, chunked prefill, and the
-decode step eager or compiled (model/compiled_decode.py)."""
+"""kvbench's own core as a system: the GPT of model/ with a cache of caches/ per layer, the chunked prefill of
+model/generate.py, and the decode step eager or compiled (model/compiled_decode.py)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bench.systems import System
+from bench.config.spec import CacheSpec
+from bench.systems.base import System, swapped
+from caches import cache_class
+from caches.frozen import FrozenPrefixCache
 from model.compiled_decode import CompiledDecode
 from model.config import Config
-from model.generate import prefill_chunks
+from model.generate import prefill
 from model.gpt import GPT
 
 _PRETRAINED: dict[tuple, tuple[GPT, object]] = {}
@@ -64,32 +68,94 @@ def argmax(logits: Tensor) -> Tensor:
 
 class KvbenchSystem(System):
     name = "kvbench"
+    evals: ClassVar[tuple[str, ...]] = ("fidelity", "tasks", "ppl")
+    any_backend = True
+    kvbench_caches = True
 
     def __init__(self, spec, device: torch.device) -> None:
-        self.model, self.tokenizer = build_model(spec, device)
-        self.config = self.model.config
-        longest = spec.ctx + spec.new_tokens
-        self.model.set_kv_caches(
-            spec.batch, spec.cache, spec.cache_length, spec.allocation, longest, **spec.cache_kwargs
-        )
+        model, tokenizer = build_model(spec, device)
+        self.setup(model, tokenizer, spec.cache, spec.prefill_chunk)
+        self.open(spec.batch, spec.ctx + spec.new_tokens)
         self.model.set_attention_backend(spec.sdpa)
-        self.kv_slots = spec.cache_length
-        self.chunk = spec.prefill_chunk
-        self.embedding_bytes = 0 if self.model.wte is None else self.model.wte.weight.nbytes
         self.decoder = CompiledDecode(self.model) if spec.compile else None  # raises UnsupportedBackend
         self.step = self.decoder or self.model
 
+    def setup(self, model: GPT, tokenizer, cache: CacheSpec, prefill_chunk: int) -> None:
+        self.model, self.tokenizer, self.cache, self.prefill_chunk = model, tokenizer, cache, prefill_chunk
+        self.config = model.config
+        self.kv_slots = cache.length
+        self.embedding_bytes = 0 if model.wte is None else model.wte.weight.nbytes
+        self.decoder, self.step = None, model
+
+    @classmethod
+    def around(
+        cls, model: GPT, tokenizer=None, cache: str = "dense", length: int = 0, prefill_chunk: int = 2048, **kwargs
+    ) -> KvbenchSystem:
+        """The system of a model already built (tests, benchmarks): caches `cache` with `length` slots (a dense
+        cache grows to what it is asked to hold) and knobs `kwargs`."""
+        system = cls.__new__(cls)
+        system.setup(model, tokenizer, CacheSpec(cache, kwargs, length, length), prefill_chunk)
+        return system
+
+    @classmethod
+    def compiled(cls, compile: str, device: str, cache_cls: type, sdpa: str) -> bool:
+        """compile=auto: on CUDA, with sdpa=auto, for the caches whose compiled step a GPU run has shown giving the
+        eager step's tokens (`compiled_by_default`); true: asks for it (a combination the compiled step cannot run is
+        an `unsupported` row, model/compiled_decode.py `plan`); false: the eager decode step."""
+        if compile == "auto":
+            return device == "cuda" and cache_cls.compiled_by_default and sdpa == "auto"
+        return compile == "true"
+
+    @classmethod
+    def label(cls, cache: str, cache_kwargs: dict, knobs: dict) -> str:
+        """The cache, and its buffer where it is quantized (`h2o/int8`)."""
+        buffer = cache_kwargs.get("buffer", "float")
+        return cache if buffer == "float" else f"{cache}/{buffer}"
+
+    @classmethod
+    def method(cls, cache: str, cache_kwargs: dict, knobs: dict) -> str:
+        return cls.label(cache, cache_kwargs, knobs)
+
+    # ---- the timed path ----------------------------------------------------------------------------------------
+
     def prefill(self, ids: Tensor, desc: str | None = None) -> Tensor:
         """Chunked; only the last position goes through the output head."""
-        bounds = prefill_chunks(self.model, ids.shape[1], self.chunk)
-        show = desc is not None and len(bounds) >= 4
-        hidden = None
-        for start, end in tqdm(bounds, desc=desc, leave=False, disable=None if show else True):
-            hidden = self.model(ids[:, start:end], input_pos=start, skip_lm_head=True)  # (B, end - start, n_embd)
-        return argmax(self.model.lm_head(hidden[:, -1]))
+        return argmax(self.forward(ids, 0, desc))
 
     def decode(self, token: Tensor, pos: int) -> Tensor:
         return argmax(self.step(token, input_pos=pos)[:, -1])
+
+    # ---- the task suite's path ---------------------------------------------------------------------------------
+
+    def open(self, batch: int, tokens: int, cache: str | None = None) -> None:
+        """Caches of the job's kind (or `cache`, with its defaults) for `batch` sequences of up to `tokens` tokens;
+        a dense cache grows to hold them all."""
+        c = self.cache
+        name, kwargs, allocation = (cache, {}, None) if cache else (c.name, c.kwargs, c.allocation)
+        length = max(c.length, tokens) if cache_class(name).keeps_every_token else c.length
+        self.model.set_kv_caches(batch, name, length, allocation, tokens, **kwargs)
+
+    def forward(self, ids: Tensor, start: int, desc: str | None = None) -> Tensor:
+        def bar(bounds: list) -> list:
+            show = desc is not None and len(bounds) >= 4
+            return tqdm(bounds, desc=desc, leave=False, disable=None if show else True)
+
+        if ids.shape[1] == 1 and start > 0:
+            return self.model(ids, input_pos=start)[:, -1]
+        return prefill(self.model, ids, self.prefill_chunk, start, bar)
+
+    @contextmanager
+    def question(self, tokens: int):
+        """The context's caches read as they are, the question and its answer appended after them in caches of their
+        own (caches/frozen.py) and dropped at the end."""
+        base = self.model.kv_caches
+        self.model.assign_kv_caches([FrozenPrefixCache(c, tokens) for c in base])
+        try:
+            yield
+        finally:
+            self.model.assign_kv_caches(base)
+
+    # ---- memory and what ran -----------------------------------------------------------------------------------
 
     def cache_bytes(self) -> int:
         return sum(c.size_estimate() for c in self.model.kv_caches)
@@ -110,13 +176,7 @@ class KvbenchSystem(System):
             "decode_kernel": plan.kernel,
         }
 
-    @contextmanager
     def eager_steps(self):
         if self.decoder is None:
-            yield
-            return
-        self.step = CompiledDecode(self.model, compile=False)
-        try:
-            yield
-        finally:
-            self.step = self.decoder
+            return super().eager_steps()
+        return swapped(self, "step", CompiledDecode(self.model, compile=False))

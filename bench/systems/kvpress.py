@@ -20,11 +20,12 @@ kept, uncompressed. Presses:
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from bench.systems.base import ConfigProblem
 from bench.systems.hf import HFSystem
 from model.attention import UnsupportedBackend
 
@@ -43,6 +44,13 @@ PRESSES = (
 EAGER = ("observed_attention",)  # presses that read the attention weights
 # press -> the prompt length it needs more than: SnapKV's observation window (kvpress's 64 queries), the sinks
 LONGER_THAN = {"snapkv": 64, "adakv": 64, "streaming_llm": 4}
+# press -> kvbench's cache with the same policy (the others share their cache's name)
+PEERS = {"streaming_llm": "last_recent", "observed_attention": "h2o"}
+
+
+@dataclass
+class PressKnobs:
+    press: str | None = "${press}"  # the top-level `press=` setting: which press
 
 
 def make_press(name: str, ratio: float) -> BasePress:
@@ -64,18 +72,40 @@ def make_press(name: str, ratio: float) -> BasePress:
 
 
 class KvpressSystem(HFSystem):
+    name = "kvpress"
+    Knobs = PressKnobs
+    extras: ClassVar[tuple[tuple[str, str], ...]] = (("transformers", "hf"), ("kvpress", "peers"))
+    own_policy = "press=<name>"
+
     def __init__(self, spec, device: torch.device) -> None:
-        self.press_name = spec.system_kwargs["press"]
-        if spec.cache_length < spec.ctx <= LONGER_THAN.get(self.press_name, 0):
+        self.press_name = spec.system.knobs["press"]
+        if spec.cache.length < spec.ctx <= LONGER_THAN.get(self.press_name, 0):
             raise UnsupportedBackend(
                 f"kvpress's {self.press_name} press needs a prompt longer than {LONGER_THAN[self.press_name]} tokens "
                 f"(got ctx={spec.ctx})"
             )
-        self.budget = spec.cache_length  # tokens per sequence and layer the press keeps
+        self.budget = spec.cache.length  # tokens per sequence and layer the press keeps
         self.attention = "eager" if self.press_name in EAGER else "sdpa"
-        spec_kwargs = {k: v for k, v in spec.system_kwargs.items() if k != "press"}
-        super().__init__(replace(spec, system_kwargs=spec_kwargs), device)
+        super().__init__(spec, device)
         self.press = make_press(self.press_name, 0.0)  # its ratio is set for each prompt's length
+
+    @classmethod
+    def check_knobs(cls, knobs: dict) -> dict:
+        if knobs["press"] is None:
+            raise ConfigProblem(f"system=kvpress needs press=<name>; valid choices: {', '.join(PRESSES)}")
+        return knobs
+
+    @classmethod
+    def cache_name(cls, cache: str, knobs: dict) -> str:
+        return knobs["press"]
+
+    @classmethod
+    def label(cls, cache: str, cache_kwargs: dict, knobs: dict) -> str:
+        return f"kvpress/{cache}"
+
+    @classmethod
+    def peer(cls, cache: str, cache_kwargs: dict, knobs: dict) -> str:
+        return PEERS.get(cache, cache)
 
     def compressing(self, length: int) -> AbstractContextManager:
         self.press.compression_ratio = compression_ratio(self.budget, length)
