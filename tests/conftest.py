@@ -10,7 +10,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads, or OMP_NUM_THREADS where it is set: another thread count sums in another order, as another CPU does
+# (make test-threads runs the numeric tests with one)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or min(2, os.cpu_count() or 1))
 if not torch.cuda.is_available():  # our Triton kernel (model/triton_decode.py) runs under Triton's CPU interpreter;
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported, so before anything imports it
 

@@ -6,7 +6,7 @@ import pytest
 from bench.eval.quality import fidelity, perplexity
 from bench.systems.kvbench import KvbenchSystem
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numeric]
 
 
 def test_fidelity_of_dense_against_itself_is_perfect(smollm2):

@@ -6,8 +6,11 @@ tokens). The interpreter has no bfloat16 (NumPy has none): float32 and float16 h
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import assert_within, attention_terms, bound, model_terms
 
 from model.attention import UnsupportedBackend
+
+pytestmark = pytest.mark.numeric  # checked with 1 and 2 threads (Makefile: test-threads)
 
 pytest.importorskip("triton")
 
@@ -36,6 +39,14 @@ def kernel():
     return module
 
 
+def kernel_bound(expected: torch.Tensor, hs: int, keys: int, dtype: torch.dtype) -> float:
+    """The kernel against float64 attention: its sums accumulate in float32 (the kernel's accumulator), then the output
+    is rounded once to `dtype` (half an eps of its own), inputs being exact in `dtype`."""
+    return bound(expected, attention_terms(hs, keys), torch.float32) + torch.finfo(dtype).eps * float(
+        expected.abs().max()
+    )
+
+
 CASES = [  # batch, n_head, KV heads, slots, head size, filled, dtype, options
     (2, 8, 2, 300, 32, 137, torch.float32, None),  # 4 query heads per KV head, a partly filled buffer
     (1, 9, 3, 256, 64, 1, torch.float32, None),  # SmolLM2's 3 per KV head; one filled slot (empty splits)
@@ -59,8 +70,7 @@ def test_the_kernel_matches_sdpa_over_the_filled_slots(kernel, case):
     )  # (B, H, 1, hs)
     expected = expected.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, H * hs)
     assert out.shape == (B, 1, H * hs) and out.dtype == dtype
-    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-    assert (out.double() - expected).abs().max() <= tolerance
+    assert_within(out, expected, kernel_bound(expected, hs, n_valid, dtype))
 
 
 @pytest.mark.parametrize("buffer", ["int8", "int4"])
@@ -86,8 +96,7 @@ def test_quantized_buffers_are_dequantized_in_the_kernel(kernel, buffer, dtype):
     key, value = buf.read(B, n_valid)  # (B, G, n_valid, hs) in dtype, as the eager path reads them
     expected = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), enable_gqa=True)
     expected = expected.transpose(1, 2).reshape(B, 1, H * hs)  # (B, 1, H * hs)
-    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
-    assert (out.double() - expected).abs().max() <= tolerance
+    assert_within(out, expected, kernel_bound(expected, hs, n_valid, dtype))
     with pytest.raises(ValueError, match="bits 8 or 4 and a power-of-two group size dividing 64; got bits=2"):
         kernel.decode_attention(query, buf.k_q, buf.v_q, torch.tensor(n_valid), quantized={**quantized, "bits": 2})
 
@@ -140,7 +149,7 @@ def test_the_decode_step_through_the_kernel_gives_the_eager_tokens(kernel, case)
         runs.append((torch.cat(tokens, 1), torch.cat(logits, 1)))
     (eager_tokens, eager_logits), (triton_tokens, triton_logits) = runs
     assert torch.equal(triton_tokens, eager_tokens)
-    assert (triton_logits - eager_logits).abs().max() <= 1e-4
+    assert_within(triton_logits, eager_logits, bound(eager_logits, model_terms(model.config, 116)))
 
 
 def test_triton_is_refused_where_it_cannot_run(monkeypatch, tiny):
@@ -183,7 +192,7 @@ def test_the_step_traces_whole_with_the_kernel_as_one_opaque_op_per_layer(kernel
     assert not [op for op in ops if "scaled_dot_product" in op or op.startswith("aten.clone")]
     kernel_inputs = {n.args[1].meta["val"].dtype for n in nodes if str(n.target).startswith("kvbench.")}
     assert kernel_inputs == {torch.uint8 if buffer == "int8" else torch.float32}
-    assert (logits - expected).abs().max() <= 1e-5
+    assert_within(logits, expected, bound(expected, model_terms(model.config, 101)))
     model.clear_kv_caches()
 
 
