@@ -67,11 +67,11 @@ regress: smoke
 
 # Refresh the committed baseline after an intended change (then commit results/baselines/ci-cpu/).
 baseline: setup
-	rm -rf results/baselines/ci-cpu
+	rm -rf results/baselines/ci-cpu/round*
 	for r in $(ROUNDS); do $(BIN)/python -m bench.run experiment=ci_smoke results_dir=results/baselines/ci-cpu \
 		sweep=round$$r -m || exit 1; done
 	rm -rf results/baselines/ci-cpu/round*/hydra
 
 # The README's figures: the default benchmark's results, plotted.
 figures: bench
-	$(BIN)/python -m bench.plot results/default --out docs/figures/cpu
+	$(BIN)/python -m bench.plot results/default --out docs/figures/cpu-users

@@ -2,10 +2,8 @@
 
 When slots are needed, the tokens with the lowest attention weight from the current query (the call's last
 query), averaged over all the layer's heads, go; the new token itself competes too. One decision per sequence and
-layer, the same tokens kept in every KV head: the paper's rule, and its reference implementation's (per KV head
-instead, a 2k-token pass key at depth 0.1 with a 256-token budget, question in the prompt, SmolLM2-135M: 0 of 5
-found; averaged over the layer: 3 of 5). Scores are not accumulated: each call replaces them. Mechanics:
-caches/scored.py.
+layer, the same tokens kept in every KV head: the paper's rule, and its reference implementation's. Scores are not
+accumulated: each call replaces them. Mechanics: caches/scored.py.
 """
 
 from __future__ import annotations

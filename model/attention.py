@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# torch.nn.attention.bias imports torch._dynamo, and inductor and triton with it: 120-140 MiB of resident memory
+# torch.nn.attention.bias imports torch._dynamo, and inductor and triton with it: their code would be resident memory
 # in every job's process. Only forced flash on CUDA uses it (bottom-right causal chunks), so it is imported there,
 # and an eager job's peak RSS holds no compiler it never runs.
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ _SDP_NAME = {v: k for k, v in _SDP.items()}
 # (16 Mi elements: 16 MiB as bool, 32 MiB as the bf16 additive mask SDPA converts it to).
 MASK_ELEMENTS = 1 << 24
 # `auto`: fused kernels first, cuDNN before mem-efficient (the latter has no enable_gqa), math last because it
-# materialises the (T, S) scores of every head (19 GB for one 8k prefill on an H200).
+# materialises the (T, S) scores of every head.
 _AUTO_PRIORITY = [
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.CUDNN_ATTENTION,
@@ -430,7 +430,7 @@ def _block_rows(query: Tensor, n_keys: int, q_start: int, most: int) -> int:
     at most half the bytes of the boolean mask a masked SDPA call over the same keys builds (T rows, or the rows of
     MASK_ELEMENTS when that is fewer), leaving room for the copies a block's softmax keeps alive. Neither grows
     with the position: a cache holding a fixed number of tokens keeps a fixed transient however long the context,
-    and one holding a fraction of it stays within dense's (measured: benchmarks/prefill_transient.py)."""
+    and one holding a fraction of it stays within dense's (benchmarks/prefill_transient.py measures it)."""
     B, n_head, T, hs = query.shape
     mask_rows = min(T, MASK_ELEMENTS // n_keys)  # a masked SDPA call's rows per block over these keys
     rows = max(2 * T * hs // n_keys, mask_rows // (8 * B * n_head) if q_start > 0 else 0)

@@ -7,10 +7,8 @@
 
 `forward(idx)` with input_pos=None is a plain causal forward without any cache (the reference the tests use).
 
-Weights are stored as (in, out) and applied as `x @ w`: decoding multiplies one row per sequence by every
-weight matrix, and on CPU that streams the weight faster than F.linear's (out, in) layout (see
-benchmarks/decode_vs_hf.py). With tied embeddings one (n_embd, vocab) matrix serves both the output head and,
-read by columns, the token embedding.
+Weights are stored as (in, out) and applied as `x @ w` (`Linear`). With tied embeddings one (n_embd, vocab) matrix
+serves both the output head and, read by columns, the token embedding.
 """
 
 from __future__ import annotations
@@ -32,8 +30,7 @@ LayerHook = Callable[[Tensor, int, "int | None"], None]
 
 class Linear(nn.Module):
     """y = x @ W (+ bias) for W (in_features, out_features), stored that way (what the loaders write): a decode step
-    multiplies a handful of rows by every weight, and `x @ W` streams W at least as fast as F.linear's (out, in)
-    layout on the CPU and on an H200."""
+    multiplies a handful of rows by every weight, and `x @ W` streams W row by row."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()

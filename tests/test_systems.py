@@ -337,3 +337,15 @@ def test_every_system_writes_a_row_of_the_schema(tmp_path):
     assert (knorm.cache_bytes_prefill, knorm.cache_bytes) == (kv_bytes(1, 32, 4), kv_bytes(1, 32 + 4, 4))
     assert json.loads(knorm.system_kwargs) == {"press": "knorm"}
     assert json.loads(by[("hf_quantized", "dense")].system_kwargs)["nbits"] == 4
+
+
+def test_no_code_outside_a_system_s_module_tests_its_name():
+    """The harness, the spec, the report and the plots ask a system's class: its name is a literal in its own module
+    only (bench/systems/<module>.py), and in no other module of bench/."""
+    root = Path(__file__).resolve().parents[1] / "bench"
+    for name, cls in systems.system_classes().items():
+        own = Path(sys.modules[cls.__module__].__file__).resolve()
+        for path in root.rglob("*.py"):
+            if path.resolve() != own:
+                text = path.read_text()
+                assert f'"{name}"' not in text and f"'{name}'" not in text, (name, str(path))

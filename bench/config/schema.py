@@ -123,7 +123,7 @@ class RunConfig:
     ctx: str = setting("8k", identity=False)  # prompt tokens per sequence: 8192, 8k, 32k, 128k (k = 1024)
     batch: int = setting(1, min=1)  # sequences decoded together
     cache: CacheConfig = setting(factory=lambda: CacheConfig(), identity=False)  # resolved: JobSpec.cache
-    system: dict[str, Any] = setting(factory=lambda: {"name": "kvbench"}, identity=False)  # bench/systems
+    system: dict[str, Any] = setting(factory=dict, identity=False)  # bench/systems (config.yaml's default: kvbench)
     press: str | None = setting(None, choices=_presses, identity=False)  # system=kvpress: which press
     sdpa: str = setting("auto", choices=BACKENDS)  # attention kernel: auto | flash | efficient | cudnn | math | eager
     dtype: str = setting("auto", choices=("auto", *DTYPES))  # auto: bfloat16 on CUDA, float32 on CPU

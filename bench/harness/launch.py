@@ -5,7 +5,7 @@ fragmentation carried over from the previous job. `isolate=true` (default) gets 
 
 * `process`: the launcher's process starts `python -m bench.harness.child`, hands it the job and waits for its row. This
   is what happens under the basic launcher and joblib (whose workers serve many jobs each). Costs an interpreter
-  start and the imports: `spawn_overhead_s` in the row (about 1.3 s on the project's 2-core CPU).
+  start and the imports: `spawn_overhead_s` in the row.
 * `launcher`: submitit runs each job in a new process already (one Slurm task, or one local subprocess), so the
   job runs there, unless that process must pick one of several GPUs (then `process` again).
 

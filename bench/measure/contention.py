@@ -18,8 +18,7 @@ CUDA the other processes on its GPU and their memory (NVML).
 * `some`: anything between, including threads oversubscribed (this job's threads plus the others' busy cores
   exceed the cores).
 
-The thresholds come from what they do to a step: a 2-thread job on 2 cores beside a 2-thread hog ran its decode step
-3 to 20 times slower; beside a few per cent of background activity, within its run-to-run spread.
+The thresholds come from what they do to a step (docs/timing.md has the measurements).
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ class TensorTracker(TorchDispatchMode):
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         """torch wraps a mode's __torch_dispatch__ to keep the compiler out of it, and that wrapper imports
-        torch._dynamo on its first call: 2 s and about 175 MiB per job process for a mode that never runs compiled
-        (the tracked pass is eager). Opting out leaves __torch_dispatch__ a plain method."""
+        torch._dynamo on its first call, seconds and memory in every job process for a mode that never runs
+        compiled (the tracked pass is eager). Opting out leaves __torch_dispatch__ a plain method."""
         return False
 
     def __init__(self, baseline: int = 0) -> None:
@@ -148,10 +148,9 @@ def release_warmup_memory(device: torch.device) -> int | None:
     """After a warm-up, before the measured phases: hand back to the driver what the caching allocator keeps
     from it, which would otherwise count in reserved and NVML figures for the whole run. Compiling can allocate
     once-only memory (inductor allocates example inputs for a kernel it benchmarks), and manual CUDA graphs warm
-    up on a side stream whose cached blocks the main stream does not reuse. On an H200 reserved was 0.28 GB
-    above allocated with the compiled step at 32k x 4 and 0.02 GB eagerly; one layer's K and V there are
-    0.27 GB (that they are the example inputs is a guess, not yet measured). Nothing a measured phase allocates
-    is released: this runs before them. Returns the bytes handed back (None off CUDA)."""
+    up on a side stream whose cached blocks the main stream does not reuse (results/baselines/h200/README.md).
+    Nothing a measured phase allocates is released: this runs before them. Returns the bytes handed back (None off
+    CUDA)."""
     if device.type != "cuda":
         return None
     gc.collect()
@@ -232,7 +231,7 @@ def measured_bandwidth(device: torch.device, nbytes: int = 1 << 30, copies: int 
     """Device-to-device copy bandwidth in bytes/s (read + write counted), measured once per device and process: the
     best of `trials` batches of `copies` back-to-back copies of nbytes / 2 bytes, timed by CUDA events on the
     device: timed from the host with a synchronisation per copy, the host's share would count as copy time, which
-    lowers the bandwidth and raises every mbu (on an H200: 3.88 TB/s that way, 4.2 by events)."""
+    lowers the bandwidth and raises every mbu."""
     if device.type != "cuda":
         return None
     key = str(device)

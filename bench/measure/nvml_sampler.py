@@ -1,9 +1,8 @@
 """GPU memory as nvidia-smi sees it, sampled every `period_s` by a separate process.
 
-What sampling costs a decode step (Llama-3.2-1B shape, H200, results/baselines/h200/README.md): a thread at 2 ms
-+6%; this process at 2 ms +6% (4 seeds); at 5 ms (the harness's default) and 20 ms nothing measurable against
-the run-to-run spread of about 5%. A process rather than a thread keeps the sampler off the GIL; this module
-imports no torch, so the spawned child starts in a fraction of a second.
+What sampling costs a decode step is measured in results/baselines/h200/README.md (the default period, 5 ms, costs
+nothing measurable there). A process rather than a thread keeps the sampler off the GIL; this module imports no
+torch, so the spawned child starts in a fraction of a second.
 
 The figure is this process's memory where NVML reports it per process (`source="process"`): device used minus
 what the other processes hold, the latter re-read every 0.25 s; else the device's used memory minus its level

@@ -48,7 +48,7 @@ def build_model(spec, device: torch.device, keep: bool = True) -> tuple[GPT, obj
 
 
 def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, object]:
-    """Real weights, dequantized once per process (7 s for SmolLM2 on 2 cores) and reused by later jobs."""
+    """Real weights, dequantized once per process and reused by later jobs."""
     from model.load import load_pretrained
 
     key = (name, str(device), dtype)
