@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(overrides: list[str]) -> int:
     import torch
 
-    jobs = expand(overrides, multirun=True)
+    jobs = expand(overrides, multirun=True, config_name=CONFIG)
     searches, sweep_dir = [], None
     for job in jobs:  # every value checked before any probe runs
         spec, sweep_dir, cfg = compose_job(job, CONFIG)

@@ -5,10 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
 from bench.results import compare, figures, rows, tables
+from bench.results.schema import COLUMNS, SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_BASELINE = ROOT / "results" / "baselines" / "ci-cpu"
@@ -104,6 +106,16 @@ def test_figures_from_the_baselines(tmp_path):
         "throughput_vs_batch.png",
     ]
     assert all(p.stat().st_size > 10_000 for p in tmp_path.glob("*.png"))
+
+
+def test_every_committed_baseline_loads_as_the_current_schema_and_draws(tmp_path):
+    """Every committed row, of every folder, reads as the current schema (version, columns, labels from its system)
+    and the figures they allow draw together."""
+    df = rows.load(ROOT / "results" / "baselines")
+    assert len(df) > 300 and (df["schema_version"] == SCHEMA_VERSION).all()
+    assert list(df.columns) == list(COLUMNS) and df["label"].notna().all() and df["system"].notna().all()
+    plt.switch_backend("Agg")
+    assert len(figures.save_all(df, tmp_path)) >= 10
 
 
 def test_figure_axes_have_units_and_titles_name_device():

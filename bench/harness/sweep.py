@@ -24,10 +24,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from bench.config.schema import RunConfig, cache_knobs, register
+from bench.config.schema import CapacityConfig, RunConfig, cache_knobs, register
 from bench.config.spec import ConfigError, JobSpec, resolve
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+SCHEMAS = {"config": RunConfig, "capacity": CapacityConfig}  # conf/<name>.yaml -> its schema
 register()
 # Launchers from optional packages (`pip install "kvbench[launchers]"`): the module each needs, and its package.
 LAUNCHER_PLUGINS = {
@@ -47,7 +48,7 @@ def _hydra():
         yield
 
 
-def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
+def expand(overrides: list[str], multirun: bool, config_name: str = "config") -> list[list[str]]:
     """The override list of every job of a command. Raises ConfigError."""
     parser = OverridesParser.create()
     try:
@@ -63,9 +64,9 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     with _hydra():
         try:
-            experiment = compose(config_name="config", overrides=fixed, return_hydra_config=True).hydra.sweeper
+            experiment = compose(config_name=config_name, overrides=fixed, return_hydra_config=True).hydra.sweeper
         except (HydraException, OmegaConfBaseException) as err:
-            raise ConfigError(one_line(err)) from None
+            raise ConfigError(one_line(err, SCHEMAS[config_name])) from None
     params = [f"{key}={value}" for key, value in (experiment.get("params") or {}).items()]
     axes: dict[str, list[str]] = {}  # by key: the command's own override of an experiment's axis replaces it
     for o in parser.parse_overrides(params) + parsed:
@@ -90,7 +91,7 @@ def compose_job(overrides: list[str], config_name: str = "config") -> tuple[JobS
         try:
             cfg = compose(config_name=config_name, overrides=overrides)
         except (HydraException, OmegaConfBaseException) as err:
-            raise ConfigError(one_line(err)) from None
+            raise ConfigError(one_line(err, SCHEMAS[config_name])) from None
     return resolve(cfg), Path(cfg.results_dir) / cfg.sweep, cfg
 
 
@@ -129,8 +130,9 @@ def check_writable(folder: Path) -> None:
         )
 
 
-def one_line(err: Exception) -> str:
-    """A composition error in one line naming the valid choices, from the fields Hydra and OmegaConf attach to it."""
+def one_line(err: Exception, schema: type = RunConfig) -> str:
+    """A composition error in one line naming the valid choices, from the fields Hydra and OmegaConf attach to it
+    (`schema`: the config's structured schema)."""
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options is not None:
         group, given = err.missing_cfg_file.rsplit("/", 1)
         return f"{group}={given!r} is not valid; valid choices: {', '.join(err.options)}"
@@ -149,9 +151,9 @@ def one_line(err: Exception) -> str:
                 if fields(cls.Knobs)
             ]
             return f"{key} is not a knob of the chosen system; the systems' knobs: {'; '.join(owners)}"
-        return f"{key!r} is not a setting; valid settings: {', '.join(f.name for f in fields(RunConfig))}"
+        return f"{key!r} is not a setting; valid settings: {', '.join(f.name for f in fields(schema))}"
     if isinstance(cause, ValidationError) and key:
-        kind = _field_type(key)
+        kind = _field_type(key, schema)
         if kind is bool:
             return f"{key}={cause.value} is not valid; valid choices: true, false"
         what = {int: "an integer", float: "a number", str: "a string"}.get(kind, f"of type {kind}")
@@ -159,9 +161,9 @@ def one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def _field_type(key: str):
+def _field_type(key: str, schema: type):
     """The type of the setting at a dotted key (X | None: X)."""
-    node = RunConfig
+    node = schema
     for part in key.split("."):
         if not is_dataclass(node):
             return None

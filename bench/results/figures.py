@@ -119,6 +119,8 @@ def memory_breakdown(df: pd.DataFrame, model: str | None = None) -> plt.Figure |
         return None
     model = model or sorted(ok["model"].unique())[0]
     ok = ok[ok["model"] == model]
+    if ok.empty:  # this model's rows hold no peak split
+        return None
     ok = ok[ok["batch"] == ok["batch"].min()]
     ok = ok.assign(transient=ok[["transient_prefill_bytes", "transient_decode_bytes"]].astype("float64").max(axis=1))
     labels = sorted(ok["cache_label"].unique())
@@ -196,7 +198,9 @@ def backend_phase_table(df: pd.DataFrame) -> pd.DataFrame:
     df = _backend_choice(df)
     for _, r in df.iterrows():
         backend = r["sdpa_requested"]
-        prefill_phase = "chunked prefill" if r["prefill_chunk"] < r["ctx"] else "prefill"
+        prefill_phase = (
+            "chunked prefill" if pd.notna(r["prefill_chunk"]) and r["prefill_chunk"] < r["ctx"] else "prefill"
+        )
         if r["status"] == "ok":
             put(backend, prefill_phase, "ok", str(r["sdpa_used_prefill"]))
             put(backend, "decode", "ok", str(r["sdpa_used_decode"]))
@@ -346,7 +350,7 @@ def peers_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
     for i, system in enumerate(systems):
         rows = ok[ok["system"] == system].drop_duplicates(case_key, keep="last").set_index(case_key)
         for ax, (col, _, scale) in zip(axes[0], panels):
-            values = [rows[col].get(case, np.nan) / scale for case in cases]
+            values = [rows[col].astype("float64").get(case, np.nan) / scale for case in cases]  # NA: not measured
             ax.bar(np.arange(len(cases)) + i * width, values, width, label=system)
     names = ok.drop_duplicates([*case_key, "system"]).groupby(case_key)["method"]
     varies = [k for k in ("model", "ctx", "batch", "protocol") if ok[k].nunique() > 1]  # said in the label
@@ -384,7 +388,7 @@ def systems_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
     for i, system in enumerate(systems):
         rows = df[df["system"] == system].drop_duplicates(["ctx", "batch"], keep="last").set_index(["ctx", "batch"])
         for ax, col in zip(axes, ["decode_ms_p50", "peak_ratio"]):
-            values = [rows[col].get(case, np.nan) for case in cases]
+            values = [rows[col].astype("float64").get(case, np.nan) for case in cases]  # NA: not timed
             ax.bar(np.arange(len(cases)) + i * width, values, width, label=system)
     labels = [f"ctx {ctx_label(c)}, batch {b}" for c, b in cases]
     memory = "peak allocated" if cuda.all() else "peak tensor bytes" if not cuda.any() else "peak (allocated | tensors)"
