@@ -260,6 +260,19 @@ def test_compile_true_decodes_through_the_compiled_step(tmp_path):
     assert row["status"] == "unsupported" and "sdpa=eager: the compiled decode step runs an SDPA kernel" in row["error"]
 
 
+@pytest.mark.parametrize("compile", ["false", "true"])
+def test_a_warm_up_stays_within_the_tokens_the_caches_hold(compile):
+    """One decode step after a prompt of one prefill call: a dense cache holds ctx + 1 tokens, and the warm-up's
+    prefill and steps (three when compiled) fit in them."""
+    from bench.harness.job import run_job
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        overrides = ["ctx=256", "new_tokens=1", "repeats=1", "prefill_chunk=256", f"compile={compile}"]
+        spec = resolve(compose(config_name="config", overrides=overrides))
+    row = run_job(spec, sweep_id="test", config_hash=compile, progress=False)
+    assert row["status"] == "ok", row.get("error")
+
+
 def test_compiled_jobs_in_one_process_do_not_pile_up_compiled_code():
     """isolate=false runs every job in one process: each compiled job drops its compiled step when it ends, so
     the next one (another cache: another graph) compiles from scratch instead of counting as a recompilation

@@ -249,9 +249,11 @@ def _timed(
     compile_s = skips = None
     if spec.warmup or spec.compile:  # first calls pay for lazy initialisation, kernel selection, allocator growth
         skips_before = _cudagraph_skips() if spec.compile else 0  # and compilation (graphs recorded on the 3rd call)
-        warm = min(spec.ctx, system.prefill_chunk)  # one prefill call (another library's: the whole prompt)
+        # one prefill call (another library's: the whole prompt), then the steps, within the tokens the caches hold
+        steps = 3 if spec.compile else 2
+        warm = max(1, min(spec.ctx, system.prefill_chunk, spec.ctx + spec.new_tokens - steps))
         warm_steps: list[float] = []
-        decode(system.prefill(ids[:, :warm]), warm, 3 if spec.compile else 2, warm_steps, None)
+        decode(system.prefill(ids[:, :warm]), warm, min(steps, spec.ctx + spec.new_tokens - warm), warm_steps, None)
         if spec.compile:
             compile_s, skips = sum(warm_steps), _cudagraph_skips() - skips_before
     memory = Memory(warmup_released_bytes=trackers.release_warmup_memory(device))
