@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
@@ -108,14 +107,12 @@ def test_figures_from_the_baselines(tmp_path):
     assert all(p.stat().st_size > 10_000 for p in tmp_path.glob("*.png"))
 
 
-def test_every_committed_baseline_loads_as_the_current_schema_and_draws(tmp_path):
-    """Every committed row, of every folder, reads as the current schema (version, columns, labels from its system)
-    and the figures they allow draw together."""
+def test_every_committed_baseline_loads_as_the_current_schema():
+    """Every committed row, of every folder, reads as the current schema: its version, its columns and nothing else,
+    the labels its system's class gives it (the figures of these folders are drawn by the tests below and above)."""
     df = rows.load(ROOT / "results" / "baselines")
     assert len(df) > 300 and (df["schema_version"] == SCHEMA_VERSION).all()
     assert list(df.columns) == list(COLUMNS) and df["label"].notna().all() and df["system"].notna().all()
-    plt.switch_backend("Agg")
-    assert len(figures.save_all(df, tmp_path)) >= 10
 
 
 def test_figure_axes_have_units_and_titles_name_device():
