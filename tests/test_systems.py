@@ -68,8 +68,8 @@ def dense_runs():
 @torch.inference_mode()
 def test_every_system_gives_kvbench_greedy_tokens():
     """Two sequences, a prefill of 64 tokens and 11 decode steps per system (HF's compiled StaticCache compiled as
-    `generate` compiles it). Implementations round differently (about 1e-6 here); the check first makes sure no step
-    of the path is a near-tie that such rounding could flip, so that equal tokens mean equal computations."""
+    `generate` compiles it). Implementations round differently (within `reorder`); the check first makes sure no
+    step of the path is a near-tie that such rounding could flip, so that equal tokens mean equal computations."""
     ours = systems.create(spec("kvbench"), torch.device("cpu"))
     ids = torch.randint(0, ours.config.vocab_size, (2, CTX), generator=torch.Generator().manual_seed(3))
     expected = greedy(ours, ids)
