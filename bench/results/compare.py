@@ -50,21 +50,8 @@ DEFAULT_TOLERANCES = {
     # a ratio fails only beyond twice the baseline's.
     "ratio": {"decode_ms_p50": 1.0, "prefill_s": 1.0},
 }
-# Rows sharing these with a dense row are timed against it.
-_PEERS = [
-    "system",
-    "model",
-    "weights",
-    "dtype",
-    "device_kind",
-    "ctx",
-    "batch",
-    "new_tokens",
-    "sdpa_requested",
-    "prefill_chunk",
-    "repeats",
-    "seed",
-]
+# Rows sharing these with a dense row are timed against it: the configuration but the cache.
+_PEERS = [k for k in KEY if k not in ("system_kwargs", "cache", "cache_kwargs", "cache_budget")]
 
 
 def _key(row: pd.Series) -> tuple:
