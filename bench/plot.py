@@ -1,6 +1,6 @@
 """`python -m bench.plot RESULTS_DIR [--out DIR]`: every figure a results folder allows, as PNG files (the figures
-themselves, each a function of a DataFrame for notebooks: bench/results/figures.py). Reads parquet rows only (pandas
-and matplotlib, no torch)."""
+themselves, each a function of a DataFrame for notebooks: bench/results/figures.py), accuracies with the error bars
+their per-sample answers give. Reads parquet files only (pandas and matplotlib, no torch)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from bench.results import records
 from bench.results.figures import save_all
 from bench.results.rows import load
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if df.empty:
         print(f"bench.plot: error: no result rows under {args.results}", file=sys.stderr)
         return 2
-    for path in save_all(df, args.out or Path(args.results) / "figures"):
+    for path in save_all(df, args.out or Path(args.results) / "figures", records.load(args.results, df)):
         print(path)
     return 0
 

@@ -1,6 +1,8 @@
 """`python -m bench.report RESULTS`: the comparison table of a results folder, its quality table and its
-leaderboard (also written to RESULTS/leaderboard.md). Also the table printed at the end of a multirun
-(`SweepSummary`, a Hydra callback of conf/config.yaml). The tables themselves: bench/results/tables.py."""
+leaderboard (also written to RESULTS/leaderboard.md): ranked from the per-sample answers where the rows kept them
+(bench/results/records.py), with intervals and paired tests (bench/results/stats.py). Also the table printed at the
+end of a multirun (`SweepSummary`, a Hydra callback of conf/config.yaml). The tables themselves:
+bench/results/tables.py."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from bench.results import records
 from bench.results.rows import load
-from bench.results.tables import comparison_table, leaderboard, quality_table
+from bench.results.tables import comparison_table, leaderboard, quality_table, ranked_leaderboard
 
 # Config hashes of the jobs this process ran or skipped, by sweep folder (filled by bench.run).
 TOUCHED: dict[str, set[str]] = {}
@@ -27,7 +30,7 @@ class SweepSummary(Callback):
         if hashes:
             df = df[df["config_hash"].isin(hashes)]
         print(f"\n{len(df)} rows in {sweep_dir}/\n{comparison_table(df)}", flush=True)
-        board = leaderboard(df)
+        board = ranked_leaderboard(df, records.load(sweep_dir, df)) or leaderboard(df)
         if board:
             Path(sweep_dir, "leaderboard.md").write_text(board + "\n")
             print(f"\n{board}\n(written to {sweep_dir}/leaderboard.md)", flush=True)
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     df = load(args.results)
     print(comparison_table(df))
-    board = leaderboard(df)
+    board = ranked_leaderboard(df, records.load(args.results, df)) or leaderboard(df)
     for table in (quality_table(df), board):
         if table:
             print(f"\n{table}")

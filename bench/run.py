@@ -79,10 +79,14 @@ def cli(argv: list[str] | None = None) -> None:
         print(f"kvbench: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     os.environ["KVBENCH_N_JOBS"] = str(len(planned))
-    for sweep_dir, cfg_hash in planned:  # the table after a multirun shows these, whichever process ran them
+    for sweep_dir, cfg_hash, _ in planned:  # the table after a multirun shows these, whichever process ran them
         report.TOUCHED.setdefault(sweep_dir, set()).add(cfg_hash)
+    if len(planned) > 1:  # jobs whose task-suite answers one prefill can serve: answered together first
+        from bench.eval.quality import answer_together
+
+        answer_together(planned)
     main()
-    missing = [h for d, h in planned if not rows.has_row(d, h)]
+    missing = [h for d, h, _ in planned if not rows.has_row(d, h)]
     if missing:  # a job's process was killed (or the launcher lost it): exit 1, and a rerun redoes exactly these
         print(
             f"kvbench: {len(missing)} of {len(planned)} jobs have no row (their process was killed or lost); "

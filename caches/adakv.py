@@ -31,6 +31,7 @@ from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams, cache_class, cache_names, register
 from caches.buffers import buffer_nbytes, make_buffer
+from caches.prompt import Prompt, prompt_weights
 from caches.scored import Candidates, ScoredCache
 from model.attention import Visibility, grouped_attention
 
@@ -45,6 +46,7 @@ def scorers() -> list[str]:
 @register("adakv")
 class AdaKVCache(KVCache):
     requires_attn_weights = True
+    shares_prefill = True
 
     def __init__(
         self,
@@ -85,11 +87,31 @@ class AdaKVCache(KVCache):
         return self.cache_length
 
     def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """The output as dense computes it, the policy's weights from its query rows alone (caches/prompt.py): the
+        hidden states are dense's, so a recorded prompt loads this cache too (`_load`)."""
+        w_from = self.policy.weights_from(key.shape[2])
+        w_new = None if w_from is None else prompt_weights(query, key, value, 0, w_from, self.attn_opts)
+        self._admit_prompt(key, value, w_new)
+        return self._attend(query, key, value, Visibility(q_start=0))
+
+    def _load(self, prompt: Prompt) -> None:
+        w_from = self.policy.weights_from(prompt.key.shape[2])
+        w_new = None if w_from is None else prompt.weights(w_from, self.attn_opts)
+        self._admit_prompt(prompt.key, prompt.value, w_new)
+
+    def _admit_prompt(self, key: Tensor, value: Tensor, w_new: Tensor | None) -> None:
+        """An empty layer takes a prompt: its candidates are the prompt's tokens, the weights they received w_new."""
         self.owner.fill_(-1)
         self.pos.fill_(-1)
         self.score.zero_()
         self.buf.reset()
-        return self._extend(query, key, value, 0)
+        B, G, T, _ = key.shape
+        old_k, old_v, old_pos, index = self._gather(B)  # nothing kept: one padding column per head
+        w_old = None if w_new is None else torch.zeros(old_pos.shape, device=key.device)  # (B, G, 1)
+        stored = self.score[:B].gather(1, index.flatten(1)).view(old_pos.shape)  # (B, G, 1)
+        new_pos = torch.arange(T, device=key.device).expand(B, G, T)
+        call = Candidates(stored, w_old, w_new, T, old_k, key, old_v, value, old_pos, new_pos)
+        self._select(key, value, 0, call, index)
 
     def _gather(self, B: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Each head's own slots (ascending), padded to the longest: K, V (B, G, longest, hs), their positions

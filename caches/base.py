@@ -55,6 +55,9 @@ class KVCache(nn.Module):
     compiled_by_default: ClassVar[bool] = False
     allocation: ClassVar[str] = "uniform"  # how set_kv_caches shares a budget among layers (caches/allocation.py)
     keeps_every_token: ClassVar[bool] = False  # no budget: a slot for every token it is given (dense)
+    # `load_prompt` exists: a one-call prefill's output is plain causal attention, so the cache can be loaded from a
+    # prompt another pass recorded (caches/prompt.py)
+    shares_prefill: ClassVar[bool] = False
 
     def __init__(self, params: KVCacheParams) -> None:
         super().__init__()
@@ -137,6 +140,17 @@ class KVCache(nn.Module):
             raise ValueError(
                 f"{T} tokens in one call exceed {self.name} cache's max_tokens_forward={self.max_tokens_forward}"
             )
+
+    def load_prompt(self, prompt) -> None:
+        """The state `forward(prompt.query, prompt.key, prompt.value, 0)` leaves, without computing the attention
+        output (the pass that recorded the prompt did: caches/prompt.py). For caches that `shares_prefill`."""
+        self._check(prompt.query, prompt.key, prompt.value, 0)
+        self.batch_size = prompt.key.shape[0]
+        self._load(prompt)
+        self.next_token_pos = prompt.key.shape[2]
+
+    def _load(self, prompt) -> None:
+        raise NotImplementedError(f"cache {self.name!r} runs its own prefill (shares_prefill is False)")
 
     def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         raise NotImplementedError

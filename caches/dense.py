@@ -17,6 +17,7 @@ class DenseCache(KVCache):
     supports_compiled_decode = True
     compiled_by_default = True
     keeps_every_token = True
+    shares_prefill = True
 
     def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:
         super().__init__(params)
@@ -43,6 +44,10 @@ class DenseCache(KVCache):
         self.buf.write_range(B, 0, key, value)
         # Causal attention among the new tokens: is_causal, no mask.
         return self._attend(query, key, value, Visibility(q_start=0))
+
+    def _load(self, prompt) -> None:
+        self.buf.reset()
+        self.buf.write_range(prompt.key.shape[0], 0, prompt.key, prompt.value)
 
     def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
         B, _, T, _ = key.shape

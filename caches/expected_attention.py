@@ -67,6 +67,14 @@ class ExpectedAttentionCache(ScoredCache):
         self.q_count = 0
         return super()._prefill(query, key, value)
 
+    def _load(self, prompt) -> None:
+        self.q_sum.zero_()
+        self.q_outer.zero_()
+        self.q_count = 0
+        self._observe(prompt.query, 0)
+        self._end = prompt.key.shape[2]
+        super()._load(prompt)
+
     def _step(self, query: Tensor, key: Tensor, value: Tensor, p: int) -> Tensor:
         T = query.shape[2]
         if T > 1:  # a prefill chunk: its queries join the statistics

@@ -12,8 +12,9 @@ position p does the same:
 3. Select: if the candidates do not fit, the lowest-ranked ones are evicted (ties: the older token), protected
    ones last; surviving new tokens are written into the freed slots. Decisions are per sequence and KV head.
 
-A prefill longer than the buffer is the same step with an empty buffer: the whole prompt is attended in query
-blocks, then the best `cache_length` tokens are kept.
+A call into an empty buffer (a prompt's first) attends as dense does (causal, fused kernels) and computes the
+weights of the policy's query rows alone on the eager path; then the best `cache_length` tokens are kept. The model's
+hidden states are then dense's, so one recorded prompt can load every such cache (`load_prompt`, caches/prompt.py).
 
 `decode_step` is the one-token call at fixed shapes, for the compiled decode step (model/compiled_decode.py):
 every slot is attended (empty ones masked) and is a candidate, empty slots ranking lowest, so one rule covers a
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from caches.base import KVCache, KVCacheParams
 from caches.buffers import buffer_nbytes, make_buffer
+from caches.prompt import Prompt, prompt_weights
 from model.attention import Visibility, grouped_attention
 from model.decode_attention import static_weighted_decode
 
@@ -72,6 +74,7 @@ class ScoredCache(KVCache):
     # Its scores are each KV head's own, from the call's candidates alone: caches/adakv.py can take them per head
     headwise = True
     default_buffer = "float"
+    shares_prefill = True
 
     def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:
         super().__init__(params)
@@ -106,63 +109,80 @@ class ScoredCache(KVCache):
     # ---- the machinery -----------------------------------------------------------------------------------------
 
     def _prefill(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        self._empty()
+        return self._step(query, key, value, 0)
+
+    def _empty(self) -> None:
         self.pos.fill_(-1)
         self.buf.reset()
         self.score.zero_()
         self.n_filled = 0
-        return self._step(query, key, value, 0)
+
+    def _load(self, prompt: Prompt) -> None:
+        """What `_step` keeps of a prompt in one call, its weights from the recorded prompt (caches/prompt.py)."""
+        self._empty()
+        w_from = self.weights_from(prompt.key.shape[2])
+        w_new = None if w_from is None else prompt.weights(w_from, self.attn_opts)
+        self._admit(prompt.key, prompt.value, 0, None, w_new)
 
     def _extend(self, query: Tensor, key: Tensor, value: Tensor, input_pos: int) -> Tensor:
         return self._step(query, key, value, input_pos)
 
     def _step(self, query: Tensor, key: Tensor, value: Tensor, p: int) -> Tensor:
         B, G, T, _ = key.shape
-        n, L = self.n_filled, self.cache_length
+        n = self.n_filled
+        w_from = self.weights_from(T)
+        if n == 0 and T > 1:
+            # An empty buffer: the output as dense computes it (causal, fused kernels), the weights from the eager
+            # path on the policy's query rows alone. Far less work for a long prompt than one eager pass, and the
+            # hidden states are dense's, so a prompt recorded once serves every cache (caches/prompt.py).
+            out = self._attend(query, key, value, Visibility(q_start=p))
+            w_new = None if w_from is None else prompt_weights(query, key, value, p, w_from, self.attn_opts)
+            self._admit(key, value, p, None, w_new)
+            return out
         new_pos = torch.arange(p, p + T, device=key.device) if T > 1 else None  # a decode step needs no mask
         segments = []
         if n:
             old_k, old_v = self.buf.read(B, n)  # (B, G, n, hs)
             segments.append((old_k, old_v, Visibility(q_start=p, k_pos=self.pos[:B, :, :n], all_visible=True)))
         segments.append((key, value, Visibility(q_start=p, k_pos=new_pos, all_visible=T == 1, k_start=p)))
-        w_from = self.weights_from(T)
-        if n == 0 and T > 1 and (w_from is None or w_from > 0):
-            out, weights = self._prefill_attention(query, key, value, p, w_from)
-        else:
-            out, weights = grouped_attention(query, segments, self.attn_opts, w_from)
+        out, weights = grouped_attention(query, segments, self.attn_opts, w_from)
         w_old = weights[0] if weights is not None and n else None
         w_new = weights[-1] if weights is not None else None
-        old_k, old_v = segments[0][:2] if n else (key[:, :, :0], value[:, :, :0])  # (B, G, n, hs)
+        self._admit(key, value, p, w_old, w_new, *(segments[0][:2] if n else ()))
+        return out
+
+    def _admit(
+        self,
+        key: Tensor,
+        value: Tensor,
+        p: int,
+        w_old: Tensor | None,
+        w_new: Tensor | None,
+        old_k: Tensor | None = None,
+        old_v: Tensor | None = None,
+    ) -> None:
+        """Score the buffered tokens and the call's T new ones (at positions p..), given the weights they received
+        (w_old (B, G, n), w_new (B, G, T), None where the policy asks for none), and keep the best that fit."""
+        B, G, T, _ = key.shape
+        n, L = self.n_filled, self.cache_length
+        if old_k is None:  # an empty buffer
+            old_k, old_v = key[:, :, :0], value[:, :, :0]  # (B, G, 0, hs)
         old_pos, new_pos = self.pos[:B, :, :n], torch.arange(p, p + T, device=key.device).expand(B, G, T)
         call = Candidates(self.score[:B, :, :n], w_old, w_new, T, old_k, key, old_v, value, old_pos, new_pos)
         cand_score = self.candidate_scores(call)  # (B, G, n + T)
         new_err = self.buf.error(key, value) if self.uses_quant_error else None  # (B, G, T)
         if n + T <= L:
             self.buf.write_range(B, n, key, value)
-            self.pos[:B, :, n : n + T] = p if new_pos is None else new_pos
+            self.pos[:B, :, n : n + T] = new_pos
             self.score[:B, :, : n + T] = cand_score
             if new_err is not None:
                 self.qerr[:B, :, n : n + T] = new_err
             self.n_filled = n + T
-            return out
-        if T == 1:
+        elif T == 1:
             self._select_one(key, value, p, cand_score, new_err)
         else:
             self._select(key, value, p, cand_score, new_err)
-        return out
-
-    def _prefill_attention(
-        self, query: Tensor, key: Tensor, value: Tensor, p: int, w_from: int | None
-    ) -> tuple[Tensor, list[Tensor] | None]:
-        """A prefill whose policy needs the weights of its last queries only (tova, snapkv): the output through
-        SDPA (causal, fused kernels), the weights from the eager path on those few query rows alone. Same numbers
-        as one eager pass, far less work for a long prompt."""
-        out = self._attend(query, key, value, Visibility(q_start=p))
-        if w_from is None:
-            return out, None
-        T = key.shape[2]
-        vis = Visibility(q_start=p + w_from, k_pos=torch.arange(p, p + T, device=key.device), k_start=p)
-        _, weights = grouped_attention(query[:, :, w_from:], [(key, value, vis)], self.attn_opts, 0)
-        return out, weights
 
     def _select_one(
         self, key: Tensor, value: Tensor, pos: int | Tensor, cand_score: Tensor, new_err: Tensor | None

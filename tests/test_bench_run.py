@@ -181,7 +181,7 @@ BAD = {
     "eval=passkey weights=pretrained model=smollm2-135m eval.protocol=later": "eval.protocol='later' is not valid; "
     "valid choices: aware, agnostic, multiturn",
     "eval=tasks weights=pretrained model=smollm2-135m eval.suite=[niah,vt]": "eval.suite='niah' is not valid; valid "
-    "choices: vt, cwe, fwe, passkey, niah_single",
+    "choices: vt, cwe, fwe, passkey, passkey_essay, niah_single",
     "weights=/no/such/folder": "weights='/no/such/folder' is not valid; valid choices: random, pretrained, or a folder",
     "compile=maybe": "compile='maybe' is not valid; valid choices: auto, true, false",
     "expandable_segments=maybe": "expandable_segments=maybe is not valid; valid choices: true, false",

@@ -17,6 +17,8 @@ the context's length whatever the cache kept, as in kvpress's pipeline.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -35,9 +37,33 @@ def padded(samples: list[Sample], newline: list[int]) -> list[Tensor]:
     return out
 
 
+class SharedPrompts:
+    """Prompts recorded once and loaded into every cache that can take them (bench/systems/base.py `shares_prompt`):
+    one prefill of a batch serving every cache and budget a sweep runs on it. `paths`: which ran ("shared": loaded
+    from a recording, "own": the cache's own prefill)."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[tuple, tuple[Tensor, list]] = {}
+        self.paths: set[str] = set()
+
+    def start(self, system, ids: Tensor) -> Tensor:
+        """ids (B, T) at position 0 into the caches `system.open` made; returns the last position's logits."""
+        if not system.shares_prompt(ids.shape[1]):
+            self.paths.add("own")
+            return system.forward(ids, 0)
+        key = (tuple(ids.shape), hash(ids.cpu().numpy().tobytes()))
+        if key not in self.recorded:
+            self.recorded[key] = system.record(ids)
+        logits, prompts = self.recorded[key]
+        system.load(prompts)
+        self.paths.add("shared")
+        return logits
+
+
 @torch.inference_mode()
-def run(system, samples: list[Sample], protocol: str) -> list[list[str]]:
-    """The answers, per sample and question, of a batch of samples under `protocol` through `system`'s caches."""
+def run(system, samples: list[Sample], protocol: str, shared: SharedPrompts | None = None) -> list[Reply]:
+    """The replies, per sample and question, of a batch of samples under `protocol` through `system`'s caches. With
+    `shared`, a prompt (the aware and agnostic protocols' first call) it recorded before is loaded, not prefilled."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not valid; valid choices: {', '.join(PROTOCOLS)}")
     tokenizer = system.tokenizer
@@ -50,14 +76,17 @@ def run(system, samples: list[Sample], protocol: str) -> list[list[str]]:
     def answer(logits: Tensor, start: int) -> tuple[Tensor, int]:
         return decode(system.forward, logits, start, steps, eos)
 
+    def begin(ids: Tensor) -> Tensor:
+        return shared.start(system, ids) if shared is not None else system.forward(ids, 0)
+
     if protocol == "aware":
         for q in questions:
             system.open(B, n + q.shape[1] + steps)
-            logits = system.forward(torch.cat([context, q], dim=1), 0)
+            logits = begin(torch.cat([context, q], dim=1))
             replies.append(answer(logits, n + q.shape[1])[0])
     elif protocol == "agnostic":
         system.open(B, n + max(q.shape[1] for q in questions) + steps)
-        system.forward(context, 0)
+        begin(context)
         for q in questions:
             with system.question(q.shape[1] + steps):
                 logits = system.forward(q, n)
@@ -73,16 +102,27 @@ def run(system, samples: list[Sample], protocol: str) -> list[list[str]]:
             if j < len(questions) - 1:  # the answer's last token goes into the cache before the next question
                 system.forward(tokens[:, -1:], pos)
                 pos += 1
-    return texts(tokenizer, replies, eos)
+    return texts(tokenizer, replies, eos, steps)
 
 
-def texts(tokenizer, replies: list[Tensor], eos: int | None) -> list[list[str]]:
-    """Per sample, the text of its reply to each question (replies: one (B, n) tensor per question)."""
-    return [[_text(tokenizer, r[b], eos) for r in replies] for b in range(replies[0].shape[0])]
+@dataclass(frozen=True)
+class Reply:
+    """A generated answer: its text (up to the end-of-turn token) and how many tokens it took (the end-of-turn token
+    not counted; `budget`: it took every step it was allowed, so the answer may have been cut)."""
+
+    text: str
+    tokens: int
+    budget: bool
 
 
-def _text(tokenizer, tokens: Tensor, eos: int | None) -> str:
+def texts(tokenizer, replies: list[Tensor], eos: int | None, steps: int) -> list[list[Reply]]:
+    """Per sample, its reply to each question (replies: one (B, n) tensor per question, n <= steps)."""
+    return [[_reply(tokenizer, r[b], eos, steps) for r in replies] for b in range(replies[0].shape[0])]
+
+
+def _reply(tokenizer, tokens: Tensor, eos: int | None, steps: int) -> Reply:
     ids = tokens.tolist()
-    if eos is not None and eos in ids:
+    ended = eos is not None and eos in ids
+    if ended:
         ids = ids[: ids.index(eos)]
-    return tokenizer.decode(ids, skip_special=True)
+    return Reply(tokenizer.decode(ids, skip_special=True), len(ids), not ended and len(ids) >= steps)

@@ -15,7 +15,9 @@ position's logits, which kvbench's system gives (its `evals`), the task suite an
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -35,6 +37,7 @@ class Quality:
     task_protocol: str | None = None
     task_samples: int | None = None  # samples per task
     task_questions: int | None = None  # questions per sample
+    task_prefill: str | None = None  # shared | own: which prefill the answers ran
     accuracies: dict = field(default_factory=dict)  # task -> accuracy (columns acc_<task>)
 
     def columns(self) -> dict:
@@ -46,17 +49,21 @@ class Quality:
         return cols
 
 
-def evaluate(spec, system) -> Quality:
-    """The evaluations `spec.eval` selects, on fresh caches of the job's kind and size."""
+def evaluate(spec, system, records: Path | None = None, config_hash: str | None = None) -> Quality:
+    """The evaluations `spec.eval` selects, on fresh caches of the job's kind and size; the task suite's answers kept
+    in `records` (a folder: bench/results/records.py), read back from there where a shared pass or an earlier run
+    left them."""
     knobs = spec.eval
     result = Quality(eval="+".join(knobs.evals))
     if "fidelity" in knobs.evals:
         result.kl_vs_dense, result.top1_agree = fidelity(system, spec.ctx, knobs.tokens)
     if "tasks" in knobs.evals:
-        result.accuracies = suite(system, spec.ctx, knobs)
+        run = Answering(spec.cache, knobs.protocol, records, config_hash)
+        suite(system, spec.ctx, knobs, [run])
+        result.accuracies = run.accuracies()
         result.task_acc = sum(result.accuracies.values()) / len(result.accuracies)
         result.task_protocol, result.task_samples = knobs.protocol, knobs.samples
-        result.task_questions = knobs.questions
+        result.task_questions, result.task_prefill = knobs.questions, "+".join(sorted(run.paths))
     if "ppl" in knobs.evals:
         result.ppl = perplexity(system, spec.ctx, knobs.ppl_chunk)
     return result
@@ -107,25 +114,102 @@ def fidelity(system, ctx: int, tokens: int = 32) -> tuple[float, float]:
     return sum(kl) / tokens, sum(agree) / tokens
 
 
-def suite(system, ctx: int, knobs) -> dict[str, float]:
-    """Each task of knobs.suite: `samples` samples of ctx tokens, in batches of `batch`, under `protocol`; returns
-    task -> mean score over samples and questions."""
+@dataclass
+class Answering:
+    """One configuration answering the task suite: its cache, its protocol, and where its records go (None: kept in
+    memory). `records`: task -> one dict per sample and question (bench/results/records.py); `paths`: which prefills
+    ran."""
+
+    cache: object  # a CacheSpec (bench/config/spec.py)
+    protocol: str
+    folder: Path | None = None
+    config_hash: str | None = None
+    records: dict[str, list[dict]] = field(default_factory=dict)
+    paths: set[str] = field(default_factory=set)
+
+    def accuracies(self) -> dict[str, float]:
+        """task -> mean score over its samples and questions."""
+        return {task: sum(r["score"] for r in recs) / len(recs) for task, recs in self.records.items()}
+
+
+def suite(system, ctx: int, knobs, runs: list[Answering]) -> int:
+    """Each task of knobs.suite: `samples` samples of ctx tokens, in batches of `batch`, answered by every run (a cache
+    and a protocol: several share the system's model). A batch's prompt is recorded once and loaded into every cache
+    that can take it (protocols.SharedPrompts), the others prefill their own. A task a run has records of (a resumed
+    sweep) is read back, not answered again; a task's records are written once its samples are done. Returns how
+    many answers it generated (read-back ones not counted)."""
     from tqdm.auto import tqdm
 
     from bench.eval import protocols, tasks
+    from bench.results import records as saved
 
-    batches = [(task, start) for task in knobs.suite for start in range(0, knobs.samples, knobs.batch)]
-    scores: dict[str, list[float]] = {task: [] for task in knobs.suite}
-    for task, start in tqdm(batches, desc=knobs.protocol, leave=False, disable=None):
-        indices = range(start, min(knobs.samples, start + knobs.batch))
-        seed, n_q = knobs.seed, knobs.questions
-        first = [tasks.build(task, system.tokenizer, ctx, seed, i, n_q) for i in indices]
-        width = max(len(s.questions[0]) for s in first)  # the batch's contexts share one length
-        samples = [tasks.build(task, system.tokenizer, ctx, seed, i, n_q, question_tokens=width) for i in indices]
-        replies = protocols.run(system, samples, knobs.protocol)
-        for sample, answers in zip(samples, replies):
-            scores[task] += [tasks.score(reply, expected) for reply, expected in zip(answers, sample.answers)]
-    return {task: sum(v) / len(v) for task, v in scores.items()}
+    generated = 0
+    for task in knobs.suite:
+        todo = []
+        for run in runs:
+            kept = saved.read(run.folder, task) if run.folder is not None else None
+            if kept is not None:
+                run.records[task] = kept
+                run.paths |= {r["prefill"] for r in kept}
+            else:
+                todo.append(run)
+        if not todo:
+            continue
+        answered: dict[int, list[dict]] = {id(run): [] for run in todo}
+        starts = range(0, knobs.samples, knobs.batch)
+        desc = task if len(todo) == 1 else f"{task} x {len(todo)} configurations"
+        for start in tqdm(starts, desc=desc, leave=False, disable=None):
+            indices = range(start, min(knobs.samples, start + knobs.batch))
+            seed, n_q = knobs.seed, knobs.questions
+            first = [tasks.build(task, system.tokenizer, ctx, seed, i, n_q) for i in indices]
+            width = max(len(s.questions[0]) for s in first)  # the batch's contexts share one length
+            samples = [tasks.build(task, system.tokenizer, ctx, seed, i, n_q, question_tokens=width) for i in indices]
+            shared = protocols.SharedPrompts()
+            for run in todo:
+                if len(runs) > 1:
+                    system.use_cache(run.cache)
+                shared.paths = set()
+                replies = protocols.run(system, samples, run.protocol, shared)
+                run.paths |= shared.paths
+                for index, sample, answers in zip(indices, samples, replies):
+                    answered[id(run)] += _records(run, sample, index, seed, ctx, answers, shared.paths)
+        for run in todo:
+            run.records[task] = answered[id(run)]
+            generated += len(answered[id(run)])
+            if run.folder is not None:
+                saved.write(run.folder, task, run.records[task])
+    return generated
+
+
+def _records(run: Answering, sample, index: int, seed: int, ctx: int, replies, paths: set[str]) -> list[dict]:
+    """One record per question of a sample (bench/results/records.py)."""
+    from bench.eval import tasks
+
+    out = []
+    for j, (reply, expected) in enumerate(zip(replies, sample.answers)):
+        depth = sample.depths[j] if j < len(sample.depths) else float("nan")
+        out.append(
+            {
+                "config_hash": run.config_hash,
+                "task": sample.task,
+                "sample": index,
+                "question": j,
+                "seed": seed,
+                "ctx": ctx,
+                "haystack": sample.haystack,
+                "depth": depth,
+                "depths": ",".join(f"{d:.4f}" for d in sample.depths),
+                "expected": " | ".join(expected),
+                "answer": reply.text,
+                "score": tasks.score(reply.text, expected),
+                "answer_tokens": reply.tokens,
+                "answer_budget": sample.max_new_tokens,
+                "cut": reply.budget,
+                "protocol": run.protocol,
+                "prefill": "+".join(sorted(paths)),
+            }
+        )
+    return out
 
 
 @torch.inference_mode()
@@ -140,3 +224,64 @@ def perplexity(system, ctx: int, chunk: int = 256) -> float:
         log_probs = torch.log_softmax(logits.double(), dim=-1)
         nll -= float(log_probs[0].gather(-1, ids[0, begin + 1 : end + 1, None]).sum())
     return float(torch.exp(torch.tensor(nll / ctx)))
+
+
+def shares_prefill(spec) -> bool:
+    """Whether a job's task-suite answers can come from a pass shared with other jobs: a system that serves many
+    configurations from one model, a cache that a recorded prompt loads, a prompt in one prefill call, a protocol
+    whose first call is a whole prompt (aware, agnostic), and no other evaluation."""
+    from bench import systems
+    from caches import cache_class
+
+    return (
+        spec.eval.evals == ("tasks",)
+        and spec.eval.protocol in ("aware", "agnostic")
+        and systems.system_class(spec.system.name).shares_prompts
+        and cache_class(spec.cache.name).shares_prefill
+        and spec.prefill_chunk >= spec.ctx
+    )
+
+
+def answer_together(jobs: list[tuple[str, str, object]]) -> None:
+    """The task-suite records of a sweep's jobs (sweep folder, config hash, spec) that can share a prefill, answered
+    in one pass per group of jobs on the same model, context and samples: each batch of samples is prefilled once
+    and loaded into every cache and budget of the group (bench/eval/protocols.py, SharedPrompts). Each job then
+    finds its records and reads its accuracies from them. Jobs whose rows or records exist are left alone."""
+    from bench import systems
+    from bench.results import records, rows
+
+    groups: dict[tuple, list] = {}
+    for sweep_dir, cfg_hash, spec in jobs:
+        if not shares_prefill(spec) or rows.has_row(sweep_dir, cfg_hash):
+            continue
+        folder = records.folder(sweep_dir, cfg_hash)
+        if all((folder / f"{task}.parquet").exists() for task in spec.eval.suite):
+            continue
+        e = spec.eval
+        key = (spec.system.name, spec.model, spec.weights, spec.dtype, spec.device, spec.sdpa, spec.seed, spec.ctx)
+        key += (spec.prefill_chunk, tuple(e.suite), e.samples, e.questions, e.batch, e.seed)
+        groups.setdefault(key, []).append((cfg_hash, spec, folder))
+    for group in groups.values():
+        if len(group) < 2:
+            continue  # one job alone: its own job answers (the same path)
+        first = group[0][1]
+        print(
+            f"[shared prefill] {len(group)} configurations answer the task suite from one prefill per batch of "
+            f"samples ({first.model}, ctx {first.ctx})",
+            flush=True,
+        )
+        runs = [Answering(spec.cache, spec.eval.protocol, folder, cfg_hash) for cfg_hash, spec, folder in group]
+        try:
+            torch.manual_seed(first.seed)
+            system = systems.create(first, torch.device(first.device))
+            t0 = time.perf_counter()
+            answered = suite(system, first.ctx, first.eval, runs)
+            seconds = time.perf_counter() - t0
+            print(
+                f"[shared prefill] {seconds:.0f} s for {answered} answers: {seconds / max(1, answered):.3f} s per "
+                "sample and configuration",
+                flush=True,
+            )
+        except Exception as err:  # noqa: BLE001 - the tasks not done are answered by each job on its own
+            why = f"{type(err).__name__}: {err}"
+            print(f"[shared prefill] stopped ({why}); each job answers the rest itself", flush=True)

@@ -9,10 +9,13 @@ pass key. Every sample is built in token space to an exact length, so that sampl
 
 A task's text follows RULER's templates (the needle "One of the special magic numbers for {key} is: {value}.",
 its question and answer prefix; vt's chains of `VAR X = ...`; cwe's numbered word list; fwe's coded text), written
-here from their description. What differs: words come from the text of Python's own documentation
-(`pydoc_data.topics`), which is also the "essay" haystack (RULER's is Paul Graham's essays), so nothing is
-downloaded; vt and cwe have no one-shot example; answers are generated up to `max_new_tokens` (niah 32, vt 30,
-cwe 64, fwe 32, pass key 8; RULER: 128, 30, 120, 50), which every expected answer fits.
+here from their description. Haystacks: `noise` (one repeated sentence group: the needle is the only outlier),
+`essay` (everyday prose written for kvbench, prose.txt, its paragraphs in a seeded order per sample; RULER's is Paul
+Graham's essays), `needle` (distractor needles), and the word list and coded text of cwe and fwe. Keys are words
+from Python's own documentation (`pydoc_data.topics`), so nothing is downloaded. A needle goes between two sentences
+at a depth drawn per sample, anywhere in the context (recorded in `depths`). vt and cwe have no one-shot example.
+An answer may take `answer_budget` tokens: the longest way of writing its expected strings in the run's tokenizer,
+plus a margin (tests/test_tasks.py checks every task's answers fit).
 
 Several questions per context (`questions=n`): the needle tasks place n target needles (n chains for vt) and ask
 for each in turn, which the `agnostic` and `multiturn` protocols (bench/eval/protocols.py) ask of one cache.
@@ -25,6 +28,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
@@ -60,8 +64,12 @@ PASSKEY_INTRO = (
     "quiz you about the important information there."
 )
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = "What is the pass key?"
-PASSKEY_PREFIX = " The pass key is"
+# No answer prefix: after " The pass key is" at the start of its turn a small chat model defines pass keys in general
+# ("a magical item that can be used to unlock...", SmolLM2-135M, 8 samples of 8 at 2k); asked for the number alone it
+# writes "The pass key is 48001." (PASSKEY_SAID, counted in the answer budget)
+PASSKEY_QUESTION = "What is the pass key? Answer with the number only."
+PASSKEY_PREFIX = ""
+PASSKEY_SAID = "The pass key is"
 
 # task -> (haystack, key kind, value kind, target needles per question, values per key, keys asked per question,
 #          distractor needles)
@@ -74,8 +82,10 @@ NIAH = {
     "niah_multivalue": ("essay", "words", "numbers", 1, 4, 1, 0),
     "niah_multiquery": ("essay", "words", "numbers", 4, 1, 4, 0),
 }
-MAX_NEW_TOKENS = {"vt": 30, "cwe": 64, "fwe": 32, "passkey": 8, **dict.fromkeys(NIAH, 32)}
-TASKS = tuple(MAX_NEW_TOKENS)
+TASKS = ("vt", "cwe", "fwe", "passkey", "passkey_essay", *NIAH)
+HAYSTACKS = {"vt": "noise", "cwe": "list", "fwe": "code", "passkey": "noise", "passkey_essay": "essay"}
+HAYSTACKS.update({task: spec[0] for task, spec in NIAH.items()})
+ANSWER_MARGIN = 8  # tokens allowed beyond the longest way of writing the expected answer (a closing phrase, a period)
 
 
 @dataclass
@@ -84,8 +94,9 @@ class Sample:
     context: list[int]  # token ids: instructions, haystack, needles (what the agnostic protocol compresses alone)
     questions: list[list[int]]  # token ids of each question, its turn's end and the answer's prefix
     answers: list[list[str]]  # per question: the strings the answer must contain
-    max_new_tokens: int
-    depths: list[float] = field(default_factory=list)  # where each target needle starts, as a fraction of the context
+    max_new_tokens: int  # the answer budget: `answer_budget` of the answers
+    depths: list[float] = field(default_factory=list)  # where each target starts, as a fraction of the context
+    haystack: str = ""  # what the needles hide in: noise | essay (prose) | needle | list | code
 
 
 def score(prediction: str, expected: list[str]) -> float:
@@ -121,18 +132,37 @@ class _Tokens:
 
 
 _TOKENS: dict[int, _Tokens] = {}
-_ESSAY: dict[int, list[int]] = {}
+PROSE = Path(__file__).with_name("prose.txt")
+
+
+@lru_cache(maxsize=1)
+def _paragraphs() -> tuple[str, ...]:
+    """The essay haystack's paragraphs: everyday prose written for kvbench (prose.txt, under the project's licence),
+    no code, markup or digits."""
+    return tuple(p.strip() for p in PROSE.read_text().split("\n\n") if p.strip())
+
+
+def _stops(tokenizer) -> set[int]:
+    """Token ids that end a sentence: a needle goes after one."""
+    tok = _tokens(tokenizer)
+    return {tok(" a.")[-1], tok(" a.\n")[-1], tok("\n")[-1]}
+
+
+def _essay(tokenizer, rng: random.Random, n: int) -> list[int]:
+    """n tokens of prose: the paragraphs in a seeded order (each sample its own), again in a new order if one pass
+    is too short."""
+    tok = _tokens(tokenizer)
+    out: list[int] = []
+    while len(out) < n:
+        order = list(_paragraphs())
+        rng.shuffle(order)
+        for paragraph in order:
+            out += tok(" " + paragraph + "\n")
+    return out[:n]
 
 
 def _tokens(tokenizer) -> _Tokens:
     return _TOKENS.setdefault(id(tokenizer), _Tokens(tokenizer))
-
-
-def _essay(tokenizer) -> list[int]:
-    """The documentation's text as token ids (about 113k SmolLM2 tokens), once per tokenizer."""
-    if id(tokenizer) not in _ESSAY:
-        _ESSAY[id(tokenizer)] = tokenizer.encode(_documentation())
-    return _ESSAY[id(tokenizer)]
 
 
 def _turn(tokenizer, intro: str, question: str, prefix: str) -> tuple[str, str]:
@@ -170,21 +200,23 @@ def build(
 ) -> Sample:
     """Sample `index` of `task` for a context of `ctx` tokens: the context and the first question together take
     ctx tokens (question_tokens: the question's length to plan for, when several samples are batched; default its
-    own). depth: where the (first) target needle goes, as a fraction of the haystack; default spread over samples.
+    own). depth: where the (first) target needle goes, as a fraction of the haystack; default drawn per sample.
     Deterministic for (task, ctx, seed, index, questions, depth)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid choices: {', '.join(TASKS)}")
     rng = random.Random(f"{task}-{ctx}-{seed}-{index}")
-    depth = ((index * 0.618034) % 1.0) if depth is None else depth  # golden-ratio spread over samples
+    drawn = rng.random()  # drawn whatever `depth` says, so that the rest of the sample does not depend on it
+    depth = drawn if depth is None else depth  # anywhere in the context, per sample
     if task in NIAH:
         return _niah(task, tokenizer, ctx, rng, questions, depth, question_tokens)
-    return {"vt": _vt, "cwe": _cwe, "fwe": _fwe, "passkey": _passkey}[task](
+    return {"vt": _vt, "cwe": _cwe, "fwe": _fwe, "passkey": _passkey, "passkey_essay": _passkey}[task](
         task, tokenizer, ctx, rng, questions, depth, question_tokens
     )
 
 
-def _assemble(task, tokenizer, ctx, intro, question_texts, body, answers, depths, question_tokens) -> Sample:
-    """Tokenize the turn around the haystack and cut the haystack so that context + first question = ctx tokens."""
+def _assemble(task, tokenizer, ctx, intro, question_texts, body, answers, depths, question_tokens, said="") -> Sample:
+    """Tokenize the turn around the haystack and cut the haystack so that context + first question = ctx tokens.
+    said: what the answer says before the expected strings where no answer prefix says it (in the answer budget)."""
     tok = _tokens(tokenizer)
     turns = [_turn(tokenizer, intro, q, p) for q, p in question_texts]
     head = tok(turns[0][0])
@@ -194,8 +226,23 @@ def _assemble(task, tokenizer, ctx, intro, question_texts, body, answers, depths
     if n < 64:
         raise ValueError(f"ctx={ctx} is too short for {task}: the instructions and question take {ctx - n} tokens")
     haystack, starts = body(n)
-    depths = [s / max(1, n) for s in starts] if starts else depths
-    return Sample(task, head + haystack, questions, answers, MAX_NEW_TOKENS[task], depths)
+    depths = [(len(head) + s) / ctx for s in starts] if starts else depths
+    budget = answer_budget(tokenizer, answers, said)
+    return Sample(task, head + haystack, questions, answers, budget, depths, HAYSTACKS[task])
+
+
+def written(expected: list[str]) -> list[str]:
+    """The ways an answer naming every expected string is written: a list in prose (": a, b, and c.") and numbered
+    ("1. a 2. b 3. c")."""
+    prose = expected[0] if len(expected) == 1 else ", ".join(expected[:-1]) + ", and " + expected[-1]
+    return [f": {prose}.", " " + " ".join(f"{i + 1}. {e}" for i, e in enumerate(expected))]
+
+
+def answer_budget(tokenizer, answers: list[list[str]], said: str = "") -> int:
+    """Tokens an answer may take: the longest way of writing the longest expected answer in this tokenizer (a
+    tokenizer that splits numbers into digits makes a 7-digit value 7 tokens), after `said`, plus ANSWER_MARGIN."""
+    texts = [said + text for expected in answers for text in written(expected)]
+    return max(len(tokenizer.encode(text)) for text in texts) + ANSWER_MARGIN
 
 
 def _key(rng: random.Random, kind: str) -> str:
@@ -240,30 +287,43 @@ def _niah(task, tokenizer, ctx, rng, n_questions, depth, question_tokens) -> Sam
         if haystack == "noise":
             pieces = [tok(" " + NOISE)]
         elif haystack == "essay":
-            essay = _essay(tokenizer)
-            start = rng.randrange(0, len(essay) - n - 1) if len(essay) > n + 1 else 0
-            pieces = [essay[start : start + n]]
+            pieces = [_essay(tokenizer, rng, n)]
         else:  # distractor needles as the haystack
             fake = [NEEDLE.format(kind=kind, key=_key(rng, key_kind), value=_key(rng, value_kind)) for _ in range(64)]
             pieces = [tok(" " + f) for f in fake]
         needle_ids = [tok(" " + s + " ") for s in needles]
-        ids, starts = _insert(pieces, needle_ids, n, depth, rng)
+        ids, starts = _insert(pieces, needle_ids, n, depth, rng, _stops(tokenizer))
         return ids, starts[: len(targets)]
 
     return _assemble(task, tokenizer, ctx, intro, question_texts, body, answers, [depth], question_tokens)
 
 
+def _sentence_start(filler: list[int], at: int, stops: set[int]) -> int:
+    """The start of the sentence holding token `at`: just after the last token in `stops` (a period, a line's end)
+    before it, within 64 tokens (else `at` itself)."""
+    for i in range(at, max(0, at - 64) - 1, -1):
+        if i == 0 or filler[i - 1] in stops:
+            return i
+    return at
+
+
 def _insert(
-    pieces: list[list[int]], needle_ids: list[list[int]], n: int, depth: float, rng: random.Random
+    pieces: list[list[int]],
+    needle_ids: list[list[int]],
+    n: int,
+    depth: float,
+    rng: random.Random,
+    stops: set[int] = frozenset(),
 ) -> tuple[list[int], list[int]]:
-    """A haystack of n tokens from the pieces with every needle inserted whole: the first at `depth`, the others at
-    seeded depths. A piece longer than the haystack (an essay) is cut at the insertion points. Returns (ids, the
-    token index where each needle starts, in the order given)."""
+    """A haystack of n tokens from the pieces with every needle inserted whole, between two sentences (after a token
+    of `stops`): the first at `depth`, the others at seeded depths. Returns (ids, the token index where each needle
+    starts, in the order given)."""
     room = n - sum(len(x) for x in needle_ids)
     if room < 16:
         raise ValueError(f"a haystack of {n} tokens cannot hold {len(needle_ids)} needles")
     filler = _fill(pieces, room)
-    at = [int(depth * room)] + [rng.randrange(0, room) for _ in needle_ids[1:]]
+    at = [_sentence_start(filler, int(depth * room), stops)]
+    at += [_sentence_start(filler, rng.randrange(0, room), stops) for _ in needle_ids[1:]]
     order = sorted(range(len(needle_ids)), key=lambda i: (at[i], i))
     out, starts, prev = [], [0] * len(needle_ids), 0
     for i in order:
@@ -328,6 +388,9 @@ def _cwe(task, tokenizer, ctx, rng, n_questions, depth, question_tokens) -> Samp
         return tok(" ".join(f"{i + 1}. {w}" for i, w in enumerate(shuffled)))
 
     def body(n: int) -> tuple[list[int], list[int]]:
+        nonlocal common_n
+        while common_n > 2 * rare_n + 1 and len(listing(0)) > n:  # long words, few tokens: fewer repeats
+            common_n -= 1
         per_word = len(listing(100)) / (10 * common_n + 100 * rare_n)  # tokens per listed word, measured
         rare = min(len(words) - 10, max(0, int((n / per_word - 10 * common_n) / rare_n)))
         ids = listing(rare)
@@ -374,9 +437,12 @@ def _passkey(task, tokenizer, ctx, rng, n_questions, depth, question_tokens) -> 
     key = str(rng.randint(10000, 99999))
 
     def body(n: int) -> tuple[list[int], list[int]]:
-        return _insert([tok(" " + NOISE)], [tok(" " + PASSKEY_NEEDLE.format(key=key) + " ")], n, depth, rng)
+        pieces = [_essay(tokenizer, rng, n)] if HAYSTACKS[task] == "essay" else [tok(" " + NOISE)]
+        needle = [tok(" " + PASSKEY_NEEDLE.format(key=key) + " ")]
+        return _insert(pieces, needle, n, depth, rng, _stops(tokenizer))
 
     question_texts = [(PASSKEY_QUESTION, PASSKEY_PREFIX)] * n_questions
+    answers = [[key]] * n_questions
     return _assemble(
-        task, tokenizer, ctx, PASSKEY_INTRO, question_texts, body, [[key]] * n_questions, [depth], question_tokens
+        task, tokenizer, ctx, PASSKEY_INTRO, question_texts, body, answers, [depth], question_tokens, PASSKEY_SAID
     )

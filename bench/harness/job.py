@@ -29,6 +29,7 @@ from bench.measure import nvml_sampler
 from bench.measure.contention import Contention, ContentionMonitor, classify, cores_allowed, others_busy
 from bench.measure.nvml_sampler import NvmlSampler
 from bench.measure.timing import median_interval, timed
+from bench.results import records
 from bench.results.schema import (
     SCHEMA_VERSION,
     Bytes,
@@ -126,7 +127,7 @@ def run_job(spec: JobSpec, sweep_id: str, config_hash: str, progress: bool = Tru
         if refused:
             row.update(asdict(Outcome("busy", refused, time.perf_counter() - t_start)))
             return row
-        row.update(_measure(spec, device, progress))
+        row.update(_measure(spec, device, progress, records.folder(Path(spec.results_dir) / sweep_id, config_hash)))
         row["status"] = "ok"
     except UnsupportedBackend as err:
         row.update(asdict(Outcome("unsupported", str(err))))
@@ -175,8 +176,8 @@ def _idle(spec: JobSpec, row: dict) -> str | None:
 
 
 @torch.inference_mode()
-def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
-    """Every phase the spec asks for; returns their columns."""
+def _measure(spec: JobSpec, device: torch.device, progress: bool, answers: Path) -> dict:
+    """Every phase the spec asks for; returns their columns. `answers`: the task suite's records folder."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
     row: dict = {"threads": torch.get_num_threads()}
@@ -230,7 +231,7 @@ def _measure(spec: JobSpec, device: torch.device, progress: bool) -> dict:
     if spec.eval.evals:
         from bench.eval import quality
 
-        row.update(quality.evaluate(spec, system).columns())
+        row.update(quality.evaluate(spec, system, answers, answers.name).columns())
     return row
 
 

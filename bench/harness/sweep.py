@@ -95,16 +95,16 @@ def compose_job(overrides: list[str], config_name: str = "config") -> tuple[JobS
     return resolve(cfg), Path(cfg.results_dir) / cfg.sweep, cfg
 
 
-def check(overrides: list[str], multirun: bool) -> list[tuple[str, str]]:
-    """Compose and resolve every job of the command; (sweep folder, config hash) per job, in order. Raises
+def check(overrides: list[str], multirun: bool) -> list[tuple[str, str, JobSpec]]:
+    """Compose and resolve every job of the command; (sweep folder, config hash, spec) per job, in order. Raises
     ConfigError."""
     from bench.results.rows import config_hash
 
     planned = []
     for job in expand(overrides, multirun):
         spec, sweep_dir, _ = compose_job(job)
-        planned.append((str(sweep_dir), config_hash(spec.identity())))
-    for sweep_dir in sorted({d for d, _ in planned}):
+        planned.append((str(sweep_dir), config_hash(spec.identity()), spec))
+    for sweep_dir in sorted({d for d, _, _ in planned}):
         check_writable(Path(sweep_dir))
     return planned
 

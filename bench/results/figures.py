@@ -284,15 +284,23 @@ def _budget_label(r: pd.Series) -> str:
     )
 
 
-def task_accuracy(df: pd.DataFrame, x: str = "bytes") -> plt.Figure | None:
+def task_accuracy(df: pd.DataFrame, x: str = "bytes", records: pd.DataFrame | None = None) -> plt.Figure | None:
     """The task suite's mean accuracy against cache bytes (MiB) or the fraction of the context kept, one line per cache
-    (and system) through its budgets, one panel per protocol, dense's accuracy as a dashed line (the ceiling).
-    Another library's policy shares the colour of its kvbench peer, dashed with square markers (kvpress/knorm beside
-    knorm)."""
+    (and system) through its budgets, one panel per protocol, dense's accuracy as a dashed line (the ceiling), its
+    95% interval shaded. Another library's policy shares the colour of its kvbench peer, dashed with square markers
+    (kvpress/knorm beside knorm). With the per-sample records (bench/results/records.py) every point carries its 95%
+    interval as an error bar (bench/results/stats.py)."""
+    from bench.results import stats
+
     ok = _ok(df)
     ok = ok[ok["task_acc"].notna()] if "task_acc" in ok else ok.iloc[:0]
     if ok.empty:
         return None
+    ok["low"] = ok["high"] = np.nan
+    if records is not None and len(records):
+        for h, group in records.groupby("config_hash"):
+            _, low, high, _ = stats.accuracy(group)
+            ok.loc[ok["config_hash"] == h, ["low", "high"]] = [low, high]
     ok["kept"] = [1.0 if r["cache"] == "dense" else r["cache_budget"] / r["ctx"] for _, r in ok.iterrows()]
     ok["other"] = ok["label"] != ok["peer"]  # another library's implementation of a kvbench policy
     protocols = [p for p in ("aware", "agnostic", "multiturn") if p in set(ok["task_protocol"])]
@@ -303,14 +311,19 @@ def task_accuracy(df: pd.DataFrame, x: str = "bytes") -> plt.Figure | None:
     lines = others[["cache_label", "peer", "other"]].drop_duplicates().sort_values(["peer", "other"])
     for ax, protocol in zip(axes[0], protocols):
         rows = ok[ok["task_protocol"] == protocol]
-        dense = rows[rows["cache_label"] == "dense"]["task_acc"]
+        dense = rows[rows["cache_label"] == "dense"]
         if len(dense):
-            ax.axhline(dense.mean(), color="black", linestyle="--", label="dense (every token)")
+            ax.axhline(dense["task_acc"].mean(), color="black", linestyle="--", label="dense (every token)")
+            if dense["low"].notna().any():
+                ax.axhspan(dense["low"].mean(), dense["high"].mean(), color="black", alpha=0.08)
         for label, peer, other in lines.itertuples(index=False):
             group = rows[rows["cache_label"] == label].sort_values("kept")
             xs = group["cache_bytes"] / MIB if x == "bytes" else group["kept"]
             style = dict(marker="s", linestyle="--", markerfacecolor="none") if other else dict(marker="o")
             ax.plot(xs, group["task_acc"], label=label, color=colors[peer], **style)
+            if group["low"].notna().any():
+                below, above = group["task_acc"] - group["low"], group["high"] - group["task_acc"]
+                ax.errorbar(xs, group["task_acc"], yerr=[below, above], fmt="none", ecolor=colors[peer], capsize=2)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("cache bytes (MiB)" if x == "bytes" else "fraction of the context kept")
         ax.set_title(f"protocol: {protocol}", fontsize=10)
@@ -431,8 +444,9 @@ def capacity_figure(found: list[dict], find: str = "ctx") -> plt.Figure:
     return fig
 
 
-def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
-    """Every figure the rows allow, as PNG files in `out`; returns their paths."""
+def save_all(df: pd.DataFrame, out: str | Path, records: pd.DataFrame | None = None) -> list[Path]:
+    """Every figure the rows allow, as PNG files in `out` (accuracies with error bars where `records` has the
+    per-sample answers); returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -444,8 +458,8 @@ def save_all(df: pd.DataFrame, out: str | Path) -> list[Path]:
         ("throughput_vs_batch", throughput_vs_batch(df)),
         ("backend_matrix", backend_matrix(df)),
         ("quality_vs_bytes", quality_vs_bytes(df)),
-        ("task_accuracy_vs_bytes", task_accuracy(df, "bytes")),
-        ("task_accuracy_vs_kept", task_accuracy(df, "kept")),
+        ("task_accuracy_vs_bytes", task_accuracy(df, "bytes", records)),
+        ("task_accuracy_vs_kept", task_accuracy(df, "kept", records)),
         ("systems_side_by_side", systems_side_by_side(df)),
         ("peers_side_by_side", peers_side_by_side(df)),
     ]

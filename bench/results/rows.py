@@ -78,7 +78,10 @@ def load(path: str | Path) -> pd.DataFrame:
     import pandas as pd
 
     path = Path(path)
+    from bench.results.records import is_record_file
+
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    files = [f for f in files if f == path or not is_record_file(f, path)]  # answers beside the rows, not rows
     if not files:
         return to_frame([])
     frames = [pd.read_parquet(f) for f in files]

@@ -228,3 +228,66 @@ def leaderboard(df: pd.DataFrame) -> str:
     )
     per_task = markdown(["method", "system", "budget", "protocol", *tasks], detail)
     return "\n\n".join([head, markdown(header, lines), per_task])
+
+
+def ranked_leaderboard(df: pd.DataFrame, records: pd.DataFrame) -> str:
+    """Markdown from the per-sample records: per protocol and budget, each configuration's accuracy (mean over tasks)
+    with its 95% interval, whether a paired sign test separates it from the budget's best and from dense, and its
+    cost; then each task's accuracy with its Wilson interval. Empty when there are no records."""
+    from bench.results import stats
+
+    ok = df[df["status"] == "ok"]
+    records = records[records["config_hash"].isin(set(ok["config_hash"]))]
+    if records.empty:
+        return ""
+    ranking = stats.rank(records)
+    cost = ok.set_index("config_hash")
+    header = ["protocol", "budget", "method", "system", "accuracy [95% CI]", "vs best", "vs dense (W-L, p)"]
+    header += ["cache bytes", "peak memory", "decode ms/step"]
+    lines = []
+    for r in ranking.itertuples(index=False):
+        row = cost.loc[r.config_hash]
+        vs_best = "best" if r.best_p == 1.0 and r.tied_best else ("tied" if r.tied_best else f"below, p={r.best_p:.3f}")
+        vs_dense = "-" if pd.isna(getattr(r, "dense_p", float("nan"))) else f"{r.vs_dense}, p={r.dense_p:.3f}"
+        if vs_dense != "-" and not r.tied_dense:
+            vs_dense = f"**{vs_dense}**"
+        lines.append(
+            [
+                r.protocol,
+                "all" if r.kept == 1.0 and row["cache"] == "dense" else f"{r.kept:.1%}".replace(".0%", "%"),
+                r.method,
+                r.system,
+                f"{r.accuracy:.2f} [{r.low:.2f}, {r.high:.2f}]",
+                vs_best,
+                vs_dense,
+                human_bytes(row["cache_bytes"]),
+                human_bytes(row["peak_alloc_bytes"]),
+                _fmt(row["decode_ms_p50"], ".2f"),
+            ]
+        )
+    tasks = sorted(set(records["task"]))
+    detail = []
+    for r in ranking.itertuples(index=False):
+        mine = records[records["config_hash"] == r.config_hash]
+        cells = []
+        for task in tasks:
+            scores = mine[mine["task"] == task]["score"].to_numpy(float)
+            if len(scores) == 0:
+                cells.append("-")
+                continue
+            low, high = stats.interval({task: scores})
+            cells.append(f"{scores.mean():.2f} [{low:.2f}, {high:.2f}]")
+        detail.append([r.protocol, lines[len(detail)][1], r.method, r.system, *cells])
+    n = records.groupby(["config_hash", "task"]).size()
+    models = ", ".join(sorted(set(ok["model"].astype(str))))
+    ctxs = ", ".join(ctx_label(int(c)) for c in sorted(set(records["ctx"])))
+    head = (
+        f"Task suite, mean accuracy over tasks (RULER's string_match_all) from {len(records)} kept answers: {models}, "
+        f"ctx {ctxs}, {int(n.min())}-{int(n.max())} answers per task and configuration; tasks: {', '.join(tasks)}. "
+        "Intervals: 95%, Wilson for a task's 0/1 scores, a bootstrap over samples for means over tasks. `vs best`: "
+        f"the exact sign test (McNemar on 0/1 scores) on the same answers against the budget's most accurate "
+        f"configuration, tied where p >= {stats.ALPHA}; `vs dense`: answers it got better-worse than dense and the "
+        "test's p, in bold where the difference is significant."
+    )
+    per_task = markdown(["protocol", "budget", "method", "system", *tasks], detail)
+    return "\n\n".join([head, markdown(header, lines), per_task])

@@ -53,6 +53,8 @@ class System:
     any_backend: ClassVar[bool] = False  # sdpa=<backend> chooses its attention kernel (else: sdpa=auto only)
     kvbench_caches: ClassVar[bool] = False  # runs any of caches/'s caches (else: cache=dense, its own caches)
     allocates_up_front: ClassVar[bool] = True  # its caches exist before a prompt goes through them
+    # one model answers many configurations (`use_cache`), a prompt recorded once loading each (`shares_prompt`)
+    shares_prompts: ClassVar[bool] = False
 
     model: torch.nn.Module
     config: Config
@@ -113,6 +115,23 @@ class System:
     def forward(self, ids: Tensor, start: int) -> Tensor:
         """ids (B, T) through the caches at positions start.. (0: a new prompt, compressed as this system compresses
         a prompt); returns the last position's logits (B, vocab)."""
+        raise NotImplementedError
+
+    def use_cache(self, cache) -> None:
+        """Another configuration's caches (a CacheSpec) from the next `open` on; for systems that `shares_prompts`."""
+        raise NotImplementedError
+
+    def shares_prompt(self, length: int) -> bool:
+        """Whether a prompt of `length` tokens can be recorded once (`record`) and loaded into this system's caches
+        (`load`) instead of prefilled by each: one prefill serving every cache of a sweep (bench/eval/quality.py)."""
+        return False
+
+    def record(self, ids: Tensor) -> tuple[Tensor, list]:
+        """ids (B, T) through the model once: (the last position's logits (B, vocab), what `load` needs)."""
+        raise NotImplementedError
+
+    def load(self, prompts: list) -> None:
+        """The caches `open` made, loaded with a recorded prompt as their own `forward(ids, 0)` would leave them."""
         raise NotImplementedError
 
     def question(self, tokens: int) -> AbstractContextManager:

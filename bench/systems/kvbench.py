@@ -14,6 +14,7 @@ from bench.config.spec import CacheSpec
 from bench.systems.base import System, swapped
 from caches import cache_class
 from caches.frozen import FrozenPrefixCache
+from caches.prompt import Prompt, PromptRecorder
 from model.compiled_decode import CompiledDecode
 from model.config import Config
 from model.generate import prefill
@@ -71,6 +72,7 @@ class KvbenchSystem(System):
     evals: ClassVar[tuple[str, ...]] = ("fidelity", "tasks", "ppl")
     any_backend = True
     kvbench_caches = True
+    shares_prompts = True
 
     def __init__(self, spec, device: torch.device) -> None:
         model, tokenizer = build_model(spec, device)
@@ -143,6 +145,33 @@ class KvbenchSystem(System):
         if ids.shape[1] == 1 and start > 0:
             return self.model(ids, input_pos=start)[:, -1]
         return prefill(self.model, ids, self.prefill_chunk, start, bar)
+
+    def use_cache(self, cache: CacheSpec) -> None:
+        """Another configuration's caches from the next `open` on (one model serving a sweep's caches)."""
+        self.cache, self.kv_slots = cache, cache.length
+
+    def shares_prompt(self, length: int) -> bool:
+        """A prompt of `length` tokens goes in one call, into caches that a recorded prompt loads (caches/prompt.py)."""
+        return cache_class(self.cache.name).shares_prefill and self.prefill_chunk >= length
+
+    def record(self, ids: Tensor) -> tuple[Tensor, list[Prompt]]:
+        """ids (B, T) through the model in one call, each layer's prompt kept: (the last position's logits (B,
+        vocab), a Prompt per layer)."""
+        B, T = ids.shape
+        opened = self.model.kv_caches  # put back afterwards: recording leaves the caches `open` made as they were
+        recorders = [PromptRecorder(self.model.kv_cache_params(B, T)) for _ in self.model.blocks]
+        self.model.assign_kv_caches(recorders)
+        try:
+            logits = prefill(self.model, ids, T, 0)
+        finally:
+            if opened:
+                self.model.assign_kv_caches(opened)
+        return logits, [r.prompt for r in recorders]
+
+    def load(self, prompts: list[Prompt]) -> None:
+        """The caches `open` made, each given its layer's recorded prompt: the state their own prefill leaves."""
+        for cache, prompt in zip(self.model.kv_caches, prompts):
+            cache.load_prompt(prompt)
 
     @contextmanager
     def question(self, tokens: int):

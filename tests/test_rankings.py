@@ -1,0 +1,138 @@
+"""Rankings from kept answers: every answer written beside its row and read back on resume (bench/results/records.py),
+intervals and paired tests against brute-force references (bench/results/stats.py), and the leaderboard built from
+them."""
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from char_tokenizer import CharTokenizer
+
+from bench.config.schema import EvalConfig
+from bench.eval import protocols, quality
+from bench.results import records, rows, stats
+from bench.results.tables import ranked_leaderboard
+from bench.systems.kvbench import KvbenchSystem
+
+TOK = CharTokenizer()
+
+
+# ---- intervals and tests ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k, n", [(0, 8), (3, 8), (8, 8), (41, 50), (17, 120)])
+def test_wilson_is_the_set_of_proportions_the_score_test_does_not_reject(k, n):
+    """The interval's ends are where |k/n - p| = z sqrt(p (1 - p) / n), found here by scanning p on a fine grid."""
+    grid = np.linspace(0, 1, 200_001)
+    inside = grid[np.abs(k / n - grid) <= stats.Z95 * np.sqrt(grid * (1 - grid) / n)]
+    low, high = stats.wilson(k, n)
+    assert abs(low - inside.min()) <= 1e-5 and abs(high - inside.max()) <= 1e-5
+
+
+@pytest.mark.parametrize("wins, losses", [(0, 0), (0, 3), (1, 7), (4, 4), (9, 2), (0, 12)])
+def test_the_sign_test_counts_every_equally_likely_outcome(wins, losses):
+    """p = the share of the 2^n fair-coin outcomes at least as lopsided as the one seen."""
+    n = wins + losses
+    seen = abs(wins - losses)
+    outcomes = [sum(flips) for flips in itertools.product((0, 1), repeat=n)]
+    p = sum(abs(2 * w - n) >= seen for w in outcomes) / len(outcomes)
+    assert math.isclose(stats.sign_test(wins, losses), p, rel_tol=1e-12)
+
+
+def test_the_bootstrap_covers_the_mean_and_narrows_with_samples():
+    rng = np.random.default_rng(1)
+    few = {t: rng.random(10).round(1) for t in ("a", "b")}
+    many = {t: rng.random(400).round(1) for t in ("a", "b")}
+    for by_task in (few, many):
+        low, high = stats.bootstrap(by_task)
+        mean = np.mean([s.mean() for s in by_task.values()])
+        assert low < mean < high
+    assert np.subtract(*stats.bootstrap(many)[::-1]) < np.subtract(*stats.bootstrap(few)[::-1]) / 3
+
+
+def _records(config: str, cache: str, wrong: set[int], n: int = 50) -> list[dict]:
+    return [
+        {"config_hash": config, "task": "t", "sample": i, "question": 0, "score": 0.0 if i in wrong else 1.0,
+         "protocol": "aware", "ctx": 1000, "cache": cache, "cache_budget": 250.0, "label": cache, "method": cache,
+         "system": "kvbench"}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_a_ranking_ties_what_a_paired_test_cannot_separate():
+    """On the same 50 samples: dense right on all, A wrong on 1, B wrong on 10, C wrong on 2. A is the best of its
+    budget; C is tied with it, B below it (9 answers differ, all in A's favour); only B differs from dense."""
+    df = pd.DataFrame(
+        _records("d", "dense", set())
+        + _records("a", "a", {7})
+        + _records("b", "b", set(range(10)))
+        + _records("c", "c", {3, 4})
+    )
+    ranking = stats.rank(df).set_index("config_hash")
+    assert list(ranking.index) == ["d", "a", "c", "b"]
+    assert ranking.loc["a", "tied_best"] and ranking.loc["c", "tied_best"] and not ranking.loc["b", "tied_best"]
+    assert math.isclose(ranking.loc["b", "best_p"], stats.sign_test(0, 9))  # a wrong on 7, b on 0..9: 9 differ
+    assert ranking.loc["b", "vs_dense"] == "0-10" and not ranking.loc["b", "tied_dense"]
+    assert ranking.loc["a", "tied_dense"] and ranking.loc["c", "tied_dense"]
+    low, high = ranking.loc["b", ["low", "high"]]
+    assert (low, high) == pytest.approx(stats.wilson(40, 50))
+
+
+# ---- records: written, resumed, read ---------------------------------------------------------------------------------
+
+
+def _system(tiny, cache: str = "dense", length: int = 0) -> KvbenchSystem:
+    return KvbenchSystem.around(tiny.requires_grad_(False), TOK, cache, length, 1024)
+
+
+def test_a_job_keeps_every_answer_and_reads_them_back_on_resume(tiny, tmp_path, monkeypatch):
+    knobs = EvalConfig(tasks=True, suite=["niah_single", "passkey"], samples=3, batch=2)
+    run = quality.Answering(_system(tiny).cache, "aware", tmp_path / "records" / "abc", "abc")
+    assert quality.suite(_system(tiny), 512, knobs, [run]) == 6
+    kept = records.load(tmp_path, pd.DataFrame({"config_hash": ["abc"], "label": ["dense"]}))
+    assert len(kept) == 6 and set(kept["task"]) == {"niah_single", "passkey"} and set(kept["sample"]) == {0, 1, 2}
+    assert kept["expected"].str.len().min() > 0 and kept["depth"].between(0, 1).all()
+    assert (kept["answer_budget"] >= kept["answer_tokens"]).all() and set(kept["prefill"]) == {"shared"}
+    assert rows.load(tmp_path).empty  # answers are not rows
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a task with records is not answered again")
+
+    monkeypatch.setattr(protocols, "run", refuse)
+    again = quality.Answering(run.cache, "aware", run.folder, "abc")
+    assert quality.suite(_system(tiny), 512, knobs, [again]) == 0
+    assert again.accuracies() == run.accuracies()
+
+
+def test_configurations_answered_together_answer_as_each_does_alone(tiny, monkeypatch):
+    """h2o and snapkv at 64 slots and dense, under both protocols, in one pass (one recorded prefill per batch) give
+    the answers each gives alone through its own prefill."""
+    knobs = EvalConfig(tasks=True, suite=["niah_single"], samples=2, batch=2)
+    configs = [("dense", 0, "aware"), ("h2o", 64, "aware"), ("snapkv", 64, "agnostic"), ("h2o", 64, "agnostic")]
+    together = [quality.Answering(_system(tiny, c, n).cache, p) for c, n, p in configs]
+    quality.suite(_system(tiny), 512, knobs, together)
+    monkeypatch.setattr(KvbenchSystem, "shares_prompt", lambda self, length: False)
+    for run, (cache, n, protocol) in zip(together, configs):
+        alone = quality.Answering(_system(tiny, cache, n).cache, protocol)
+        quality.suite(_system(tiny, cache, n), 512, knobs, [alone])
+        assert [r["answer"] for r in alone.records["niah_single"]] == [r["answer"] for r in run.records["niah_single"]]
+        assert run.paths == {"shared"} and alone.paths == {"own"}
+
+
+def test_the_leaderboard_is_ranked_from_the_records():
+    df = pd.DataFrame(_records("d", "dense", set()) + _records("b", "b", set(range(10))))
+    board_rows = pd.DataFrame(
+        {"config_hash": ["d", "b"], "status": ["ok", "ok"], "model": ["m", "m"], "cache": ["dense", "b"],
+         "cache_bytes": [100, 25], "peak_alloc_bytes": [1000, 900], "decode_ms_p50": [1.0, 1.0]}
+    )  # fmt: skip
+    board = ranked_leaderboard(board_rows, df)
+    assert "0.80 [0.67, 0.89]" in board and "**0-10, p=0.002**" in board
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.inference_mode():
+        yield

@@ -1,0 +1,82 @@
+"""One prefill, many caches (caches/prompt.py, bench/eval/protocols.py SharedPrompts, bench/eval/quality.py): a prompt
+recorded once and loaded into a cache leaves it exactly as its own prefill of the prompt does, for every cache that
+says it can be loaded; a sweep answering many configurations in one pass writes the records each job would have
+written alone."""
+
+import pytest
+import torch
+from bounds import assert_within, bound, model_terms
+
+from bench.eval import protocols
+from bench.systems.kvbench import KvbenchSystem
+from caches import cache_class, cache_names
+from caches.prompt import PromptRecorder
+
+SHARED = [name for name in cache_names() if cache_class(name).shares_prefill]
+VARIANTS = [(name, {}) for name in SHARED] + [("adakv", {"scorer": "h2o"}), ("h2o", {"buffer": "int8"})]
+NAMES = [name + "".join(f"-{v}" for v in knobs.values()) for name, knobs in VARIANTS]
+
+
+def test_every_score_based_cache_and_dense_can_be_loaded():
+    assert {"dense", "h2o", "qh2o", "tova", "snapkv", "pyramidkv", "knorm", "keydiff", "random"} <= set(SHARED)
+    assert {"expected_attention", "adakv"} <= set(SHARED)
+    assert "last_recent" not in SHARED  # its window changes the prompt's own attention: it runs its own
+
+
+@torch.inference_mode()
+def _run(system, ids: torch.Tensor, shared: protocols.SharedPrompts | None) -> tuple[list, list]:
+    """Fresh caches, the prompt (own prefill, or loaded), then three decode steps: (kept positions per layer, the
+    logits after the prompt and after each step)."""
+    B, T = ids.shape
+    system.open(B, T + 4)
+    logits = [shared.start(system, ids) if shared else system.forward(ids, 0)]
+    kept = [c.token_positions().clone() for c in system.model.kv_caches]
+    for i in range(3):
+        logits.append(system.forward(logits[-1].argmax(-1, keepdim=True), T + i))
+    return kept, logits
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("name, knobs", VARIANTS, ids=NAMES)
+def test_a_loaded_cache_keeps_and_answers_what_its_own_prefill_does(tiny, name, knobs):
+    """Budget 48 of a 160-token prompt (batch 2), prefill chunk >= the prompt: the kept positions of every layer and
+    the logits after the prompt and after three decode steps are its own prefill's, the recording made while
+    another cache (dense) was open."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 160))  # (B, T)
+    system = KvbenchSystem.around(tiny, None, name, 48, 256, **knobs)
+    own_kept, own_logits = _run(system, ids, None)
+    shared = protocols.SharedPrompts()
+    dense = KvbenchSystem.around(tiny, None, "dense", 0, 256)
+    _run(dense, ids, shared)  # records the prompt
+    loaded_kept, loaded_logits = _run(system, ids, shared)  # loads it
+    assert shared.paths == {"shared"} and len(shared.recorded) == 1
+    for layer, (a, b) in enumerate(zip(own_kept, loaded_kept)):
+        assert torch.equal(a, b), f"layer {layer} keeps other positions"
+    for a, b in zip(own_logits, loaded_logits):
+        assert_within(b, a, bound(a, model_terms(tiny.config, 164)), "logits")
+
+
+def test_a_cache_whose_prefill_differs_runs_its_own(tiny):
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 100))
+    shared = protocols.SharedPrompts()
+    _run(KvbenchSystem.around(tiny, None, "last_recent", 32, 256), ids, shared)
+    _run(KvbenchSystem.around(tiny, None, "h2o", 32, 64), ids, shared)  # a prompt in two calls
+    assert shared.paths == {"own"} and not shared.recorded
+
+
+def test_a_broken_load_is_caught(tiny, monkeypatch):
+    """The comparison above fails when loading keeps something else: here the recorded keys are perturbed."""
+    real = PromptRecorder._prefill
+
+    def perturbed(self, query, key, value):
+        out = real(self, query, key, value)
+        self.prompt.key = key.flip(2)  # the keys in reverse order
+        return out
+
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 120))
+    system = KvbenchSystem.around(tiny, None, "knorm", 40, 256)
+    own_kept, _ = _run(system, ids, None)
+    monkeypatch.setattr(PromptRecorder, "_prefill", perturbed)
+    loaded_kept, _ = _run(system, ids, protocols.SharedPrompts())
+    assert not all(torch.equal(a, b) for a, b in zip(own_kept, loaded_kept))
