@@ -251,9 +251,11 @@ def answer_together(jobs: list[tuple[str, str, object]]) -> None:
     from bench.results import records, rows
 
     groups: dict[tuple, list] = {}
+    seen: set[tuple[str, str]] = set()
     for sweep_dir, cfg_hash, spec in jobs:
-        if not shares_prefill(spec) or rows.has_row(sweep_dir, cfg_hash):
-            continue
+        if not shares_prefill(spec) or rows.has_row(sweep_dir, cfg_hash) or (sweep_dir, cfg_hash) in seen:
+            continue  # (a configuration named twice, dense at several budgets: once)
+        seen.add((sweep_dir, cfg_hash))
         folder = records.folder(sweep_dir, cfg_hash)
         if all((folder / f"{task}.parquet").exists() for task in spec.eval.suite):
             continue
