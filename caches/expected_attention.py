@@ -8,8 +8,8 @@ of those positions' rotations, mu' = R mu and Sigma' = R Sigma R^T. A key k (sto
 
     z = mu'.k / sqrt(d) + k^T Sigma' k / (2 d)        (the log of E[exp(q.k / sqrt(d))] for a Gaussian q)
 
-softmaxed over the candidates, averaged over the heads of its KV group, and multiplied by the norm of its value;
-the lowest go. The `n_sink` first tokens are kept. The statistics grow with every prefill chunk and every
+softmaxed over the candidates (the `n_sink` first tokens left out: they are kept), averaged over the heads of its KV
+group, and multiplied by the norm of its value; the lowest go. The statistics grow with every prefill chunk and every
 candidate is scored again; decode steps use them as they are, and keep the tokens they generate (the prompt's
 lowest-scored token makes room), as SnapKV does. Mechanics: caches/scored.py.
 """
@@ -126,8 +126,10 @@ class ExpectedAttentionCache(ScoredCache):
             cov = cov.view(B, G, H // G, hs, hs)
             quad = torch.einsum("bgsi,bghij,bgsj->bghs", keys, cov, keys)  # k^T Sigma' k per head
             z = z + quad / (2 * hs)
-        z = z.masked_fill((c.pos < 0).unsqueeze(2), -INF)
-        scores = torch.softmax(z, dim=-1).mean(dim=2)  # (B, G, n + T): averaged over the group's heads
+        # the softmax over the candidates that can go: not the empty slots, not the sinks (kept anyway), as kvpress
+        # scores them; a call of sinks alone scores nothing
+        z = z.masked_fill((c.pos < self.n_sink).unsqueeze(2), -INF)
+        scores = torch.softmax(z, dim=-1).nan_to_num(0.0).mean(dim=2)  # (B, G, n + T): averaged over the group's heads
         if self.use_vnorm:
             scores = scores * c.values().float().norm(dim=-1)
         return scores

@@ -147,8 +147,10 @@ class NaiveScoredCache:
             cov = (qs - mu).T @ (qs - mu) / len(qs)
             mu_f, cov_f = mean_rot @ mu, mean_rot @ cov @ mean_rot.T
             z = [float(mu_f @ c.k) / math.sqrt(hs) + float(c.k @ cov_f @ c.k) / (2 * hs) for c in cands]
-            m = max(z)
-            e = [math.exp(x - m) for x in z]
+            m = max(x for x, c in zip(z, cands) if c.pos >= self.n_sink) if end > self.n_sink else 0.0
+            e = [math.exp(x - m) if c.pos >= self.n_sink else 0.0 for x, c in zip(z, cands)]  # the sinks: kept
+            if not any(e):
+                continue
             total = [a + x / sum(e) / len(heads) for a, x in zip(total, e)]
         return [a * float(c.v.norm()) for a, c in zip(total, cands)]
 

@@ -89,7 +89,7 @@ def test_compile_auto_takes_the_caches_whose_compiled_step_ran_on_a_gpu(cuda):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))
 def test_every_experiment_expands_to_valid_jobs(experiment):
-    assert len(check([f"experiment={experiment}"], multirun=True)) >= 4
+    assert len(check([f"experiment={experiment}"], multirun=True)) > 1  # an experiment sweeps something
 
 
 def test_users_command_writes_one_ok_row_per_job(tmp_path):

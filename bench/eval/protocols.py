@@ -10,8 +10,9 @@
   eviction going on throughout (SCBench's shared-context setting, Li et al., 2024).
 
 Samples of one batch have contexts of one length (bench/eval/tasks.py builds them so); each question is padded on
-the left with newlines to the longest of the batch. Answers are greedy (model/generate.py `decode`), up to the task's
-`max_new_tokens`, cut at the end-of-turn token; a batch stops once every sequence has ended. Positions go on from
+the left with newlines to the longest of the batch. Answers are greedy (model/generate.py `decode`), up to the batch's
+longest answer budget (a sample's `max_new_tokens`), cut at the end-of-turn token; a batch stops once every sequence
+has ended. Positions go on from
 the context's length whatever the cache kept, as in kvpress's pipeline.
 """
 
@@ -69,7 +70,7 @@ def run(system, samples: list[Sample], protocol: str, shared: SharedPrompts | No
     tokenizer = system.tokenizer
     context = torch.tensor([s.context for s in samples], device=next(system.model.parameters()).device)  # (B, n)
     questions = [q.to(context.device) for q in padded(samples, tokenizer.encode("\n"))]
-    steps, eos = samples[0].max_new_tokens, tokenizer.eos_id
+    steps, eos = max(s.max_new_tokens for s in samples), tokenizer.eos_id  # the batch's longest answer budget
     B, n = context.shape
     replies: list[Tensor] = []
 
@@ -107,12 +108,13 @@ def run(system, samples: list[Sample], protocol: str, shared: SharedPrompts | No
 
 @dataclass(frozen=True)
 class Reply:
-    """A generated answer: its text (up to the end-of-turn token) and how many tokens it took (the end-of-turn token
-    not counted; `budget`: it took every step it was allowed, so the answer may have been cut)."""
+    """A generated answer: its text (up to the end-of-turn token), how many tokens it took (the end-of-turn token not
+    counted) of the `allowed` ones, and whether it was `cut` (it took them all without ending)."""
 
     text: str
     tokens: int
-    budget: bool
+    allowed: int
+    cut: bool
 
 
 def texts(tokenizer, replies: list[Tensor], eos: int | None, steps: int) -> list[list[Reply]]:
@@ -125,4 +127,4 @@ def _reply(tokenizer, tokens: Tensor, eos: int | None, steps: int) -> Reply:
     ended = eos is not None and eos in ids
     if ended:
         ids = ids[: ids.index(eos)]
-    return Reply(tokenizer.decode(ids, skip_special=True), len(ids), not ended and len(ids) >= steps)
+    return Reply(tokenizer.decode(ids, skip_special=True), len(ids), steps, not ended and len(ids) >= steps)

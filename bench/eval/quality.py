@@ -203,8 +203,8 @@ def _records(run: Answering, sample, index: int, seed: int, ctx: int, replies, p
                 "answer": reply.text,
                 "score": tasks.score(reply.text, expected),
                 "answer_tokens": reply.tokens,
-                "answer_budget": sample.max_new_tokens,
-                "cut": reply.budget,
+                "answer_budget": reply.allowed,
+                "cut": reply.cut,
                 "protocol": run.protocol,
                 "prefill": "+".join(sorted(paths)),
             }

@@ -39,7 +39,7 @@ RECORD = {
     "answer": "string",  # what was generated (up to the end-of-turn token)
     "score": "float64",  # RULER's string_match_all: the fraction of the expected strings the answer contains
     "answer_tokens": "Int64",  # tokens generated
-    "answer_budget": "Int64",  # tokens allowed (the longest expected answer plus a margin)
+    "answer_budget": "Int64",  # tokens allowed (its batch's longest expected answer, written out, plus a margin)
     "cut": "boolean",  # the answer took every token allowed (it may have been cut)
     "protocol": "string",
     "prefill": "string",  # shared | own
