@@ -55,6 +55,9 @@ class KVCache(nn.Module):
     compiled_by_default: ClassVar[bool] = False
     allocation: ClassVar[str] = "uniform"  # how set_kv_caches shares a budget among layers (caches/allocation.py)
     keeps_every_token: ClassVar[bool] = False  # no budget: a slot for every token it is given (dense)
+    # what it keeps and what each query sees depend on positions alone, however a prompt is split into calls (dense;
+    # last_recent's sinks and window), not on the calls' attention
+    keeps_window: ClassVar[bool] = False
     # `load_prompt` exists: a one-call prefill's output is plain causal attention, so the cache can be loaded from a
     # prompt another pass recorded (caches/prompt.py)
     shares_prefill: ClassVar[bool] = False
@@ -70,6 +73,14 @@ class KVCache(nn.Module):
     @property
     def cache_length(self) -> int:
         return self.params.cache_length
+
+    @property
+    def chunks_as_one(self) -> bool:
+        """A prompt in several calls leaves the state and the outputs one call leaves: then a context's prefill,
+        copied, serves a longer prompt that begins with it (bench/eval/protocols.py). True for a cache that keeps
+        every token, or keeps its window whatever the calls, at full precision (a quantized buffer is read back
+        dequantized by the next call, where one call attends its own tokens exactly)."""
+        return self.keeps_window and not self.buf.quantized
 
     @property
     def max_prefill_length(self) -> int | None:

@@ -17,6 +17,7 @@ class DenseCache(KVCache):
     supports_compiled_decode = True
     compiled_by_default = True
     keeps_every_token = True
+    keeps_window = True
     shares_prefill = True
 
     def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:

@@ -26,6 +26,7 @@ from model.attention import MASK_ELEMENTS, Visibility
 @register("last_recent")
 class LastRecentCache(KVCache):
     supports_compiled_decode = True
+    keeps_window = True
     compiled_by_default = True
     query_block: int = 1024  # query rows per attention call when a chunk must be masked
 
@@ -66,8 +67,10 @@ class LastRecentCache(KVCache):
         slot = self._slot(input_pos)
         self.buf.write_range(B, slot, key, value)
         self.pos[slot] = input_pos
-        k, v = self.buf.read(B, min(input_pos + 1, self.cache_length))  # (B, G, n, hs)
-        vis = Visibility(q_start=input_pos, all_visible=True)  # the buffer now holds exactly what q may see
+        n = min(input_pos + 1, self.cache_length)
+        k, v = self.buf.read(B, n)  # (B, G, n, hs)
+        # the buffer now holds exactly what q may see (the positions say so to a model-level window's mask)
+        vis = Visibility(q_start=input_pos, k_pos=self.pos[:n], all_visible=True)
         return self._attend(query, k, v, vis)
 
     def decode_step(self, query: Tensor, key: Tensor, value: Tensor, pos: Tensor) -> Tensor:

@@ -149,7 +149,7 @@ def _needs_mask(vis: Visibility, t0: int, n_keys: int, window: int | None) -> bo
     return not (vis.k_pos is None and window is None and vis.q_start + t0 >= n_keys - 1)
 
 
-def _mask_rows(
+def mask_rows(
     vis: Visibility, t0: int, t1: int, n_keys: int, device: torch.device, window: int | None
 ) -> Tensor | None:
     """The mask for queries t0 .. t1-1 of the call: (t1 - t0, S) or (B, G, t1 - t0, S); None if all visible."""
@@ -171,7 +171,7 @@ def attention(
     Returns (output (B, n_head, T, hs), the backend that ran, weights summed over each group's queries
     (B, n_query_groups, S) in float32 if need_weights else None).
     """
-    window = _effective_window(vis.window, opts.sliding_window)
+    window = effective_window(vis.window, opts.sliding_window)
     eager_needed = need_weights or opts.softcap is not None or opts.sliding_window is not None
     if opts.backend == "eager" or (eager_needed and opts.backend == "auto"):
         out, weights = eager_attention(query, key, value, vis, opts, need_weights, window)
@@ -184,7 +184,7 @@ def attention(
     return out, used, None
 
 
-def _effective_window(cache_window: int | None, model_window: int | None) -> int | None:
+def effective_window(cache_window: int | None, model_window: int | None) -> int | None:
     windows = [w for w in (cache_window, model_window) if w is not None]
     return min(windows) if windows else None
 
@@ -217,7 +217,7 @@ def sdpa(
                 query[:, :, t0:t1], key, value, replace(vis, q_start=vis.q_start + t0), opts, window
             )
         return out, used
-    mask = None if is_causal else _mask_rows(vis, 0, T, S, query.device, window)
+    mask = None if is_causal else mask_rows(vis, 0, T, S, query.device, window)
     if mask is not None and mask.dim() == 4 and gqa:
         # A per-(sequence, group) mask must name every query head for SDPA; this copies the mask, never K/V.
         mask = mask.unsqueeze(2).expand(B, n_groups, n_head // n_groups, T, S).reshape(B, n_head, T, S)
@@ -360,7 +360,7 @@ def grouped_attention(
     weights = None
     if weights_from is not None:
         weights = torch.zeros(B, n_groups, sum(sizes), dtype=torch.float32, device=query.device)
-    block = _block_rows(query, sum(sizes), segments[0][2].q_start, opts.block_size)
+    block = block_rows(query, sum(sizes), segments[0][2].q_start, opts.block_size)
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         tb = t1 - t0
@@ -380,7 +380,7 @@ def grouped_attention(
             if opts.softcap is not None:
                 scores = torch.tanh(scores.div_(opts.softcap)).mul_(opts.softcap)
             scores = scores.view(B, n_groups, q_per_kv, tb, lim)  # (B, G, q_per_kv, tb, lim)
-            mask = _mask_rows(vis, t0, t1, lim, query.device, _effective_window(vis.window, window))
+            mask = mask_rows(vis, t0, t1, lim, query.device, effective_window(vis.window, window))
             if mask is not None:  # built for this block alone: inverted in place
                 mask = mask if mask.dim() == 2 else mask.unsqueeze(2)  # (tb, lim) or (B, G, 1, tb, lim)
                 scores.masked_fill_(mask.logical_not_(), float("-inf"))
@@ -424,7 +424,7 @@ def _offsets(sizes: list[int]) -> list[int]:
     return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
-def _block_rows(query: Tensor, n_keys: int, q_start: int, most: int) -> int:
+def block_rows(query: Tensor, n_keys: int, q_start: int, most: int) -> int:
     """Query rows per block of the eager path, at most `most`: few enough that a block's float32 scores (every query
     head, every key) are no more elements than twice the call's own queries, or, for a chunk after the first, take
     at most half the bytes of the boolean mask a masked SDPA call over the same keys builds (T rows, or the rows of
@@ -432,6 +432,6 @@ def _block_rows(query: Tensor, n_keys: int, q_start: int, most: int) -> int:
     with the position: a cache holding a fixed number of tokens keeps a fixed transient however long the context,
     and one holding a fraction of it stays within dense's (benchmarks/prefill_transient.py measures it)."""
     B, n_head, T, hs = query.shape
-    mask_rows = min(T, MASK_ELEMENTS // n_keys)  # a masked SDPA call's rows per block over these keys
-    rows = max(2 * T * hs // n_keys, mask_rows // (8 * B * n_head) if q_start > 0 else 0)
+    sdpa_rows = min(T, MASK_ELEMENTS // n_keys)  # a masked SDPA call's rows per block over these keys
+    rows = max(2 * T * hs // n_keys, sdpa_rows // (8 * B * n_head) if q_start > 0 else 0)
     return max(1, min(most, rows))

@@ -44,14 +44,19 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    """x / rms(x) * weight over the last dimension, in float32. Llama casts back before the weight; Gemma's
+    (`offset`) scales by (1 + weight) in float32, then casts."""
+
+    def __init__(self, size: int, eps: float, offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(size) if offset else torch.ones(size))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
@@ -59,9 +64,9 @@ class RoPE(nn.Module):
     """Rotary embeddings, "rotate half" layout (as in HF Llama). cos/sin are computed for the positions of each
     call (no table of block_size rows): a (T, head_size) product is negligible next to one layer."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, local: bool = False) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config, local), persistent=False)
 
     def forward(self, start: int | Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin (length, hs) for positions start .. start + length - 1; `start` may be a 0-d tensor on the
@@ -73,12 +78,17 @@ class RoPE(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rope_inv_freq(config: Config) -> Tensor:
-    """(head_size / 2,) rotation frequencies, with Llama-3 scaling when the config has it."""
+def rope_inv_freq(config: Config, local: bool = False) -> Tensor:
+    """(head_size / 2,) rotation frequencies: the global layers' (rope_base, with the config's scaling: Llama 3's, or
+    linear, positions divided by `factor`), or with `local` a hybrid's windowed layers' (rope_local_base, unscaled)."""
     hs = config.head_size
-    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
-    if config.rope_scaling is not None:
-        inv_freq = _llama3_scaled(inv_freq, **config.rope_scaling)
+    base = config.rope_local_base if local else config.rope_base
+    inv_freq = 1.0 / (base ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
+    scaling = None if local else config.rope_scaling
+    if scaling is not None and "low_freq_factor" in scaling:
+        inv_freq = _llama3_scaled(inv_freq, **scaling)
+    elif scaling is not None:
+        inv_freq = inv_freq / scaling["factor"]
     return inv_freq
 
 
@@ -107,14 +117,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, layer: int = 0) -> None:
         super().__init__()
         self.config = config
         hs = config.head_size
         self.qkv = Linear(config.n_embd, (config.n_head + 2 * config.n_query_groups) * hs, bias=config.qkv_bias)
         self.proj = Linear(config.n_head * hs, config.n_embd)
+        if config.qk_norm:  # one weight per channel, shared by the heads
+            self.q_norm = RMSNorm(hs, config.norm_eps, config.norm_offset)
+            self.k_norm = RMSNorm(hs, config.norm_eps, config.norm_offset)
         self.kv_cache: KVCache | None = None
-        self.attn_opts = AttentionOptions(softcap=config.attn_softcap, sliding_window=config.sliding_window)
+        self.attn_opts = AttentionOptions(
+            scale=config.attn_scale, softcap=config.attn_softcap, sliding_window=config.window(layer)
+        )
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: int | Tensor | None) -> Tensor:
         """input_pos None: no cache; an int: through the cache's checked API; a 0-d tensor: the cache's
@@ -124,8 +139,11 @@ class CausalSelfAttention(nn.Module):
         hs, nq, ng = c.head_size, c.n_head, c.n_query_groups
         qkv = self.qkv(x)  # (B, T, (n_head + 2 * n_query_groups) * hs)
         q, k, v = qkv.split([nq * hs, ng * hs, ng * hs], dim=-1)
-        q = q.view(B, T, nq, hs).transpose(1, 2)  # (B, n_head, T, hs)
-        k = k.view(B, T, ng, hs).transpose(1, 2)  # (B, n_query_groups, T, hs)
+        q, k = q.view(B, T, nq, hs), k.view(B, T, ng, hs)  # (B, T, heads, hs)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # (B, n_head, T, hs)
+        k = k.transpose(1, 2)  # (B, n_query_groups, T, hs)
         v = v.view(B, T, ng, hs).transpose(1, 2)  # (B, n_query_groups, T, hs)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
@@ -150,17 +168,20 @@ MLP_BLOCK_ROWS = 1024
 
 
 class MLP(nn.Module):
-    """SwiGLU: proj(silu(gate(x)) * up(x)), gate and up fused into one (n_embd, 2 * intermediate) weight.
-    Inputs of more than MLP_BLOCK_ROWS tokens go through in row blocks (bounded prefill memory)."""
+    """A gated MLP: proj(act(gate(x)) * up(x)), gate and up fused into one (n_embd, 2 * intermediate) weight; act is
+    silu (SwiGLU) or GELU's tanh form (Gemma). Inputs of more than MLP_BLOCK_ROWS tokens go through in row blocks
+    (bounded prefill memory)."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.fc = Linear(config.n_embd, 2 * config.intermediate_size)
         self.proj = Linear(config.intermediate_size, config.n_embd)
+        self.act = config.mlp_act
 
     def swiglu(self, x: Tensor) -> Tensor:
         gate, up = self.fc(x).chunk(2, dim=-1)
-        return self.proj(F.silu(gate) * up)
+        gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
+        return self.proj(gate * up)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.shape[:-1].numel()
@@ -174,16 +195,24 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: Config) -> None:
+    """Pre-norm attention, then pre-norm MLP, each added to the residual; with `sandwich_norms` (Gemma) each output
+    is normed again before its residual add."""
+
+    def __init__(self, config: Config, layer: int = 0) -> None:
         super().__init__()
-        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
-        self.attn = CausalSelfAttention(config)
-        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        d, eps, offset = config.n_embd, config.norm_eps, config.norm_offset
+        self.norm_1 = RMSNorm(d, eps, offset)
+        self.attn = CausalSelfAttention(config, layer)
+        self.norm_2 = RMSNorm(d, eps, offset)
         self.mlp = MLP(config)
+        self.post_attn_norm = RMSNorm(d, eps, offset) if config.sandwich_norms else None
+        self.post_mlp_norm = RMSNorm(d, eps, offset) if config.sandwich_norms else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: int | Tensor | None) -> Tensor:
-        x = x + self.attn(self.norm_1(x), cos, sin, input_pos)
-        return x + self.mlp(self.norm_2(x))
+        h = self.attn(self.norm_1(x), cos, sin, input_pos)
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
+        h = self.mlp(self.norm_2(x))
+        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
 
 
 class GPT(nn.Module):
@@ -193,9 +222,12 @@ class GPT(nn.Module):
         # lm_head: (n_embd, vocab). Tied models read the embedding from its columns; untied ones own `wte`.
         self.lm_head = Linear(config.n_embd, config.vocab_size)
         self.wte = None if config.tie_embeddings else nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_offset)
         self.rope = RoPE(config)
+        # a hybrid's windowed layers rotate by a base of their own
+        self.rope_local = RoPE(config, local=True) if config.rope_local_base is not None else None
+        self.local = [config.window(i) is not None and self.rope_local is not None for i in range(config.n_layer)]
         self.hook: LayerHook | None = None
         self.init_weights(seed=seed)
 
@@ -207,6 +239,7 @@ class GPT(nn.Module):
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
         """Random weights (normal, std 0.02; residual projections scaled by depth as in GPT-2)."""
         gens: dict[torch.device, torch.Generator] = {}
+        norms = {name: m for name, m in self.named_modules() if isinstance(m, RMSNorm)}
         for name, p in self.named_parameters():
             if p.is_meta:  # built on the meta device to be loaded: nothing to initialise
                 continue
@@ -214,8 +247,8 @@ class GPT(nn.Module):
                 gens[p.device] = torch.Generator(device=p.device)
                 gens[p.device].manual_seed(seed if seed is not None else 0)
             gen = gens[p.device]
-            if name.endswith("norm_1.weight") or name.endswith("norm_2.weight") or name == "norm.weight":
-                p.fill_(1.0)
+            if name.rsplit(".", 1)[0] in norms:
+                p.fill_(0.0 if norms[name.rsplit(".", 1)[0]].offset else 1.0)  # the identity either way
             elif name.endswith(".bias"):
                 p.zero_()
             else:
@@ -224,8 +257,18 @@ class GPT(nn.Module):
 
     def embed(self, idx: Tensor) -> Tensor:
         if self.wte is not None:
-            return self.wte(idx)
-        return F.embedding(idx, self.lm_head.weight.t())  # (B, T, n_embd), rows of the (vocab, n_embd) view
+            x = self.wte(idx)
+        else:
+            x = F.embedding(idx, self.lm_head.weight.t())  # (B, T, n_embd), rows of the (vocab, n_embd) view
+        if self.config.embed_scale:  # sqrt(n_embd) rounded to the weights' dtype first, as Gemma does
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        return x
+
+    def rotations(self, start: int | Tensor, length: int, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's cos, sin (length, hs) for positions start..: computed once per kind of layer."""
+        glob = self.rope(start, length, dtype)
+        local = self.rope_local(start, length, dtype) if self.rope_local is not None else glob
+        return [local if is_local else glob for is_local in self.local]
 
     def forward(self, idx: Tensor, input_pos: int | None = None, skip_lm_head: bool = False) -> Tensor:
         """idx (B, T) token ids. Returns logits (B, T, vocab), or the final normed hidden states (B, T, n_embd)
@@ -234,8 +277,8 @@ class GPT(nn.Module):
             raise ValueError(f"idx must be (batch, tokens), got shape {tuple(idx.shape)}")
         T = idx.shape[1]
         x = self.embed(idx)  # (B, T, n_embd)
-        cos, sin = self.rope(input_pos or 0, T, x.dtype)
-        for i, block in enumerate(self.blocks):
+        rotations = self.rotations(input_pos or 0, T, x.dtype)
+        for i, (block, (cos, sin)) in enumerate(zip(self.blocks, rotations)):
             if self.hook is not None:
                 self.hook(x, i, input_pos)
             x = block(x, cos, sin, input_pos)
@@ -249,8 +292,7 @@ class GPT(nn.Module):
         cache's `decode_step`: fixed shapes, no host synchronisation, no checks and no hook. Returns logits
         (B, 1, vocab). What model/compiled_decode.py compiles; use `model(idx, input_pos=int)` otherwise."""
         x = self.embed(idx)  # (B, 1, n_embd)
-        cos, sin = self.rope(pos, 1, x.dtype)
-        for block in self.blocks:
+        for block, (cos, sin) in zip(self.blocks, self.rotations(pos, 1, x.dtype)):
             x = block(x, cos, sin, pos)
         return self.lm_head(self.norm(x))
 
@@ -282,24 +324,35 @@ class GPT(nn.Module):
         longest: int | None = None,
         **kwargs,
     ) -> None:
-        """One cache of type `cache` per layer, `cache_length` slots each on average (default: the model's
-        block_size), shared among the layers by `allocation` (caches/allocation.py: uniform, or pyramid; default
+        """One cache of type `cache` per global layer, `cache_length` slots each on average (default: the model's
+        block_size), shared among those layers by `allocation` (caches/allocation.py: uniform, or pyramid; default
         the cache's own, `cls.allocation`); `longest`: the longest sequence the caches will see (no layer gets
-        more). Knobs go to every cache."""
+        more). Knobs go to every such cache. A hybrid model's windowed layers each get a window cache of their
+        window (last_recent without sinks: what such a layer attends is all it needs), whatever `cache` is."""
         cls = cache_class(cache)
         per_layer = cache_length or self.config.block_size
         window = kwargs.get("window", 32)
-        counts = layer_budgets(allocation or cls.allocation, per_layer, len(self.blocks), window, longest=longest)
-        self.assign_kv_caches([cls(self.kv_cache_params(batch_size, n), **kwargs) for n in counts])
+        glob = self.config.global_layers if self.config.layer_windows is not None else range(len(self.blocks))
+        counts = iter(layer_budgets(allocation or cls.allocation, per_layer, len(glob), window, longest=longest))
+        caches = []
+        for i in range(len(self.blocks)):
+            w = self.config.window(i) if self.config.layer_windows is not None else None
+            if w is None:
+                caches.append(cls(self.kv_cache_params(batch_size, next(counts)), **kwargs))
+            else:
+                slots = w if longest is None else min(w, longest)
+                caches.append(cache_class("last_recent")(self.kv_cache_params(batch_size, slots), sink_tokens=0))
+        self.assign_kv_caches(caches)
 
     def assign_kv_caches(self, caches: list[KVCache]) -> None:
         if len(caches) != len(self.blocks):
             raise ValueError(f"need one cache per layer ({len(self.blocks)}), got {len(caches)}")
-        for block, cache in zip(self.blocks, caches):
-            cache.attn_opts.backend = block.attn.attn_opts.backend
-            cache.attn_opts.softcap = self.config.attn_softcap
-            cache.attn_opts.sliding_window = self.config.sliding_window
-            cache.rotary = self.rope.forward  # cos, sin of any positions: for a policy that undoes or predicts RoPE
+        for block, cache, is_local in zip(self.blocks, caches, self.local):
+            opts = block.attn.attn_opts
+            cache.attn_opts.backend, cache.attn_opts.scale = opts.backend, opts.scale
+            cache.attn_opts.softcap, cache.attn_opts.sliding_window = opts.softcap, opts.sliding_window
+            # cos, sin of any positions, the layer's own: for a policy that undoes or predicts RoPE
+            cache.rotary = (self.rope_local if is_local else self.rope).forward
             block.attn.kv_cache = cache
 
     def clear_kv_caches(self) -> None:

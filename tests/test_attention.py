@@ -10,8 +10,8 @@ from model.attention import (
     AttentionOptions,
     UnsupportedBackend,
     Visibility,
-    _mask_rows,
     attention,
+    mask_rows,
     record_backends,
     visible_mask,
 )
@@ -218,7 +218,7 @@ def test_flash_runs_a_chunk_over_every_earlier_key_without_a_mask(monkeypatch, c
     monkeypatch.setattr(A, "_flash_runs_bottom_right", lambda *args: True)
     biases, masks = [], []
     monkeypatch.setattr(A, "_lower_right_bias", lambda *size: biases.append(size) or causal_lower_right(*size))
-    monkeypatch.setattr(A, "_mask_rows", lambda *args: masks.append(1) or _mask_rows(*args))
+    monkeypatch.setattr(A, "mask_rows", lambda *args: masks.append(1) or mask_rows(*args))
     q, k, v = _qkv(B=2, H=8, G=2, T=T, S=S)
     out, used, _ = attention(q, k, v, vis, AttentionOptions(backend="flash"))
     close(out, naive_attention(q, k, v, allowed), k)

@@ -98,3 +98,29 @@ def test_smollm2_answers_paris(smollm2):
     out = generate(model, torch.tensor([ids]), max_new_tokens=24, eos_id=tok.eos_id)
     answer = tok.decode(out[0, len(ids) :], skip_special=True)
     assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_gemma3_file_matches_hf_gguf_loader_and_reads_sentencepiece_bpe():
+    """The real Gemma 3 270M file read by us and by HF's own GGUF loader (each dequantizes; HF subtracts the 1
+    llama.cpp adds to every norm): the same logits over 560 tokens, past the 512-token window of the local layers.
+    Its tokenizer: pieces as SentencePiece merges them (best-scored pair first), whole words with their leading "▁",
+    digits one by one, bytes for characters the vocabulary lacks, control tokens whole; the file (the pretrained
+    model) carries no chat template, so prompts are plain text after <bos>. In a process of its own (tests/
+    gemma3_real.py)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "tests" / "gemma3_real.py")], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["hf_layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert got["delta"] <= got["bound"], got
+    assert got["pieces"] == ["What", "▁is", "▁the", "▁capital", "▁of", "▁France", "?", "▁", "4", "8", "0", "0", "1"]
+    assert got["round_trip"] and got["chat_template"] is None and got["bos"] == ["<bos>", [2], 2]
+    assert got["eos_is_end_of_turn"] and got["start_of_turn_tokens"] == 1

@@ -84,7 +84,7 @@ def prefill_peaks():
 
 @pytest.mark.parametrize("cache", ["h2o", "tova", "snapkv", "qh2o", "last_recent"])
 def test_an_eviction_cache_lowers_the_prefill_peak(prefill_peaks, cache):
-    """The scoring pass's query blocks are sized to a byte cap (model/attention.py, `_block_rows`; last_recent's
+    """The scoring pass's query blocks are sized to a byte cap (model/attention.py, `block_rows`; last_recent's
     masked blocks likewise), so an eviction cache's transient (peak less weights and cache bytes) is at most dense's
     plus 10% at the same chunk, and its peak, holding a quarter of the bytes, is below dense's. Before the cap,
     h2o's transient here was 4.2x dense's, and its peak 2.5x dense's."""
@@ -110,7 +110,7 @@ def test_a_scoring_block_never_outgrows_dense_s_mask(n_keys):
     builds (MASK_ELEMENTS booleans), however many keys, unless the floor of twice the queries' elements is larger."""
     T, n_head, hs = 2048, 4, 32
     query = torch.empty(1, n_head, T, hs)
-    rows = A._block_rows(query, n_keys, q_start=T, most=256)
+    rows = A.block_rows(query, n_keys, q_start=T, most=256)
     score_bytes = 4 * n_head * rows * n_keys
     floor_rows = 2 * T * hs // n_keys
     assert score_bytes <= A.MASK_ELEMENTS // 2 or rows <= max(1, floor_rows), (rows, score_bytes)

@@ -113,13 +113,49 @@ def test_configurations_answered_together_answer_as_each_does_alone(tiny, monkey
     knobs = EvalConfig(tasks=True, suite=["niah_single"], samples=2, batch=2)
     configs = [("dense", 0, "aware"), ("h2o", 64, "aware"), ("snapkv", 64, "agnostic"), ("h2o", 64, "agnostic")]
     together = [quality.Answering(_system(tiny, c, n).cache, p) for c, n, p in configs]
+    recorded = []
+    record = KvbenchSystem.record
+    monkeypatch.setattr(KvbenchSystem, "record", lambda self, ids: recorded.append(ids.shape) or record(self, ids))
     quality.suite(_system(tiny), 512, knobs, together)
+    assert recorded == [(2, 512)]  # aware: context and question, ctx tokens; agnostic: loaded from its first tokens
     monkeypatch.setattr(KvbenchSystem, "shares_prompt", lambda self, length: False)
     for run, (cache, n, protocol) in zip(together, configs):
         alone = quality.Answering(_system(tiny, cache, n).cache, protocol)
         quality.suite(_system(tiny, cache, n), 512, knobs, [alone])
         assert [r["answer"] for r in alone.records["niah_single"]] == [r["answer"] for r in run.records["niah_single"]]
         assert run.paths == {"shared"} and alone.paths == {"own"}
+
+
+def test_a_reply_is_read_to_its_own_samples_budget_whatever_its_batch_generated():
+    generated = [
+        torch.tensor([TOK.encode("abcdefgh"), TOK.encode("abc") + [TOK.eos_id] + TOK.encode("defg")])
+    ]  # (2, 8): the second ends after three tokens
+    first, second = protocols.texts(TOK, generated, TOK.eos_id, [3, 8])
+    assert first == [protocols.Reply("abc", 3, 3, True)] and second == [protocols.Reply("abc", 3, 8, False)]
+
+
+@pytest.mark.numeric
+def test_a_window_caches_context_prefill_serves_both_protocols(tiny, monkeypatch):
+    """last_recent at 96 slots (a 2-sample batch of 512 tokens) under aware and agnostic, answered together: one
+    prefill of each batch's context, copied, serves both (aware's question then a call of its own), and each answer
+    is the one its configuration gives alone, in one call. A quantized window is not copied: it prefills alone."""
+    knobs = EvalConfig(tasks=True, suite=["niah_single"], samples=4, batch=2)
+    configs = [("last_recent", 96, "aware"), ("last_recent", 96, "agnostic")]
+    together = [quality.Answering(_system(tiny, c, n).cache, p) for c, n, p in configs]
+    copies = []
+    snapshot = KvbenchSystem.snapshot
+    monkeypatch.setattr(KvbenchSystem, "snapshot", lambda self: copies.append(1) or snapshot(self))
+    quality.suite(_system(tiny), 512, knobs, together)
+    assert len(copies) == 2  # one per batch
+    for run, (cache, n, protocol) in zip(together, configs):
+        alone = quality.Answering(_system(tiny, cache, n).cache, protocol)
+        quality.suite(_system(tiny, cache, n), 512, knobs, [alone])
+        assert [r["answer"] for r in alone.records["niah_single"]] == [r["answer"] for r in run.records["niah_single"]]
+        assert run.paths == {"own"} == alone.paths
+    for buffer, copied in [("float", True), ("int8", False)]:
+        system = KvbenchSystem.around(tiny, TOK, "last_recent", 96, 1024, buffer=buffer)
+        system.open(1, 200)
+        assert system.chunks_as_one() == copied
 
 
 def test_the_leaderboard_is_ranked_from_the_records():
@@ -130,6 +166,27 @@ def test_the_leaderboard_is_ranked_from_the_records():
     )  # fmt: skip
     board = ranked_leaderboard(board_rows, df)
     assert "0.80 [0.67, 0.89]" in board and "**0-10, p=0.002**" in board
+
+
+def test_one_policy_in_two_implementations_is_compared_on_the_same_answers():
+    """kvpress's snapkv (peer snapkv) wrong on samples 0-9, kvbench's on 10-11, at the same budget and protocol: the
+    pair's line gives both accuracies and the sign test on the 12 answers that differ (2-10, p = 0.039); kvpress's
+    streaming_llm finds its peer by `peer`, last_recent; a policy kvbench does not run at that budget has no line."""
+    ours = _records("s", "snapkv", {10, 11})
+    theirs = [dict(r, config_hash="k", label="kvpress/snapkv", system="kvpress", score=float(r["sample"] >= 10))
+              for r in ours]  # fmt: skip
+    window = [dict(r, config_hash="w", cache="last_recent", label="last_recent") for r in ours]
+    stream = [dict(r, config_hash="x", cache="streaming_llm", label="kvpress/streaming_llm", system="kvpress")
+              for r in ours]  # fmt: skip
+    alone = [dict(r, config_hash="y", cache="tova", label="kvpress/tova", system="kvpress") for r in ours]
+    df = pd.DataFrame(ours + theirs + window + stream + alone)
+    df["peer"] = df["cache"].replace({"streaming_llm": "last_recent"})
+    pairs = stats.implementations(df).set_index("label")
+    assert set(pairs.index) == {"kvpress/snapkv", "kvpress/streaming_llm"}
+    snap = pairs.loc["kvpress/snapkv"]
+    assert (snap["accuracy"], snap["reference"], snap["wins_losses"]) == (0.8, 0.96, "2-10")
+    assert snap["p"] == pytest.approx(sum(math.comb(12, k) for k in (0, 1, 2)) * 2 / 2**12)
+    assert pairs.loc["kvpress/streaming_llm", "wins_losses"] == "0-0"
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ written alone."""
 
 import pytest
 import torch
-from bounds import assert_within, bound, model_terms
+from bounds import assert_within, attention_terms, bound, model_terms
 
 from bench.eval import protocols
 from bench.systems.kvbench import KvbenchSystem
@@ -80,3 +80,28 @@ def test_a_broken_load_is_caught(tiny, monkeypatch):
     monkeypatch.setattr(PromptRecorder, "_prefill", perturbed)
     loaded_kept, _ = _run(system, ids, protocols.SharedPrompts())
     assert not all(torch.equal(a, b) for a, b in zip(own_kept, loaded_kept))
+
+
+@pytest.mark.numeric
+def test_the_first_tokens_of_a_recording_are_the_recording_of_those_tokens(tiny):
+    """The first 120 positions of a 160-token recording (agnostic's context inside aware's prompt) hold the queries,
+    keys and values a recording of those 120 tokens holds, and give the weights its policies see: every query's
+    (h2o's, taken from the whole prompt's less its last 40 rows) and the last 32's (snapkv's window)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 160))  # (B, T)
+    system = KvbenchSystem.around(tiny, None, "dense", 0, 256)
+    system.open(2, 164)
+    whole = system.record(ids)[1]
+    alone = system.record(ids[:, :120])[1]
+    opts = system.model.kv_caches[0].attn_opts
+    c = tiny.config
+    for layer, (w, a) in enumerate(zip(whole, alone)):
+        w.weights(0, opts)  # the whole prompt's first: the prefix takes them from it
+        part = w.prefix(120)
+        terms = model_terms(c, 120) * (layer + 1) // c.n_layer  # the sums up to this layer
+        for got, expected in [(part.query, a.query), (part.key, a.key), (part.value, a.value)]:
+            assert_within(got, expected, bound(expected, terms), f"layer {layer} q/k/v")
+        for w_from in (0, 120 - 32):
+            expected = a.weights(w_from, opts)  # (B, G, 120): sums of up to 120 x n_head // G weights, each <= 1
+            tolerance = bound(expected, terms + attention_terms(c.head_size, 120) + 120 * c.n_head)
+            assert_within(part.weights(w_from, opts), expected, tolerance, f"layer {layer} weights from {w_from}")

@@ -349,3 +349,51 @@ def test_no_code_outside_a_system_s_module_tests_its_name():
             if path.resolve() != own:
                 text = path.read_text()
                 assert f'"{name}"' not in text and f"'{name}'" not in text, (name, str(path))
+
+
+@pytest.mark.numeric
+def test_a_press_loaded_from_a_recorded_prompt_keeps_what_its_own_prefill_keeps():
+    """One uncompressed prefill of a 200-token batch, each layer's input kept, then every press that can share it
+    compressing those inputs (`load`): per layer the keys and values its own prefill (the press's hook) keeps, and
+    the same logits after three decode steps. The context's first 150 tokens (agnostic's, inside aware's prompt)
+    load as a prefill of them alone does, within the float32 bound of the sums."""
+    pytest.importorskip("kvpress")
+    from bench.systems.kvpress import PRESSES, KvpressSystem
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 4096, (2, 200))  # (B, T)
+    shared = [p for p in PRESSES if KvpressSystem.shares_config({"press": p})]
+    assert set(shared) == {"knorm", "streaming_llm", "tova", "snapkv", "expected_attention"}
+    job = spec("kvpress", "press=knorm", "cache.budget=48", "ctx=200")
+    system = systems.create(job, torch.device("cpu"))
+    last, prompts = system.record(ids)
+    head = system.record(ids[:, :150])[1]
+
+    def state(steps: int = 3) -> tuple[list, list]:
+        logits, kept = [], [(layer.keys.clone(), layer.values.clone()) for layer in system.cache.layers]
+        token = system.call(ids[:, -1:], 200).argmax(-1, keepdim=True)
+        for i in range(steps):
+            logits.append(system.call(token, 201 + i))
+            token = logits[-1].argmax(-1, keepdim=True)
+        return kept, logits
+
+    for press in shared:
+        system.use_cache(job.cache, {"press": press})
+        system.open(2, 204)
+        own_last = system.forward(ids, 0)
+        own = state()
+        system.load(prompts)
+        loaded = state()
+        assert torch.equal(own_last, last) and own[0][0][0].shape[2] == 48, press
+        for (k1, v1), (k2, v2) in zip(own[0], loaded[0]):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2), press
+        for a, b in zip(own[1], loaded[1]):
+            assert torch.equal(a, b), press
+        system.load([p.prefix(150) for p in prompts])
+        from_prefix = [(layer.keys.clone(), layer.values.clone()) for layer in system.cache.layers]
+        system.load(head)
+        for (k1, v1), layer in zip(from_prefix, system.cache.layers):
+            assert k1.shape == layer.keys.shape, press
+            tolerance = bound(layer.keys, model_terms(system.config, 150))
+            assert_within(k1, layer.keys, tolerance, press)
+            assert_within(v1, layer.values, bound(layer.values, model_terms(system.config, 150)), press)

@@ -9,11 +9,11 @@
 * `multiturn`: the questions one after another in one conversation through one cache, each answer staying in it,
   eviction going on throughout (SCBench's shared-context setting, Li et al., 2024).
 
-Samples of one batch have contexts of one length (bench/eval/tasks.py builds them so); each question is padded on
-the left with newlines to the longest of the batch. Answers are greedy (model/generate.py `decode`), up to the batch's
-longest answer budget (a sample's `max_new_tokens`), cut at the end-of-turn token; a batch stops once every sequence
-has ended. Positions go on from
-the context's length whatever the cache kept, as in kvpress's pipeline.
+Samples of one batch have contexts of one length (bench/eval/tasks.py builds them so); each question is padded on the
+left with newlines to the longest of the batch. Answers are greedy (model/generate.py `decode`), generated up to the
+batch's longest answer budget and read up to each sample's own (`max_new_tokens`), cut at the end-of-turn token; a batch
+stops once every sequence has ended. Positions go on from the context's length whatever the cache kept, as in kvpress's
+pipeline.
 """
 
 from __future__ import annotations
@@ -39,26 +39,57 @@ def padded(samples: list[Sample], newline: list[int]) -> list[Tensor]:
 
 
 class SharedPrompts:
-    """Prompts recorded once and loaded into every cache that can take them (bench/systems/base.py `shares_prompt`):
-    one prefill of a batch serving every cache and budget a sweep runs on it. `paths`: which ran ("shared": loaded
-    from a recording, "own": the cache's own prefill)."""
+    """What one batch's prompts leave, kept for every configuration a sweep answers on them.
+
+    * A cache that a recorded prompt loads (bench/systems/base.py `shares_prompt`): the prompt is recorded once and
+      loaded into every such cache and budget ("shared"). A prompt that begins a recorded one (agnostic's context,
+      when aware's context and question were recorded) is loaded from the recording's first positions: under causal
+      attention they are what a prefill of the shorter prompt computes.
+    * A cache that runs its own prefill ("own"), and leaves the same state whether a prompt comes in one call or
+      several (`snapshot`: dense, last_recent's window): its prefill of the context is copied, and serves both the
+      agnostic protocol's context and the aware protocol's context and question (the question then one more call).
+    """
 
     def __init__(self) -> None:
-        self.recorded: dict[tuple, tuple[Tensor, list]] = {}
+        self.recorded: dict[tuple, tuple[Tensor, Tensor, list]] = {}  # key -> (ids, last logits, prompts)
+        self.contexts: list[tuple[Tensor, object]] = []  # (context ids, the caches' state after them)
         self.paths: set[str] = set()
 
-    def start(self, system, ids: Tensor) -> Tensor:
-        """ids (B, T) at position 0 into the caches `system.open` made; returns the last position's logits."""
+    def start(self, system, ids: Tensor, logits: bool = True, context: int | None = None) -> Tensor | None:
+        """ids (B, T) at position 0 into the caches `system.open` made, the first `context` of them the context
+        (default all); returns the last position's logits (None where `logits` is False: then a longer recording
+        that begins with ids may serve)."""
         if not system.shares_prompt(ids.shape[1]):
             self.paths.add("own")
-            return system.forward(ids, 0)
+            n = ids.shape[1] if context is None else context
+            if not system.chunks_as_one() or (n == ids.shape[1] and logits):
+                return system.forward(ids, 0)
+            return self._own(system, ids, n)
+        self.paths.add("shared")
+        if not logits:
+            for longer, _, prompts in self.recorded.values():
+                if longer.shape[1] >= ids.shape[1] and torch.equal(longer[:, : ids.shape[1]], ids):
+                    system.load([p.prefix(ids.shape[1]) for p in prompts])
+                    return None
         key = (tuple(ids.shape), hash(ids.cpu().numpy().tobytes()))
         if key not in self.recorded:
-            self.recorded[key] = system.record(ids)
-        logits, prompts = self.recorded[key]
+            self.recorded[key] = (ids, *system.record(ids))
+        _, last, prompts = self.recorded[key]
         system.load(prompts)
-        self.paths.add("shared")
-        return logits
+        return last
+
+    def _own(self, system, ids: Tensor, n: int) -> Tensor | None:
+        """The caches' own prefill of ids in two calls, the context (its first n tokens) then the rest; the caches'
+        state after the context copied, or taken from a copy kept. Returns the last logits (None: ids are the
+        context alone)."""
+        head = ids[:, :n]
+        for seen, state in self.contexts:
+            if seen.shape == head.shape and torch.equal(seen, head) and system.restore(state):
+                break
+        else:
+            system.forward(head, 0)
+            self.contexts.append((head, system.snapshot()))
+        return system.forward(ids[:, n:], n) if n < ids.shape[1] else None
 
 
 @torch.inference_mode()
@@ -77,8 +108,8 @@ def run(system, samples: list[Sample], protocol: str, shared: SharedPrompts | No
     def answer(logits: Tensor, start: int) -> tuple[Tensor, int]:
         return decode(system.forward, logits, start, steps, eos)
 
-    def begin(ids: Tensor) -> Tensor:
-        return shared.start(system, ids) if shared is not None else system.forward(ids, 0)
+    def begin(ids: Tensor, logits: bool = True) -> Tensor | None:
+        return shared.start(system, ids, logits, context=n) if shared is not None else system.forward(ids, 0)
 
     if protocol == "aware":
         for q in questions:
@@ -87,7 +118,7 @@ def run(system, samples: list[Sample], protocol: str, shared: SharedPrompts | No
             replies.append(answer(logits, n + q.shape[1])[0])
     elif protocol == "agnostic":
         system.open(B, n + max(q.shape[1] for q in questions) + steps)
-        begin(context)
+        begin(context, logits=False)
         for q in questions:
             with system.question(q.shape[1] + steps):
                 logits = system.forward(q, n)
@@ -103,7 +134,7 @@ def run(system, samples: list[Sample], protocol: str, shared: SharedPrompts | No
             if j < len(questions) - 1:  # the answer's last token goes into the cache before the next question
                 system.forward(tokens[:, -1:], pos)
                 pos += 1
-    return texts(tokenizer, replies, eos, steps)
+    return texts(tokenizer, replies, eos, [s.max_new_tokens for s in samples])
 
 
 @dataclass(frozen=True)
@@ -117,9 +148,10 @@ class Reply:
     cut: bool
 
 
-def texts(tokenizer, replies: list[Tensor], eos: int | None, steps: int) -> list[list[Reply]]:
-    """Per sample, its reply to each question (replies: one (B, n) tensor per question, n <= steps)."""
-    return [[_reply(tokenizer, r[b], eos, steps) for r in replies] for b in range(replies[0].shape[0])]
+def texts(tokenizer, replies: list[Tensor], eos: int | None, budgets: list[int]) -> list[list[Reply]]:
+    """Per sample, its reply to each question (replies: one (B, n) tensor per question), each read up to its own
+    sample's budget, whatever its batch generated: a reply is the same in any batch."""
+    return [[_reply(tokenizer, r[b, : budgets[b]], eos, budgets[b]) for r in replies] for b in range(len(budgets))]
 
 
 def _reply(tokenizer, tokens: Tensor, eos: int | None, steps: int) -> Reply:

@@ -126,6 +126,9 @@ class Answering:
     config_hash: str | None = None
     records: dict[str, list[dict]] = field(default_factory=dict)
     paths: set[str] = field(default_factory=set)
+    knobs: dict = field(default_factory=dict)  # the system's own knobs (kvpress: its press)
+    seconds: float = 0.0  # spent answering (a batch's recording or context prefill counted where it ran)
+    answered: int = 0  # answers generated (not read back)
 
     def accuracies(self) -> dict[str, float]:
         """task -> mean score over its samples and questions."""
@@ -156,25 +159,28 @@ def suite(system, ctx: int, knobs, runs: list[Answering]) -> int:
         if not todo:
             continue
         answered: dict[int, list[dict]] = {id(run): [] for run in todo}
+        todo.sort(key=lambda run: run.protocol != "aware")  # an aware prompt's recording serves agnostic as its prefix
+        seed = knobs.seed
+        every = tasks.build_all(task, system.tokenizer, ctx, seed, knobs.samples, knobs.questions)
         starts = range(0, knobs.samples, knobs.batch)
         desc = task if len(todo) == 1 else f"{task} x {len(todo)} configurations"
         for start in tqdm(starts, desc=desc, leave=False, disable=None):
             indices = range(start, min(knobs.samples, start + knobs.batch))
-            seed, n_q = knobs.seed, knobs.questions
-            first = [tasks.build(task, system.tokenizer, ctx, seed, i, n_q) for i in indices]
-            width = max(len(s.questions[0]) for s in first)  # the batch's contexts share one length
-            samples = [tasks.build(task, system.tokenizer, ctx, seed, i, n_q, question_tokens=width) for i in indices]
+            samples = [every[i] for i in indices]
             shared = protocols.SharedPrompts()
             for run in todo:
                 if len(runs) > 1:
-                    system.use_cache(run.cache)
+                    system.use_cache(run.cache, run.knobs)
                 shared.paths = set()
+                t0 = time.perf_counter()
                 replies = protocols.run(system, samples, run.protocol, shared)
+                run.seconds += time.perf_counter() - t0
                 run.paths |= shared.paths
                 for index, sample, answers in zip(indices, samples, replies):
                     answered[id(run)] += _records(run, sample, index, seed, ctx, answers, shared.paths)
         for run in todo:
             run.records[task] = answered[id(run)]
+            run.answered += len(answered[id(run)])
             generated += len(answered[id(run)])
             if run.folder is not None:
                 saved.write(run.folder, task, run.records[task])
@@ -228,18 +234,24 @@ def perplexity(system, ctx: int, chunk: int = 256) -> float:
 
 def shares_prefill(spec) -> bool:
     """Whether a job's task-suite answers can come from a pass shared with other jobs: a system that serves many
-    configurations from one model, a cache that a recorded prompt loads, a prompt in one prefill call, a protocol
-    whose first call is a whole prompt (aware, agnostic), and no other evaluation."""
+    configurations from one model, the task suite alone under a protocol whose first call is a whole prompt (aware,
+    agnostic), and a cache that either a recorded prompt loads (its prompt in one prefill call), or that leaves one
+    state however its prompt is split (its context's prefill, copied, serving both protocols: bench/eval/protocols.py
+    SharedPrompts)."""
     from bench import systems
     from caches import cache_class
 
-    return (
-        spec.eval.evals == ("tasks",)
-        and spec.eval.protocol in ("aware", "agnostic")
-        and systems.system_class(spec.system.name).shares_prompts
-        and cache_class(spec.cache.name).shares_prefill
-        and spec.prefill_chunk >= spec.ctx
-    )
+    if spec.eval.evals != ("tasks",) or spec.eval.protocol not in ("aware", "agnostic"):
+        return False
+    system = systems.system_class(spec.system.name)
+    if not system.shares_config(spec.system.knobs):
+        return False
+    if not system.kvbench_caches:  # another library's policy (kvpress's press): its prompt in one call, as it says
+        return True
+    cls = cache_class(spec.cache.name)
+    loads = cls.shares_prefill and spec.prefill_chunk >= spec.ctx
+    copies = cls.keeps_window and spec.cache.kwargs.get("buffer", "float") == "float"
+    return loads or copies
 
 
 def answer_together(jobs: list[tuple[str, str, object]]) -> None:
@@ -272,18 +284,22 @@ def answer_together(jobs: list[tuple[str, str, object]]) -> None:
             f"samples ({first.model}, ctx {first.ctx})",
             flush=True,
         )
-        runs = [Answering(spec.cache, spec.eval.protocol, folder, cfg_hash) for cfg_hash, spec, folder in group]
+        runs = [
+            Answering(spec.cache, spec.eval.protocol, folder, cfg_hash, knobs=dict(spec.system.knobs))
+            for cfg_hash, spec, folder in group
+        ]
         try:
             torch.manual_seed(first.seed)
             system = systems.create(first, torch.device(first.device))
             t0 = time.perf_counter()
             answered = suite(system, first.ctx, first.eval, runs)
             seconds = time.perf_counter() - t0
-            print(
-                f"[shared prefill] {seconds:.0f} s for {answered} answers: {seconds / max(1, answered):.3f} s per "
-                "sample and configuration",
-                flush=True,
-            )
+            print(f"[shared prefill] {seconds:.0f} s for {answered} answers", flush=True)
+            for path in ("shared", "own"):
+                done = [run for run in runs if run.paths == {path}]
+                n, spent = sum(run.answered for run in done), sum(run.seconds for run in done)
+                if n:
+                    print(f"[shared prefill] {path}: {spent:.0f} s, {spent / n:.3f} s per sample and configuration")
         except Exception as err:  # noqa: BLE001 - the tasks not done are answered by each job on its own
             why = f"{type(err).__name__}: {err}"
             print(f"[shared prefill] stopped ({why}); each job answers the rest itself", flush=True)

@@ -167,13 +167,13 @@ def _tokens(tokenizer) -> _Tokens:
 
 def _turn(tokenizer, intro: str, question: str, prefix: str) -> tuple[str, str]:
     """The text before the haystack and after it: the user's turn holding the intro, the haystack and the question,
-    in the model's chat template when it has one, then the answer's prefix."""
+    in the model's chat template when it has one (else as plain text), then the answer's prefix."""
     marker = "\x00HAYSTACK\x00"
     content = f"{intro}\n{marker}\n{question}"
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    else:
-        text = content
+    else:  # a plain completion prompt (a base model), after the start token the model expects, if any
+        text = getattr(tokenizer, "bos_text", "") + content
     before, after = text.split(marker)
     return before, after + prefix
 
@@ -212,6 +212,14 @@ def build(
     return {"vt": _vt, "cwe": _cwe, "fwe": _fwe, "passkey": _passkey, "passkey_essay": _passkey}[task](
         task, tokenizer, ctx, rng, questions, depth, question_tokens
     )
+
+
+def build_all(task: str, tokenizer, ctx: int, seed: int, count: int, questions: int = 1) -> list[Sample]:
+    """Samples 0 .. count-1 of `task`, each planned for the widest first question among them: any batch of them
+    shares one length, and a sample is the same whatever batch answers it."""
+    first = [build(task, tokenizer, ctx, seed, i, questions) for i in range(count)]
+    width = max(len(s.questions[0]) for s in first)
+    return [build(task, tokenizer, ctx, seed, i, questions, question_tokens=width) for i in range(count)]
 
 
 def _assemble(task, tokenizer, ctx, intro, question_texts, body, answers, depths, question_tokens, said="") -> Sample:

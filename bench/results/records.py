@@ -89,8 +89,8 @@ def read(where: Path, task: str) -> list[dict] | None:
 
 
 def load(path: str | Path, rows: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Every record under a results folder, each with its row's configuration (label, method, system, cache, budget,
-    ctx, model, protocol) joined on the config hash. Empty (with the columns) where there are none."""
+    """Every record under a results folder, each with its row's configuration (label, method, peer, system, cache,
+    budget, ctx, model, protocol) joined on the config hash. Empty (with the columns) where there are none."""
     import pandas as pd
 
     from bench.results.rows import load as load_rows
@@ -100,6 +100,6 @@ def load(path: str | Path, rows: pd.DataFrame | None = None) -> pd.DataFrame:
     df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else frame([])
     df = df.astype(RECORD)
     rows = load_rows(path) if rows is None else rows
-    keep = ["config_hash", "label", "method", "system", "cache", "cache_budget", "model", "status"]
+    keep = ["config_hash", "label", "method", "peer", "system", "cache", "cache_budget", "model", "status"]
     configs = rows[[c for c in keep if c in rows]].drop_duplicates("config_hash")
     return df.merge(configs, on="config_hash", how="left")

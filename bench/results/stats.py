@@ -118,3 +118,35 @@ def rank(records: pd.DataFrame) -> pd.DataFrame:
     if out.empty:
         return out
     return out.sort_values(["protocol", "kept", "accuracy"], ascending=[True, False, False], ignore_index=True)
+
+
+def implementations(records: pd.DataFrame) -> pd.DataFrame:
+    """One line per configuration of a policy run by another system than its reference (the system whose cache bears
+    the policy's name: `label == peer`), beside the reference's configuration of that policy under the same protocol
+    and budget: both accuracies and the sign test on the answers both gave (`wins-losses` of the other)."""
+    if "peer" not in records:
+        return pd.DataFrame()
+    scores = {h: g.set_index(KEY)["score"] for h, g in records.groupby("config_hash")}
+    configs = records.drop_duplicates("config_hash")
+    own = configs["label"] == configs["peer"]
+    reference = configs[own].set_index(["peer", "cache_budget", "protocol"])["config_hash"]
+    lines = []
+    for c in configs[~own].itertuples(index=False):
+        mine = reference.get((c.peer, c.cache_budget, c.protocol))
+        if mine is None:
+            continue
+        wins, losses, p = paired(scores[c.config_hash], scores[mine])
+        lines.append(
+            {
+                "protocol": c.protocol,
+                "kept": c.cache_budget / c.ctx,
+                "policy": c.peer,
+                "system": c.system,
+                "label": c.label,
+                "accuracy": accuracy(records[records["config_hash"] == c.config_hash])[0],
+                "reference": accuracy(records[records["config_hash"] == mine])[0],
+                "wins_losses": f"{wins}-{losses}",
+                "p": p,
+            }
+        )
+    return pd.DataFrame(lines)

@@ -290,4 +290,25 @@ def ranked_leaderboard(df: pd.DataFrame, records: pd.DataFrame) -> str:
         "test's p, in bold where the difference is significant."
     )
     per_task = markdown(["protocol", "budget", "method", "system", *tasks], detail)
-    return "\n\n".join([head, markdown(header, lines), per_task])
+    parts = [head, markdown(header, lines), per_task]
+    pairs = stats.implementations(records)
+    if not pairs.empty:
+        rows = [
+            [
+                r.protocol,
+                f"{r.kept:.1%}".replace(".0%", "%"),
+                r.policy,
+                r.label,
+                f"{r.accuracy:.2f}",
+                f"{r.reference:.2f}",
+            ]
+            + [r.wins_losses, f"**{r.p:.3f}**" if r.p < stats.ALPHA else f"{r.p:.3f}"]
+            for r in pairs.sort_values(["protocol", "kept", "policy"], ascending=[True, False, True]).itertuples()
+        ]
+        parts.append(
+            "One policy, two implementations, on the same samples: the other system's accuracy, the reference's (the "
+            "system whose cache bears the policy's name), and the sign test on their answers (W-L: the other's "
+            "better-worse answers; bold where p < 0.05)."
+        )
+        parts.append(markdown(["protocol", "budget", "policy", "system", "accuracy", "reference", "W-L", "p"], rows))
+    return "\n\n".join(parts)

@@ -117,8 +117,15 @@ class System:
         a prompt); returns the last position's logits (B, vocab)."""
         raise NotImplementedError
 
-    def use_cache(self, cache) -> None:
-        """Another configuration's caches (a CacheSpec) from the next `open` on; for systems that `shares_prompts`."""
+    @classmethod
+    def shares_config(cls, knobs: dict) -> bool:
+        """Whether a configuration of this system (its knobs) answers from a pass it shares with others (a model
+        serving many configurations, a prompt recorded once): `shares_prompts`, unless its knobs say otherwise."""
+        return cls.shares_prompts
+
+    def use_cache(self, cache, knobs: dict | None = None) -> None:
+        """Another configuration's caches (a CacheSpec, and the system's knobs where they choose the policy) from the
+        next `open` on; for systems that `shares_prompts`."""
         raise NotImplementedError
 
     def shares_prompt(self, length: int) -> bool:
@@ -132,6 +139,20 @@ class System:
 
     def load(self, prompts: list) -> None:
         """The caches `open` made, loaded with a recorded prompt as their own `forward(ids, 0)` would leave them."""
+        raise NotImplementedError
+
+    def chunks_as_one(self) -> bool:
+        """Whether the caches `open` made leave the same state for a prompt in two calls (context, then question) as
+        in one: then a copy of them after a context (`snapshot`) serves every prompt that begins with it."""
+        return False
+
+    def snapshot(self) -> object:
+        """A copy of the caches' state (for caches that `chunks_as_one`)."""
+        raise NotImplementedError
+
+    def restore(self, state: object) -> bool:
+        """The caches as `snapshot` saw them (copied again: a state can be restored many times); False where `state`
+        is another configuration's, or smaller than the caches `open` made."""
         raise NotImplementedError
 
     def question(self, tokens: int) -> AbstractContextManager:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from bench.systems.base import System, swapped
 from bench.systems.kvbench import argmax, build_model
-from model.attention import record
+from model.attention import UnsupportedBackend, record
 from model.load import to_hf_state_dict
 
 if TYPE_CHECKING:
@@ -131,7 +131,13 @@ class HFSystem(System):
         return cls.compiled_step
 
     def check_model(self, config) -> None:
-        """Raises UnsupportedBackend for a model shape this system cannot hold."""
+        """Raises UnsupportedBackend for a model shape this system cannot hold: it builds a Llama, Qwen2 or Mistral."""
+        features = ["qk_norm", "norm_offset", "sandwich_norms", "embed_scale", "layer_windows", "attn_scale"]
+        held = [f for f in features if getattr(config, f)] + (["gelu_tanh"] if config.mlp_act != "silu" else [])
+        if held:
+            raise UnsupportedBackend(
+                f"system {self.name} builds a Llama-family model; {config.name} has {', '.join(held)} (Qwen3, Gemma 3)"
+            )
 
     def new_cache(self, length: int) -> Cache:
         """An empty cache of this system's kind for `length` tokens per sequence."""

@@ -29,6 +29,7 @@ class HFSliding(HFSystem):
         self.kv_slots = spec.cache.length
 
     def check_model(self, config) -> None:
+        super().check_model(config)
         if config.qkv_bias:
             raise UnsupportedBackend("system hf_sliding runs the model as a Mistral: models without q/k/v biases only")
 

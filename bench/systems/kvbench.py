@@ -3,6 +3,7 @@ model/generate.py, and the decode step eager or compiled (model/compiled_decode.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 from bench.config.spec import CacheSpec
 from bench.systems.base import System, swapped
 from caches import cache_class
+from caches.base import KVCache
 from caches.frozen import FrozenPrefixCache
 from caches.prompt import Prompt, PromptRecorder
 from model.compiled_decode import CompiledDecode
@@ -146,7 +148,7 @@ class KvbenchSystem(System):
             return self.model(ids, input_pos=start)[:, -1]
         return prefill(self.model, ids, self.prefill_chunk, start, bar)
 
-    def use_cache(self, cache: CacheSpec) -> None:
+    def use_cache(self, cache: CacheSpec, knobs: dict | None = None) -> None:
         """Another configuration's caches from the next `open` on (one model serving a sweep's caches)."""
         self.cache, self.kv_slots = cache, cache.length
 
@@ -172,6 +174,24 @@ class KvbenchSystem(System):
         """The caches `open` made, each given its layer's recorded prompt: the state their own prefill leaves."""
         for cache, prompt in zip(self.model.kv_caches, prompts):
             cache.load_prompt(prompt)
+
+    def chunks_as_one(self) -> bool:
+        return all(c.chunks_as_one for c in self.model.kv_caches)
+
+    def snapshot(self) -> tuple[CacheSpec, list[KVCache]]:
+        return self.cache, [self._copy(c) for c in self.model.kv_caches]
+
+    def restore(self, state: tuple[CacheSpec, list[KVCache]]) -> bool:
+        cache, caches = state
+        if cache != self.cache or any(s.cache_length < c.cache_length for s, c in zip(caches, self.model.kv_caches)):
+            return False
+        self.model.assign_kv_caches([self._copy(c) for c in caches])
+        return True
+
+    def _copy(self, cache: KVCache) -> KVCache:
+        """A copy of a cache's buffers and state (its link to the model's RoPE kept, not copied)."""
+        ropes = [self.model.rope, self.model.rope_local]
+        return copy.deepcopy(cache, memo={id(r): r for r in ropes if r is not None})
 
     @contextmanager
     def question(self, tokens: int):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from torch import Tensor
 
 from bench.systems.base import ConfigProblem
 from bench.systems.hf import HFSystem
@@ -71,11 +72,39 @@ def make_press(name: str, ratio: float) -> BasePress:
     return cls(compression_ratio=ratio)
 
 
+@dataclass
+class LayerPrompt:
+    """What a press's hook sees of one layer during a prompt's prefill: the layer's input (normed), the RoPE cos/sin
+    and cache positions of the call, and the keys and values the layer wrote, (B, G, T, hs) each."""
+
+    hidden: Tensor
+    position_embeddings: tuple[Tensor, Tensor]
+    cache_position: Tensor
+    keys: Tensor
+    values: Tensor
+
+    def prefix(self, n: int) -> LayerPrompt:
+        """The first n positions: under causal attention what a prefill of the first n tokens records (views)."""
+        cos, sin = self.position_embeddings
+        return LayerPrompt(
+            self.hidden[:, :n],
+            (cos[:, :n], sin[:, :n]),
+            self.cache_position[:n],
+            self.keys[:, :, :n],
+            self.values[:, :, :n],
+        )
+
+
 class KvpressSystem(HFSystem):
     name = "kvpress"
     Knobs = PressKnobs
     extras: ClassVar[tuple[tuple[str, str], ...]] = (("transformers", "hf"), ("kvpress", "peers"))
     own_policy = "press=<name>"
+    # A press compresses each layer once its prefill has written it, from what the layer saw: the prefill itself is
+    # dense's, so one prefill, its layers' inputs kept, serves every press and budget (`record`, `load`); not the
+    # presses that read the prompt's attention weights (observed_attention) or mask heads inside attention (adakv).
+    shares_prompts = True
+    OWN_PREFILL: ClassVar[tuple[str, ...]] = ("observed_attention", "adakv")
 
     def __init__(self, spec, device: torch.device) -> None:
         self.press_name = spec.system.knobs["press"]
@@ -110,6 +139,57 @@ class KvpressSystem(HFSystem):
     def compressing(self, length: int) -> AbstractContextManager:
         self.press.compression_ratio = compression_ratio(self.budget, length)
         return self.press(self.model)
+
+    # ---- one prefill, many presses -------------------------------------------------------------------------------
+
+    @classmethod
+    def shares_config(cls, knobs: dict) -> bool:
+        return knobs.get("press") not in cls.OWN_PREFILL
+
+    def use_cache(self, cache, knobs: dict | None = None) -> None:
+        self.press_name = (knobs or {}).get("press", self.press_name)
+        self.press, self.budget = make_press(self.press_name, 0.0), cache.length
+
+    def shares_prompt(self, length: int) -> bool:
+        return self.press_name not in self.OWN_PREFILL
+
+    def record(self, ids: Tensor) -> tuple[Tensor, list[LayerPrompt]]:
+        """ids (B, T) through the model once, uncompressed, each attention layer's input kept by a hook where the
+        press's would run: (the last position's logits, a LayerPrompt per layer)."""
+        seen: dict[int, tuple] = {}
+
+        def keep(module, args, kwargs, output):
+            seen[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"], kwargs["cache_position"])
+
+        layers = self.model.model.layers
+        hooks = [layer.self_attn.register_forward_hook(keep, with_kwargs=True) for layer in layers]
+        try:
+            self.cache = self.new_cache(ids.shape[1])
+            logits = self.call(ids, 0)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        held = self.cache.layers
+        return logits, [LayerPrompt(*seen[i], held[i].keys, held[i].values) for i in range(len(layers))]
+
+    def load(self, prompts: list[LayerPrompt]) -> None:
+        """A fresh cache holding what the press keeps of each layer, compressed as its hook would have (`compress` on
+        the same inputs, the ratio set for the prompt's length)."""
+        model = self.model
+        self.press.compression_ratio = compression_ratio(self.budget, prompts[0].keys.shape[2])
+        self.press.post_init_from_model(model)
+        self.cache = self.new_cache(prompts[0].keys.shape[2])
+        for i, (layer, p) in enumerate(zip(model.model.layers, prompts)):
+            module = layer.self_attn
+            module.rotary_emb = model.model.rotary_emb  # as the press's context manager sets it
+            kwargs = {
+                "hidden_states": p.hidden,
+                "position_embeddings": p.position_embeddings,
+                "cache_position": p.cache_position,
+                "past_key_values": self.cache,
+            }
+            keys, values = self.press.compress(module, p.hidden, p.keys, p.values, None, kwargs)
+            self.cache.update(keys, values, i)
 
     def columns(self) -> dict:
         from importlib.metadata import version
