@@ -179,9 +179,9 @@ def _default_max(spec, find: str) -> int:
 
 
 def _label(spec) -> str:
-    from bench import systems
+    from bench.harness.job import configuration
 
-    return systems.system_class(spec.system.name).label(spec.cache.name, spec.cache.kwargs, spec.system.knobs)
+    return configuration(spec).label
 
 
 def _human(n: int) -> str:

@@ -199,6 +199,9 @@ BAD = {
     "system=hf_quantized +system.axis=1": "system.axis is not a knob of system 'hf_quantized'; valid knobs: nbits, "
     "q_group_size, residual_length",
     "system=hf_sliding": "system=hf_sliding needs cache.budget",
+    "system=hf_sliding cache.budget=0.25 cache.decode=append": "cache.decode='append' is not valid for "
+    "system=hf_sliding; valid choices: evict",
+    "cache=knorm cache.decode=once": "cache.decode='once' is not valid; valid choices: evict, append",
     "hydra/launcher=xyz cache=dense,h2o -m": "hydra/launcher='xyz' is not valid; valid choices: basic, joblib, "
     "submitit_local, submitit_slurm",
 }

@@ -84,8 +84,8 @@ def test_a_ranking_ties_what_a_paired_test_cannot_separate():
 # ---- records: written, resumed, read ---------------------------------------------------------------------------------
 
 
-def _system(tiny, cache: str = "dense", length: int = 0) -> KvbenchSystem:
-    return KvbenchSystem.around(tiny.requires_grad_(False), TOK, cache, length, 1024)
+def _system(tiny, cache: str = "dense", length: int = 0, decode: str = "evict") -> KvbenchSystem:
+    return KvbenchSystem.around(tiny.requires_grad_(False), TOK, cache, length, 1024, decode)
 
 
 def test_a_job_keeps_every_answer_and_reads_them_back_on_resume(tiny, tmp_path, monkeypatch):
@@ -124,6 +124,20 @@ def test_configurations_answered_together_answer_as_each_does_alone(tiny, monkey
         quality.suite(_system(tiny, cache, n), 512, knobs, [alone])
         assert [r["answer"] for r in alone.records["niah_single"]] == [r["answer"] for r in run.records["niah_single"]]
         assert run.paths == {"shared"} and alone.paths == {"own"}
+
+
+def test_decode_modes_answered_together_answer_as_each_does_alone(tiny):
+    """knorm evicting and appending, and last_recent appending, under aware, two batches in one pass (a recorded
+    prefill loaded, a window's context copied): each mode's answers are the ones it gives alone, and each batch starts
+    from the prompt's caches, not the previous batch's appending ones."""
+    knobs = EvalConfig(tasks=True, suite=["niah_single"], samples=4, batch=2)
+    configs = [("knorm", 64, "evict"), ("knorm", 64, "append"), ("last_recent", 96, "append")]
+    together = [quality.Answering(_system(tiny, c, n, m).cache, "aware") for c, n, m in configs]
+    quality.suite(_system(tiny), 512, knobs, together)
+    for run, (cache, n, mode) in zip(together, configs):
+        alone = quality.Answering(_system(tiny, cache, n, mode).cache, "aware")
+        quality.suite(_system(tiny, cache, n, mode), 512, knobs, [alone])
+        assert [r["answer"] for r in alone.records["niah_single"]] == [r["answer"] for r in run.records["niah_single"]]
 
 
 def test_a_reply_is_read_to_its_own_samples_budget_whatever_its_batch_generated():
@@ -187,6 +201,24 @@ def test_one_policy_in_two_implementations_is_compared_on_the_same_answers():
     assert (snap["accuracy"], snap["reference"], snap["wins_losses"]) == (0.8, 0.96, "2-10")
     assert snap["p"] == pytest.approx(sum(math.comb(12, k) for k in (0, 1, 2)) * 2 / 2**12)
     assert pairs.loc["kvpress/streaming_llm", "wins_losses"] == "0-0"
+
+
+def test_under_aware_an_implementation_is_compared_with_the_same_decode_mode():
+    """kvpress appends decoded tokens: under aware its snapkv pairs with kvbench's `snapkv+append` (the same answers:
+    0-0), not with the evicting snapkv (wrong on 10-11); under agnostic both modes answer alike and the row without
+    a mode (the evicting one) is its reference, the appending one answering there too. kvpress answered 25 of the 50
+    samples: both accuracies are over those."""
+    evict = _records("s", "snapkv", {10, 11})
+    append = [dict(r, config_hash="a", label="snapkv+append", decode="append") for r in _records("a", "snapkv", set())]
+    theirs = [dict(r, config_hash="k", label="kvpress/snapkv", system="kvpress", decode="append")
+              for r in _records("k", "snapkv", set(), n=25)]  # fmt: skip
+    agnostic = [dict(r, config_hash=r["config_hash"] + "g", protocol="agnostic") for r in evict + append + theirs]
+    df = pd.DataFrame(evict + append + theirs + agnostic)
+    df["peer"] = df["cache"]
+    pairs = stats.implementations(df).set_index("protocol")
+    assert len(pairs) == 2 and set(pairs["label"]) == {"kvpress/snapkv"}
+    assert pairs.loc["aware", "wins_losses"] == "0-0" and pairs.loc["aware", "reference"] == 1.0
+    assert pairs.loc["agnostic", "wins_losses"] == "2-0" and pairs.loc["agnostic", "reference"] == 0.92
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,10 @@ from caches.allocation import ALLOCATIONS
 from model.attention import BACKENDS
 from model.config import CONFIGS
 
+# What a cache does with the tokens decoded after the prompt: `evict` scores them with the rest and keeps the budget
+# (what H2O and a sliding window do); `append` compresses the prompt once and adds every decoded token after it
+# (what kvpress measures; the cache then holds budget + decoded tokens).
+DECODE_MODES = ("evict", "append")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 EVALS = ("fidelity", "tasks", "ppl")
 PROTOCOLS = ("aware", "agnostic", "multiturn")  # bench/eval/protocols.py
@@ -90,8 +94,9 @@ def cache_knobs() -> dict[str, tuple[Any, dict[str, Any]]]:
 
 
 def _cache_config() -> type:
-    """The cache group's schema: `name`, `budget`, `allocation`, and every knob of every cache (None: the chosen
-    cache's own default), so that one sweep can set a knob for the caches that have it (`cache.sink_tokens=4`)."""
+    """The cache group's schema: `name`, `budget`, `allocation`, `decode`, and every knob of every cache (None: the
+    chosen cache's own default), so that one sweep can set a knob for the caches that have it
+    (`cache.sink_tokens=4`)."""
     knob_fields = [
         (knob, kind | None, field(default=None, metadata={"caches": tuple(defaults)}))
         for knob, (kind, defaults) in sorted(cache_knobs().items())
@@ -103,6 +108,9 @@ def _cache_config() -> type:
             # a fraction of ctx in (0, 1] (0.25) or a number of tokens (2048); dense keeps every token whatever it says
             ("budget", float | None, field(default=None)),
             ("allocation", str | None, setting(None, choices=ALLOCATIONS)),  # the layers' share: uniform | pyramid
+            # after the prompt: evict to the budget at every step, or keep the compressed prompt and append (None: the
+            # system's own, bench/systems/base.py `decode_modes`)
+            ("decode", str | None, setting(None, choices=DECODE_MODES)),
             *knob_fields,
         ],
     )

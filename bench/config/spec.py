@@ -32,6 +32,7 @@ class CacheSpec:
     budget: int  # tokens per sequence the cache may keep (dense: ctx + new_tokens)
     length: int  # slots allocated per sequence and KV head
     allocation: str | None = None  # how the layers share the budget (caches/allocation.py); None: the cache's own
+    decode: str = "evict"  # after the prompt: evict to the budget, or append (bench/config/schema.py DECODE_MODES)
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,12 @@ class JobSpec:
             f.name: getattr(self.settings, f.name) for f in fields(RunConfig) if f.metadata.get("identity", True)
         }
         evals = asdict(self.eval) if self.eval.evals else {}
+        cache = asdict(self.cache)
+        if cache["decode"] == _system_class(self.system.name).decode_modes[0]:
+            del cache["decode"]  # the system's own mode hashes as a row that never chose one: such rows still resume
         resolved = {
             "ctx": self.ctx,
-            "cache": asdict(self.cache),
+            "cache": cache,
             "system": asdict(self.system),
             "eval": evals,
             "compile": self.compile,
@@ -182,6 +186,8 @@ def resolve(cfg: Any, cuda_available: bool | None = None) -> JobSpec:
     cache = _cache(run.cache, system, ctx, run.new_tokens, model_config)
     cls = _system_class(system.name)
     compile_ = cls.compiled(run.compile, device, cache_class(run.cache.name), run.sdpa)
+    if run.compile == "auto" and cache.decode != cls.decode_modes[0]:
+        compile_ = False  # the compiled step decodes a system's own mode
     settings = replace(run, model=model, weights=weights, device=device, dtype=dtype)
     return JobSpec(
         settings=settings,
@@ -282,6 +288,7 @@ def _cache(node: CacheConfig, system: SystemSpec, ctx: int, new_tokens: int, mod
         if knob not in own:
             _probe(next(iter(knobs[knob][1])), {knob: value}, probe_length, model_config)
     allocation = node.allocation or cache_cls.allocation
+    decode = _decode(node.decode, cls, cache_cls)
     if cls.own_policy:  # another library's eviction: the budget of the cache group, its own policy
         if not cache_cls.keeps_every_token:
             raise ConfigError(
@@ -291,16 +298,28 @@ def _cache(node: CacheConfig, system: SystemSpec, ctx: int, new_tokens: int, mod
         if budget is None:
             raise ConfigError(f"system={system.name} needs cache.budget: a fraction of ctx in (0, 1] or a token count")
         tokens = resolve_budget(budget, ctx)
-        return CacheSpec(cls.cache_name(name, system.knobs), {}, tokens, tokens, allocation)
+        return CacheSpec(cls.cache_name(name, system.knobs), {}, tokens, tokens, allocation, decode)
     if cache_cls.keeps_every_token:
         _probe(name, kwargs, ctx + new_tokens, model_config)
-        return CacheSpec(name, kwargs, ctx + new_tokens, ctx + new_tokens, allocation)
+        return CacheSpec(name, kwargs, ctx + new_tokens, ctx + new_tokens, allocation, decode)
     if budget is None:
         raise ConfigError(f"cache {name!r} needs cache.budget: a fraction of ctx in (0, 1] or a token count")
     tokens = resolve_budget(budget, ctx)
     length = tokens + int(kwargs.get("sink_tokens") or 0)  # sinks come on top of the window
     _probe(name, kwargs, length, model_config)
-    return CacheSpec(name, kwargs, tokens, length, allocation)
+    return CacheSpec(name, kwargs, tokens, length, allocation, decode)
+
+
+def _decode(decode: str | None, cls, cache_cls: type) -> str:
+    """cache.decode as the system runs it: its own first mode unless another is asked and it has it; a cache that keeps
+    every token evicts nothing in either mode, so it runs (and hashes as) the system's own."""
+    modes = cls.decode_modes
+    if cache_cls.keeps_every_token and not cls.own_policy:
+        return modes[0]
+    if decode is not None and decode not in modes:
+        valid = ", ".join(modes)
+        raise ConfigError(f"cache.decode={decode!r} is not valid for system={cls.name}; valid choices: {valid}")
+    return modes[0] if decode is None else decode
 
 
 def _probe(name: str, kwargs: dict, length: int, model_config: Config) -> None:

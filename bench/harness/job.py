@@ -69,6 +69,9 @@ def configuration(spec: JobSpec) -> Configuration:
     """The configuration columns, with the row's labels from its system's class."""
     cls = systems.system_class(spec.system.name)
     label_args = (spec.cache.name, spec.cache.kwargs, spec.system.knobs)
+    label, method = cls.label(*label_args), cls.method(*label_args)
+    if spec.cache.decode != cls.decode_modes[0]:  # the system's other mode, named: `knorm+append`
+        label, method = f"{label}+{spec.cache.decode}", f"{method}+{spec.cache.decode}"
     return Configuration(
         system=spec.system.name,
         system_kwargs=json.dumps(spec.system.knobs, sort_keys=True) if spec.system.knobs else None,
@@ -86,10 +89,11 @@ def configuration(spec: JobSpec) -> Configuration:
         prefill_chunk=spec.prefill_chunk,
         repeats=spec.repeats,
         seed=spec.seed,
-        label=cls.label(*label_args),
-        method=cls.method(*label_args),
+        label=label,
+        method=method,
         peer=cls.peer(*label_args),
         threads=spec.threads,
+        decode=spec.cache.decode,
     )
 
 
@@ -257,6 +261,7 @@ def _timed(
         decode(system.prefill(ids[:, :warm]), warm, min(steps, spec.ctx + spec.new_tokens - warm), warm_steps, None)
         if spec.compile:
             compile_s, skips = sum(warm_steps), _cudagraph_skips() - skips_before
+    system.release_decoded()  # the warm-up's decoded tokens: not held through what is measured
     memory = Memory(warmup_released_bytes=trackers.release_warmup_memory(device))
     nvml = None
     if device.type == "cuda" and spec.nvml_period_ms > 0:
@@ -272,6 +277,7 @@ def _timed(
     try:
         for r in range(spec.repeats):
             label = f"repeat {r + 1}/{spec.repeats}" if progress else None
+            system.release_decoded()  # the previous repeat's (the last one's stay: `cache_bytes` counts them)
             with trackers.CudaPeaks(device) as p, timed(device, prefill_s), record_backends() as seen:
                 token = system.prefill(ids, label and f"prefill {label}")
             peaks["prefill"] = [max(peaks["prefill"][0], p.allocated or 0), max(peaks["prefill"][1], p.reserved or 0)]
@@ -345,6 +351,7 @@ def roofline(step_bytes: float, step_ms: float, device: torch.device) -> Rooflin
 def _tracked_peak(spec: JobSpec, system, ids: torch.Tensor) -> Memory:
     """One more prefill + decode, untimed, under the exact tensor tracker: peak live tensor bytes (weights, caches
     and inputs included), per phase. Deterministic for a given config, so CI compares it exactly."""
+    system.release_decoded()  # the timed repeats' decoded tokens: the tracked pass decodes its own
     tracker = trackers.TensorTracker(baseline=system.resident_bytes() + ids.numel() * ids.element_size())
     with tracker, system.eager_steps():
         token = system.prefill(ids)

@@ -140,7 +140,7 @@ def one_line(err: Exception, schema: type = RunConfig) -> str:
     key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
         if key.startswith("cache."):
-            knobs = ", ".join(["budget", "allocation", *sorted(cache_knobs())])
+            knobs = ", ".join(["budget", "allocation", "decode", *sorted(cache_knobs())])
             return f"{key} is not a knob of any cache; valid knobs: {knobs}"
         if key.startswith("system."):
             from bench.systems import system_classes

@@ -40,6 +40,7 @@ KEY = [
     "prefill_chunk",
     "repeats",
     "seed",
+    "label",  # names a decode mode other than the system's own (`knorm+append`)
 ]
 DEFAULT_TOLERANCES = {
     "exact": ["weights_bytes", "kv_bytes_dense", "cache_bytes"],
@@ -51,7 +52,7 @@ DEFAULT_TOLERANCES = {
     "ratio": {"decode_ms_p50": 1.0, "prefill_s": 1.0},
 }
 # Rows sharing these with a dense row are timed against it: the configuration but the cache.
-_PEERS = [k for k in KEY if k not in ("system_kwargs", "cache", "cache_kwargs", "cache_budget")]
+_PEERS = [k for k in KEY if k not in ("system_kwargs", "cache", "cache_kwargs", "cache_budget", "label")]
 
 
 def _key(row: pd.Series) -> tuple:

@@ -284,6 +284,12 @@ def _budget_label(r: pd.Series) -> str:
     )
 
 
+def _own(rows: pd.DataFrame) -> pd.Series:
+    """Rows of the system whose cache bears the policy's name (`label == peer`, or `peer+<decode mode>`)."""
+    decode = rows["decode"].fillna("") if "decode" in rows else pd.Series("", index=rows.index)
+    return (rows["label"] == rows["peer"]) | (rows["label"] == rows["peer"] + "+" + decode)
+
+
 def task_accuracy(df: pd.DataFrame, x: str = "bytes", records: pd.DataFrame | None = None) -> plt.Figure | None:
     """The task suite's mean accuracy against cache bytes (MiB) or the fraction of the context kept, one line per cache
     (and system) through its budgets, one panel per protocol, dense's accuracy as a dashed line (the ceiling), its
@@ -302,7 +308,7 @@ def task_accuracy(df: pd.DataFrame, x: str = "bytes", records: pd.DataFrame | No
             _, low, high, _ = stats.accuracy(group)
             ok.loc[ok["config_hash"] == h, ["low", "high"]] = [low, high]
     ok["kept"] = [1.0 if r["cache"] == "dense" else r["cache_budget"] / r["ctx"] for _, r in ok.iterrows()]
-    ok["other"] = ok["label"] != ok["peer"]  # another library's implementation of a kvbench policy
+    ok["other"] = ~_own(ok)  # another library's implementation of a kvbench policy
     protocols = [p for p in ("aware", "agnostic", "multiturn") if p in set(ok["task_protocol"])]
     fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.5), squeeze=False, sharey=True)
     others = ok[ok["cache_label"] != "dense"]  # every row but kvbench's float dense cache, the ceiling
@@ -346,14 +352,16 @@ def peers_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
         return None
     ok["fraction"] = ok["cache_budget"] / ok["ctx"]
     ok["protocol"] = ok["task_protocol"].fillna("")
+    # a bar per system, and per decode mode where a system ran another than its own (`knorm+append`)
+    ok["series"] = ok["system"] + ok["label"].str.extract(r"(\+\w+)$")[0].fillna("")
     case_key = ["peer", "fraction", "model", "ctx", "batch", "protocol"]
-    shared = ok.groupby(case_key)["system"].transform("nunique") > 1
+    shared = ok.groupby(case_key)["series"].transform("nunique") > 1
     ok = ok[shared]
     if ok.empty:
         return None
     cases = sorted(set(ok[case_key].itertuples(index=False, name=None)), key=lambda c: (-c[1], *c[2:], c[0]))
-    reference = set(ok[ok["label"] == ok["peer"]]["system"])  # the system whose cache is the policy's name: first
-    systems = sorted(set(ok["system"]), key=lambda s: (s not in reference, s))
+    reference = set(ok[_own(ok)]["series"])  # the system whose cache is the policy's name: first
+    systems = sorted(set(ok["series"]), key=lambda s: (s not in reference, s))
     panels = [("cache_bytes", "cache bytes held (MiB)", MIB), ("peak_alloc_bytes", "peak memory (MiB)", MIB)]
     panels.append(("decode_ms_p50", "decode ms/step (p50)", 1))
     if ok["task_acc"].notna().any():
@@ -361,11 +369,11 @@ def peers_side_by_side(df: pd.DataFrame) -> plt.Figure | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     width = 0.8 / len(systems)
     for i, system in enumerate(systems):
-        rows = ok[ok["system"] == system].drop_duplicates(case_key, keep="last").set_index(case_key)
+        rows = ok[ok["series"] == system].drop_duplicates(case_key, keep="last").set_index(case_key)
         for ax, (col, _, scale) in zip(axes[0], panels):
             values = [rows[col].astype("float64").get(case, np.nan) / scale for case in cases]  # NA: not measured
             ax.bar(np.arange(len(cases)) + i * width, values, width, label=system)
-    names = ok.drop_duplicates([*case_key, "system"]).groupby(case_key)["method"]
+    names = ok.drop_duplicates([*case_key, "series"]).groupby(case_key)["method"]
     varies = [k for k in ("model", "ctx", "batch", "protocol") if ok[k].nunique() > 1]  # said in the label
 
     def label(case: tuple) -> str:

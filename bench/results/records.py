@@ -100,6 +100,18 @@ def load(path: str | Path, rows: pd.DataFrame | None = None) -> pd.DataFrame:
     df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else frame([])
     df = df.astype(RECORD)
     rows = load_rows(path) if rows is None else rows
-    keep = ["config_hash", "label", "method", "peer", "system", "cache", "cache_budget", "model", "status"]
+    keep = ["config_hash", "label", "method", "peer", "system", "cache", "cache_budget", "model", "status", "decode"]
     configs = rows[[c for c in keep if c in rows]].drop_duplicates("config_hash")
+    if "decode" in configs and "system" in configs and configs["decode"].isna().any():
+        configs = configs.assign(decode=configs["decode"].fillna(configs["system"].map(_own_mode)))
     return df.merge(configs, on="config_hash", how="left")
+
+
+def _own_mode(system: str) -> str | None:
+    """The decode mode a system runs unless asked for another: what a row written without the column ran."""
+    from bench.systems import system_class
+
+    try:
+        return system_class(system).decode_modes[0]
+    except KeyError:  # a system this checkout does not have
+        return None

@@ -74,6 +74,7 @@ class Configuration:
     method: str  # the policy, whichever library ran it: `h2o/int8`, `knorm`, `dense/int4`
     peer: str  # kvbench's cache with the same policy (streaming_llm -> last_recent)
     threads: int | None = None  # CPU threads the job ran
+    decode: str | None = None  # what the caches did with decoded tokens: evict | append (bench/config/schema.py)
 
 
 @dataclass

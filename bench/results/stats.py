@@ -122,20 +122,37 @@ def rank(records: pd.DataFrame) -> pd.DataFrame:
 
 def implementations(records: pd.DataFrame) -> pd.DataFrame:
     """One line per configuration of a policy run by another system than its reference (the system whose cache bears
-    the policy's name: `label == peer`), beside the reference's configuration of that policy under the same protocol
-    and budget: both accuracies and the sign test on the answers both gave (`wins-losses` of the other)."""
+    the policy's name: `label == peer`, or `peer+<decode mode>`), beside the reference's configuration of that policy
+    under the same protocol and budget and, under `aware`, the same decode mode (`agnostic` appends the question and
+    its answer after the compressed context in either mode): both accuracies on the places both answered, and the sign
+    test on those answers (`wins-losses` of the other)."""
     if "peer" not in records:
         return pd.DataFrame()
     scores = {h: g.set_index(KEY)["score"] for h, g in records.groupby("config_hash")}
-    configs = records.drop_duplicates("config_hash")
-    own = configs["label"] == configs["peer"]
-    reference = configs[own].set_index(["peer", "cache_budget", "protocol"])["config_hash"]
+    configs = records.drop_duplicates("config_hash").copy()
+    # the mode a row ran (records.load fills it from the row's system; a frame without it: evict); the mode does not
+    # matter under agnostic, nor for a cache that keeps every token
+    decode = configs["decode"].fillna("evict") if "decode" in configs else pd.Series("evict", index=configs.index)
+    either = (configs["protocol"] == "agnostic") | (configs["cache"] == "dense")
+    configs["mode"] = decode.where(~either, "either")
+    plain = configs["label"] == configs["peer"]
+    own = plain | (configs["label"] == configs["peer"] + "+" + decode)
+    # where two of the reference's modes answer alike, the one its label does not name (its own mode) stands for both
+    candidates = configs[own].assign(plain=plain[own]).sort_values("plain", ascending=False, kind="stable")
+    keys = ["peer", "cache_budget", "protocol", "mode"]
+    reference = candidates.drop_duplicates(keys).set_index(keys)["config_hash"]
     lines = []
     for c in configs[~own].itertuples(index=False):
-        mine = reference.get((c.peer, c.cache_budget, c.protocol))
+        mine = reference.get((c.peer, c.cache_budget, c.protocol, c.mode))
         if mine is None:
             continue
         wins, losses, p = paired(scores[c.config_hash], scores[mine])
+        places = scores[c.config_hash].index.intersection(scores[mine].index)
+
+        def on_places(h: str, places: pd.Index = places) -> float:
+            answers = records[records["config_hash"] == h]
+            return accuracy(answers[answers.set_index(KEY).index.isin(places)])[0]
+
         lines.append(
             {
                 "protocol": c.protocol,
@@ -143,8 +160,8 @@ def implementations(records: pd.DataFrame) -> pd.DataFrame:
                 "policy": c.peer,
                 "system": c.system,
                 "label": c.label,
-                "accuracy": accuracy(records[records["config_hash"] == c.config_hash])[0],
-                "reference": accuracy(records[records["config_hash"] == mine])[0],
+                "accuracy": on_places(c.config_hash),
+                "reference": on_places(mine),
                 "wins_losses": f"{wins}-{losses}",
                 "p": p,
             }

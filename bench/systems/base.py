@@ -47,6 +47,9 @@ class System:
     # A system that evicts by a policy of its own to cache.budget tokens (its cache group stays dense) says how it is
     # chosen ("press=<name>", "a window"); None: it keeps what its cache keeps.
     own_policy: ClassVar[str | None] = None
+    # What its caches do with decoded tokens (cache.decode, bench/config/schema.py DECODE_MODES), its default first:
+    # a cache that is compressed once, or never, and grows by each decoded token `append`s.
+    decode_modes: ClassVar[tuple[str, ...]] = ("append",)
     protocols: ClassVar[tuple[str, ...]] = ("aware", "agnostic", "multiturn")  # of the task suite
     evals: ClassVar[tuple[str, ...]] = ("tasks",)  # quality evaluations it can run
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
@@ -155,6 +158,10 @@ class System:
         is another configuration's, or smaller than the caches `open` made."""
         raise NotImplementedError
 
+    def release_decoded(self) -> None:
+        """Free what decoding added beside the prompt's caches (`cache.decode=append`: the appended tokens), so that
+        a measurement that follows starts from the prompt's caches alone."""
+
     def question(self, tokens: int) -> AbstractContextManager:
         """Around a question (and its answer, `tokens` in all) asked of the context in the caches: on exit the caches
         are back to the context alone (the `agnostic` protocol)."""
@@ -209,6 +216,11 @@ class System:
         protocol = spec.eval.protocol
         if "tasks" in spec.eval.evals and protocol not in cls.protocols:
             return f"system {cls.name} answers the task suite under eval.protocol={' or '.join(cls.protocols)} only"
+        if "tasks" in spec.eval.evals and protocol == "multiturn" and spec.cache.decode != cls.decode_modes[0]:
+            return (
+                f"eval.protocol=multiturn keeps evicting through the conversation: cache.decode={cls.decode_modes[0]} "
+                f"only (got cache.decode={spec.cache.decode})"
+            )
         return None
 
 

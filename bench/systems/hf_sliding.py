@@ -22,6 +22,7 @@ class HFSliding(HFSystem):
     name = "hf_sliding"
     own_policy = "a window"
     protocols: ClassVar[tuple[str, ...]] = ("aware",)
+    decode_modes: ClassVar[tuple[str, ...]] = ("evict",)  # the window slides at every decoded token
 
     def __init__(self, spec, device: torch.device) -> None:
         self.window = spec.cache.length

@@ -17,6 +17,7 @@ from caches import cache_class
 from caches.base import KVCache
 from caches.frozen import FrozenPrefixCache
 from caches.prompt import Prompt, PromptRecorder
+from model.attention import UnsupportedBackend
 from model.compiled_decode import CompiledDecode
 from model.config import Config
 from model.generate import prefill
@@ -75,12 +76,17 @@ class KvbenchSystem(System):
     any_backend = True
     kvbench_caches = True
     shares_prompts = True
+    decode_modes: ClassVar[tuple[str, ...]] = ("evict", "append")
 
     def __init__(self, spec, device: torch.device) -> None:
         model, tokenizer = build_model(spec, device)
         self.setup(model, tokenizer, spec.cache, spec.prefill_chunk)
         self.open(spec.batch, spec.ctx + spec.new_tokens)
         self.model.set_attention_backend(spec.sdpa)
+        if spec.compile and self.cache.decode == "append":
+            raise UnsupportedBackend(
+                "cache.decode=append decodes eagerly (the prompt's caches read as caches/frozen.py does)"
+            )
         self.decoder = CompiledDecode(self.model) if spec.compile else None  # raises UnsupportedBackend
         self.step = self.decoder or self.model
 
@@ -88,17 +94,26 @@ class KvbenchSystem(System):
         self.model, self.tokenizer, self.cache, self.prefill_chunk = model, tokenizer, cache, prefill_chunk
         self.config = model.config
         self.kv_slots = cache.length
+        self.opened, self.prompt_caches = 0, None  # tokens `open` made room for; the prompt's caches once frozen
+        self.appends = False  # decoded tokens go after the prompt's caches (cache.decode=append, set by `open`)
         self.embedding_bytes = 0 if model.wte is None else model.wte.weight.nbytes
         self.decoder, self.step = None, model
 
     @classmethod
     def around(
-        cls, model: GPT, tokenizer=None, cache: str = "dense", length: int = 0, prefill_chunk: int = 2048, **kwargs
+        cls,
+        model: GPT,
+        tokenizer=None,
+        cache: str = "dense",
+        length: int = 0,
+        prefill_chunk: int = 2048,
+        decode: str = "evict",
+        **kwargs,
     ) -> KvbenchSystem:
         """The system of a model already built (tests, benchmarks): caches `cache` with `length` slots (a dense
-        cache grows to what it is asked to hold) and knobs `kwargs`."""
+        cache grows to what it is asked to hold), knobs `kwargs`, decoded tokens evicted or appended (`decode`)."""
         system = cls.__new__(cls)
-        system.setup(model, tokenizer, CacheSpec(cache, kwargs, length, length), prefill_chunk)
+        system.setup(model, tokenizer, CacheSpec(cache, kwargs, length, length, decode=decode), prefill_chunk)
         return system
 
     @classmethod
@@ -127,7 +142,32 @@ class KvbenchSystem(System):
         return argmax(self.forward(ids, 0, desc))
 
     def decode(self, token: Tensor, pos: int) -> Tensor:
+        self._append_after(pos)
         return argmax(self.step(token, input_pos=pos)[:, -1])
+
+    # ---- cache.decode=append: the prompt compressed once, decoded tokens after it -----------------------------------
+
+    def _append_after(self, start: int) -> None:
+        """At the first decoded token (position `start`): with cache.decode=append, the caches the prompt left are read
+        as they are from now on and every decoded token goes after them, into a cache of its own with room for the
+        rest of what `open` asked (caches/frozen.py). No-op in the evict mode, once done, inside a `question`, and
+        for caches `open` made of another kind than the job's (a fidelity run's dense reference)."""
+        if not self.appends or self.prompt_caches is not None:
+            return
+        caches = self.model.kv_caches
+        if any(isinstance(c, FrozenPrefixCache) for c in caches):
+            return  # a question's caches, already appending
+        self.prompt_caches = caches
+        self.model.assign_kv_caches([FrozenPrefixCache(c, max(1, self.opened - start)) for c in caches])
+
+    def release_decoded(self) -> None:
+        self._thaw()
+
+    def _thaw(self) -> None:
+        """The prompt's caches back in the model, for the next prompt (which resets them)."""
+        if self.prompt_caches is not None:
+            self.model.assign_kv_caches(self.prompt_caches)
+            self.prompt_caches = None
 
     # ---- the task suite's path ---------------------------------------------------------------------------------
 
@@ -138,6 +178,8 @@ class KvbenchSystem(System):
         name, kwargs, allocation = (cache, {}, None) if cache else (c.name, c.kwargs, c.allocation)
         length = max(c.length, tokens) if cache_class(name).keeps_every_token else c.length
         self.model.set_kv_caches(batch, name, length, allocation, tokens, **kwargs)
+        self.opened, self.prompt_caches = tokens, None
+        self.appends = cache is None and c.decode == "append"
 
     def forward(self, ids: Tensor, start: int, desc: str | None = None) -> Tensor:
         def bar(bounds: list) -> list:
@@ -145,7 +187,10 @@ class KvbenchSystem(System):
             return tqdm(bounds, desc=desc, leave=False, disable=None if show else True)
 
         if ids.shape[1] == 1 and start > 0:
+            self._append_after(start)
             return self.model(ids, input_pos=start)[:, -1]
+        if start == 0:
+            self._thaw()
         return prefill(self.model, ids, self.prefill_chunk, start, bar)
 
     def use_cache(self, cache: CacheSpec, knobs: dict | None = None) -> None:
@@ -160,6 +205,7 @@ class KvbenchSystem(System):
         """ids (B, T) through the model in one call, each layer's prompt kept: (the last position's logits (B,
         vocab), a Prompt per layer)."""
         B, T = ids.shape
+        self._thaw()
         opened = self.model.kv_caches  # put back afterwards: recording leaves the caches `open` made as they were
         recorders = [PromptRecorder(self.model.kv_cache_params(B, T)) for _ in self.model.blocks]
         self.model.assign_kv_caches(recorders)
@@ -172,6 +218,7 @@ class KvbenchSystem(System):
 
     def load(self, prompts: list[Prompt]) -> None:
         """The caches `open` made, each given its layer's recorded prompt: the state their own prefill leaves."""
+        self._thaw()
         for cache, prompt in zip(self.model.kv_caches, prompts):
             cache.load_prompt(prompt)
 
@@ -179,10 +226,12 @@ class KvbenchSystem(System):
         return all(c.chunks_as_one for c in self.model.kv_caches)
 
     def snapshot(self) -> tuple[CacheSpec, list[KVCache]]:
+        self._thaw()
         return self.cache, [self._copy(c) for c in self.model.kv_caches]
 
     def restore(self, state: tuple[CacheSpec, list[KVCache]]) -> bool:
         cache, caches = state
+        self._thaw()
         if cache != self.cache or any(s.cache_length < c.cache_length for s, c in zip(caches, self.model.kv_caches)):
             return False
         self.model.assign_kv_caches([self._copy(c) for c in caches])
