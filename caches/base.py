@@ -46,7 +46,9 @@ class KVCache(nn.Module):
     """
 
     name: ClassVar[str] = "base"
-    requires_attn_weights: ClassVar[bool] = False
+    requires_attn_weights: bool = False  # the compiled step must return attention weights (per instance in scored.py)
+    # a decode step run twice at one position leaves what it left once (model/compiled_decode.py: the manual graph)
+    idempotent_decode: ClassVar[bool] = True
     # True where `decode_step` exists: storage and attention of a decode step do not depend on the tokens, so the
     # step can be compiled with fixed shapes and captured in a CUDA graph (model/compiled_decode.py).
     supports_compiled_decode: ClassVar[bool] = False
@@ -179,7 +181,7 @@ class KVCache(nn.Module):
 
     def kept_kv(self, B: int) -> tuple[Tensor, Tensor, Tensor]:
         """What the cache holds now, read as it is: K, V (B, G, n, hs) and their positions (B, G, n), -1 where a slot
-        holds nothing (caches/frozen.py attends it)."""
+        holds nothing (caches/frozen.py masks it)."""
         positions = self.token_positions()[:B]
         k, v = self.buf.read(B, positions.shape[-1])
         return k, v, positions

@@ -44,8 +44,10 @@ class FrozenPrefixCache(KVCache):
         old_k, old_v, positions = self.base.kept_kv(B)  # (B, G, n, hs), positions (B, G, n)
         new_k, new_v = self.buf.read(B, end)  # (B, G, end, hs)
         new_pos = torch.arange(self.start, self.start + end, device=key.device)
+        # a cache whose heads keep different numbers of tokens (adakv) reads back padded (position -1): masked
+        padded = bool((positions < 0).any())
         segments = [
-            (old_k, old_v, Visibility(q_start=input_pos, k_pos=positions, all_visible=True)),
+            (old_k, old_v, Visibility(q_start=input_pos, k_pos=positions, all_visible=not padded)),
             (new_k, new_v, Visibility(q_start=input_pos, k_pos=new_pos, k_start=self.start)),
         ]
         out, _ = grouped_attention(query, segments, self.attn_opts)

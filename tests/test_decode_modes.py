@@ -4,7 +4,7 @@ keeps."""
 
 import pytest
 import torch
-from bounds import assert_within, bound, model_terms
+from bounds import assert_within, attention_terms, bound, model_terms
 from hydra import compose, initialize_config_dir
 from reference import naive_forward, window_allowed
 
@@ -139,3 +139,33 @@ def test_a_job_in_each_mode_is_a_row_that_says_which_ran():
     multiturn = _spec(*small, "cache.decode=append", "eval=tasks", "eval.protocol=multiturn", "weights=pretrained",
                       "model=smollm2-135m")  # fmt: skip
     assert "eval.protocol=multiturn keeps evicting" in cls.refuse(multiturn, torch_.device("cpu"))
+
+
+def test_appended_tokens_attend_only_what_each_head_keeps():
+    """adakv keeps another number of tokens per KV head, read back padded (position -1). What is appended after it
+    (the agnostic protocol's question, cache.decode=append's answer) attends, per head, that head's kept tokens and
+    the new ones causally, never a padding slot: against a naive per-head softmax over the kept tokens alone."""
+    from caches import KVCacheParams, create_cache
+
+    B, G, H, hs, L, T, Q = 2, 2, 4, 16, 8, 40, 3
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, n, T + Q, hs, generator=gen) for n in (H, G, G))
+    k[:, 0] *= 4  # head 0's attention is focused, head 1's spread: Ada-KV gives them different shares
+    base = create_cache("adakv", KVCacheParams(B, G, H, hs, L, torch.device("cpu"), torch.float32), window=4)
+    base(q[:, :, :T], k[:, :, :T], v[:, :, :T], 0)
+    assert (base.head_lengths() != L).any()  # the heads really keep different numbers: padding is read back
+    kept_k, kept_v, kept_pos = base.kept_kv(B)
+    got = FrozenPrefixCache(base, Q)(q[:, :, T:], k[:, :, T:], v[:, :, T:], T)  # (B, Q, H * hs)
+    expected = torch.empty(B, Q, H, hs)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // G)
+            real = kept_pos[b, g] >= 0
+            keys = torch.cat([kept_k[b, g, real], k[b, g, T:]])  # (kept + Q, hs)
+            values = torch.cat([kept_v[b, g, real], v[b, g, T:]])
+            scores = q[b, h, T:] @ keys.T / hs**0.5  # (Q, kept + Q)
+            n = int(real.sum())
+            scores[:, n:] = scores[:, n:].masked_fill(torch.ones(Q, Q, dtype=torch.bool).triu(1), float("-inf"))
+            expected[b, :, h] = torch.softmax(scores, dim=-1) @ values
+    expected = expected.reshape(B, Q, H * hs)
+    assert_within(got, expected, bound(expected, attention_terms(hs, L * G + Q)))
