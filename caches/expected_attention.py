@@ -36,6 +36,7 @@ def rotate_half_matrix(hs: int, device) -> Tensor:
 
 @register("expected_attention")
 class ExpectedAttentionCache(ScoredCache):
+    decode_weights = False  # a decode step keeps its token whatever the weights: one fused call
     headwise = False  # scores from query statistics it gathers itself
 
     def __init__(

@@ -15,6 +15,8 @@ from caches.scored import Candidates, ScoredCache
 
 @register("keydiff")
 class KeyDiffCache(ScoredCache):
+    decode_weights = False  # a decode step needs no attention weights: it decodes through one fused call
+
     def weights_from(self, T: int) -> None:
         return None
 

@@ -1,11 +1,13 @@
-"""Score-based eviction on fixed buffers: the machinery shared by h2o, qh2o, tova and snapkv.
+"""Score-based eviction on fixed buffers: the machinery shared by h2o, qh2o, tova, snapkv, pyramidkv, knorm, keydiff,
+random and expected_attention.
 
 Each sequence and KV head has `cache_length` slots; a slot holds a token's K/V (in any buffer, see
 caches/buffers.py), its position and its score. Every call (prefill, chunk or decode step) of T tokens at
 position p does the same:
 
 1. Attend: the T queries see the tokens in the buffer and the call's own tokens (causally), through the eager
-   grouped path with two key segments, so neither K/V nor the buffer grows. The call's own tokens are attended
+   grouped path with two key segments, so neither K/V nor the buffer grows (a decode step of a policy that reads
+   no weights then: one fused call, below). The call's own tokens are attended
    at full precision; tokens read from the buffer are dequantized. The softmax weights the policy asks for come
    out of the same pass.
 2. Score: the policy turns the weights into a score for every candidate (buffered and new tokens).
@@ -19,11 +21,20 @@ hidden states are then dense's, so one recorded prompt can load every such cache
 `decode_step` is the one-token call at fixed shapes, for the compiled decode step (model/compiled_decode.py):
 every slot is attended (empty ones masked) and is a candidate, empty slots ranking lowest, so one rule covers a
 filling buffer and a full one, with no Python int and no host synchronisation.
+
+A policy whose decode step needs no attention weights (`decode_weights = False`: knorm, keydiff and random score by
+keys, snapkv and expected_attention keep what they generate) decodes through one fused attention call on a float
+buffer: the buffer has one slot more than the cache keeps, the step's token is written to the first free slot (the
+extra one once the buffer is full), the filled slots are attended as they lie (SDPA, no mask, no weights), and only
+then is the token admitted (evicting, or moving to the slot it takes). The extra slot is counted in the cache's
+bytes. A quantized buffer keeps the grouped path (the step's own token is attended at full precision there), and so
+does a layer under a model-level sliding window (the grouped step attends every kept token, as it always has).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -75,11 +86,15 @@ class ScoredCache(KVCache):
     headwise = True
     default_buffer = "float"
     shares_prefill = True
+    decode_weights: ClassVar[bool] = True  # a decode step's policy reads the step's attention weights
+    idempotent_decode = False  # a step scores and evicts
 
     def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:
         super().__init__(params)
         B, G, L = params.batch_size, params.n_query_groups, params.cache_length
-        self.buf = make_buffer(params, buffer, group_size)
+        self.fused_decode = self.fuses_decode(buffer)  # decode steps: one fused call over a slot more than L
+        self.requires_attn_weights = not self.fused_decode  # the compiled step's form (model/compiled_decode.py)
+        self.buf = make_buffer(replace(params, cache_length=L + self.fused_decode), buffer, group_size)
         self.register_buffer("pos", torch.full((B, G, L), -1, device=params.device, dtype=torch.long), persistent=False)
         self.register_buffer("score", torch.zeros(B, G, L, device=params.device, dtype=torch.float32), persistent=False)
         if self.uses_quant_error:
@@ -87,6 +102,10 @@ class ScoredCache(KVCache):
                 "qerr", torch.zeros(B, G, L, device=params.device, dtype=torch.float32), persistent=False
             )
         self.n_filled = 0  # filled slots (a prefix), the same for every sequence and head
+
+    @classmethod
+    def fuses_decode(cls, buffer: str | None) -> bool:
+        return not cls.decode_weights and (buffer or cls.default_buffer) == "float"
 
     # ---- the policy ----------------------------------------------------------------------------------------------
 
@@ -139,6 +158,13 @@ class ScoredCache(KVCache):
             out = self._attend(query, key, value, Visibility(q_start=p))
             w_new = None if w_from is None else prompt_weights(query, key, value, p, w_from, self.attn_opts)
             self._admit(key, value, p, None, w_new)
+            return out
+        if T == 1 and self.fused_decode and self.attn_opts.sliding_window is None:
+            # the step's token in the first free slot (the extra one on a full buffer), every filled slot attended
+            self.buf.write_range(B, n, key, value)
+            k, v = self.buf.read(B, n + 1)  # (B, G, n + 1, hs)
+            out = self._attend(query, k, v, Visibility(q_start=p, all_visible=True))
+            self._admit(key, value, p, None, None, *((k[:, :, :n], v[:, :, :n]) if n else ()))
             return out
         new_pos = torch.arange(p, p + T, device=key.device) if T > 1 else None  # a decode step needs no mask
         segments = []
@@ -222,10 +248,19 @@ class ScoredCache(KVCache):
         filling (the token goes to slot n_filled, as `_step` appends it)."""
         B, G = key.shape[:2]
         L = self.cache_length
-        old_k, old_v = self.buf.read(B, L)  # (B, G, L, hs), dequantized from a quantized buffer
-        filled = self.pos[:B] >= 0  # (B, G, L)
-        out, weights = static_weighted_decode(query, old_k, old_v, filled, key, value, self.attn_opts)
-        w_old, w_new = weights[..., :L], weights[..., L:]
+        if self.fused_decode:
+            # the filled slots are a prefix (the prompt's tokens, then one a step): the step's token goes after them,
+            # to slot min(pos, L), and the first min(pos, L) + 1 slots are attended (`_step`'s fused call)
+            slot = pos.clamp(max=L).view(1)  # (1,)
+            self.buf.write_slots(B, slot, key, value)
+            out = self.buf.attend_all(query, B, slot + 1, self.attn_opts)  # (B, 1, n_head * hs)
+            old_k, old_v = self.buf.read(B, L)  # (B, G, L, hs)
+            w_old = w_new = None
+        else:
+            old_k, old_v = self.buf.read(B, L)  # (B, G, L, hs), dequantized from a quantized buffer
+            filled = self.pos[:B] >= 0  # (B, G, L)
+            out, weights = static_weighted_decode(query, old_k, old_v, filled, key, value, self.attn_opts)
+            w_old, w_new = weights[..., :L], weights[..., L:]
         call = Candidates(self.score[:B], w_old, w_new, 1, old_k, key, old_v, value, self.pos[:B], pos.expand(B, G, 1))
         cand_score = self.candidate_scores(call)  # (B, G, L + 1)
         new_err = self.buf.error(key, value) if self.uses_quant_error else None  # (B, G, 1)
@@ -279,7 +314,8 @@ class ScoredCache(KVCache):
         buffer = buffer or cls.default_buffer
         B, G, L = params.batch_size, params.n_query_groups, params.cache_length
         per_slot = 8 + 4 + (4 if cls.uses_quant_error else 0)  # int64 position, float32 score (+ float32 error)
-        return buffer_nbytes(params, buffer, group_size) + B * G * L * per_slot
+        slots = replace(params, cache_length=L + cls.fuses_decode(buffer))  # K/V: the fused decode's extra slot
+        return buffer_nbytes(slots, buffer, group_size) + B * G * L * per_slot
 
 
 def minmax(x: Tensor) -> Tensor:

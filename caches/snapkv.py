@@ -19,6 +19,8 @@ from caches.scored import INF, Candidates, ScoredCache
 
 @register("snapkv")
 class SnapKVCache(ScoredCache):
+    decode_weights = False  # a decode step keeps its token whatever the weights: one fused call
+
     def __init__(
         self,
         params: KVCacheParams,

@@ -18,11 +18,16 @@ K/V at `pos` and attends its buffer through one of the forms of model/decode_att
 `plan()` decides everything once, in one place, and refuses what cannot run with `UnsupportedBackend` (the harness
 writes it as an `unsupported` row):
 
-* form: the score-based caches' grouped step; else the Triton kernel for an int8/int4 buffer on CUDA (sdpa=auto),
-  `sdpa_gqa` on CUDA, the grouped-rows `sdpa` form elsewhere;
+* form: the grouped step of the score-based caches that read weights at decode; else the Triton kernel for an
+  int8/int4 buffer on CUDA (sdpa=auto), `sdpa_gqa` on CUDA, the grouped-rows `sdpa` form elsewhere;
 * graphs (CUDA, compiled): one CUDA graph of our own (`manual`), replayed with nothing in between, where the step
-  is idempotent at a position; the score-based caches' step scores and evicts, so it cannot run twice at one
-  position and is captured by torch.compile's graph trees (`trees`, mode="reduce-overhead") instead.
+  is idempotent at a position; the score-based caches' step scores and evicts (`idempotent_decode` False, whatever
+  its form), so it cannot run twice at one position and is captured by torch.compile's graph trees (`trees`,
+  mode="reduce-overhead") instead.
+
+The score-based caches whose policy reads no weights at decode (caches/scored.py, `decode_weights`) take the SDPA
+forms like dense. A hybrid model's window caches decode through SDPA too: with a cache of the grouped step in its
+global layers the step would need both forms, which `plan` refuses.
 """
 
 from __future__ import annotations
@@ -59,9 +64,17 @@ def plan(model: nn.Module, compile: bool = True, form: str | None = None) -> Dec
         raise UnsupportedBackend("attention softcapping and model-level sliding windows run on the eager path only")
     weighted = {c.requires_attn_weights for c in caches}
     backends = {c.attn_opts.backend for c in caches}
-    if len(weighted) > 1 or len(backends) > 1:
-        raise ValueError("every layer's cache must be of one kind and one attention backend")
+    if len(backends) > 1:
+        raise ValueError("every layer's cache must run one attention backend")
+    if len(weighted) > 1:  # a hybrid model's window caches with a cache that evicts by attention weights
+        names = sorted({c.name for c in caches if c.requires_attn_weights})
+        raise UnsupportedBackend(
+            f"{names[0]} evicts by attention weights (the grouped step) and the other layers decode through SDPA: one "
+            "compiled step runs one form (compile=false decodes it)"
+        )
     weighted, backend = weighted.pop(), backends.pop()
+    # a step that evicts is not idempotent at its position: the manual CUDA graph would run it twice
+    idempotent = all(c.idempotent_decode for c in caches)
     device = model.lm_head.weight.device
     cache = caches[0]
     buf = getattr(cache, "buf", None)  # where the cache keeps K/V (caches/buffers.py), as it declares
@@ -105,7 +118,7 @@ def plan(model: nn.Module, compile: bool = True, form: str | None = None) -> Dec
         p = cache.params
         launch = triton_decode.resolve_options(p.batch_size, p.n_query_groups, cache.cache_length, device, None)
     opts = type(cache.attn_opts)(backend=backend, decode_form=form, launch=launch)
-    graphs = "manual" if compile and device.type == "cuda" else None
+    graphs = ("manual" if idempotent else "trees") if compile and device.type == "cuda" else None
     return DecodePlan(form, graphs, _kernel(model, cache, opts), launch)
 
 

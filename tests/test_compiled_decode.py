@@ -14,6 +14,7 @@ from traced import call_targets, traced_step
 from caches import cache_class
 from model.attention import UnsupportedBackend
 from model.compiled_decode import CompiledDecode, DecodePlan, plan
+from model.config import Config
 from model.gpt import GPT
 
 pytestmark = pytest.mark.numeric  # checked with 1 and 2 threads (Makefile: test-threads)
@@ -32,6 +33,11 @@ SCORED = {  # a buffer of 48 is full from the prompt on; one of 120 fills during
     "tova": ("tova", 48, {}),
     "tova_filling": ("tova", 120, {}),
     "snapkv_filling": ("snapkv", 120, {"window": 8}),
+    "knorm": ("knorm", 48, {}),  # the policies that read no weights at decode: one fused SDPA call
+    "keydiff_filling": ("keydiff", 120, {}),
+    "random": ("random", 48, {}),
+    "snapkv": ("snapkv", 48, {"window": 8}),
+    "expected_attention": ("expected_attention", 48, {"n_future": 16}),
     "qh2o_filling": ("qh2o", 120, {}),
 }
 CASES.update(SCORED)
@@ -122,10 +128,12 @@ def test_the_score_based_step_keeps_what_the_eager_step_keeps(model, prompt, cas
     assert all(torch.equal(a, b) for a, b in zip(kept_eager, kept_static, strict=True))
 
 
-@pytest.mark.parametrize("case", ["h2o_filling", "tova"])
+@pytest.mark.parametrize("case", ["h2o_filling", "tova", "snapkv"])
 def test_the_score_based_step_compiles_to_one_graph_with_the_eager_tokens(model, prompt, case):
     """Compiled whole (fullgraph: no data-dependent shape, no host synchronisation, what CUDA graphs need), one
-    graph for the filling steps and the evicting ones alike."""
+    graph for the filling steps and the evicting ones alike; snapkv's step is the fused one (SDPA, no weights).
+    (Not knorm here: a token decoded twice has two keys of one norm, RoPE rotating without scaling, and which of
+    them goes is then a matter of rounding, which compiling changes.)"""
     kept_eager, kept_compiled = [], []
     eager_tokens, eager_logits = greedy(model, prompt, case, "eager", kept=kept_eager)
     graphs = counters["stats"]["unique_graphs"]
@@ -209,6 +217,9 @@ def test_the_plan_of_each_cache_and_what_it_refuses(model):
         plan(model, form="flex")
     model.set_kv_caches(1, "dense", 64, buffer="int8")
     assert plan(model).form == "sdpa"  # the Triton form is CUDA's (compiled); its test runs it eagerly here
+    model.set_kv_caches(1, "knorm", 64)  # scores by keys: the SDPA form, like dense
+    assert plan(model) == DecodePlan("sdpa", None, "sdpa:flash")
+    assert not any(c.idempotent_decode for c in model.kv_caches)  # it evicts: graph trees on CUDA, not the manual graph
     model.set_start_of_layer_hook(lambda x, i, pos: None)
     with pytest.raises(ValueError, match="hook"):
         plan(model)
@@ -240,3 +251,36 @@ def test_the_sdpa_kernel_named_is_the_one_traced_into_the_step(model, prompt, fo
         assert sdpa_ops == [f"aten.{traced}.default"] * model.config.n_layer
     model.set_attention_backend("auto")
     model.clear_kv_caches()
+
+
+@pytest.mark.parametrize("cache", ["dense", "snapkv", "h2o"])
+@torch.inference_mode()
+def test_a_hybrid_decodes_at_fixed_shapes_or_says_why_not(prompt, cache):
+    """A hybrid (windowed layers of 16 tokens around global ones): its window caches and a global cache that decodes
+    through SDPA (dense, snapkv) take the fixed-shape step, with the eager step's tokens and logits; a global cache
+    of the grouped step (h2o) cannot share one step with them: unsupported, saying why."""
+    config = Config.from_name("tiny", n_layer=4, layer_windows=(16, None, 16, None), rope_local_base=1000.0)
+    torch.manual_seed(0)
+    hybrid = GPT(config).eval()
+    length = 48 if cache != "dense" else PROMPT + STEPS
+
+    def run(step: str) -> tuple[torch.Tensor, torch.Tensor]:
+        hybrid.set_kv_caches(BATCH, cache, length, longest=PROMPT + STEPS)
+        token = hybrid(prompt, input_pos=0)[:, -1:].argmax(-1)  # (B, 1)
+        decoder = hybrid if step == "eager" else CompiledDecode(hybrid, compile=False)
+        tokens, logits = [], []
+        for i in range(16):
+            out = decoder(token, input_pos=PROMPT + i)
+            token = out[:, -1:].argmax(-1)
+            tokens.append(token)
+            logits.append(out)
+        return torch.cat(tokens, 1), torch.cat(logits, 1)
+
+    eager_tokens, eager_logits = run("eager")
+    if cache == "h2o":
+        with pytest.raises(UnsupportedBackend, match="h2o evicts by attention weights .* one compiled step runs one"):
+            run("static")
+        return
+    static_tokens, static_logits = run("static")
+    assert torch.equal(static_tokens, eager_tokens)
+    assert_within(static_logits, eager_logits, bound(eager_logits, model_terms(config, PROMPT + STEPS)))

@@ -7,8 +7,9 @@ from bounds import assert_within, attention_terms, bound, level, model_terms
 from naive_eviction import NaiveScoredCache
 
 from bench.eval.quality import corpus
-from caches import KVCacheParams, cache_class, cache_names, create_cache
+from caches import KVCacheParams, cache_class, cache_names, create_cache, scored
 from caches.buffers import make_buffer
+from caches.scored import ScoredCache
 from model.config import Config
 from model.generate import generate
 from model.gpt import RoPE
@@ -127,6 +128,41 @@ def test_policy_matches_naive_reference(policy, prefill, block):
         for b in range(B):
             for g in range(G):
                 assert sorted(cache.token_positions()[b, g].tolist()) == ref.kept(b, g), (start, b, g)
+
+
+SCORED = [name for name in cache_names() if issubclass(cache_class(name), ScoredCache)]
+
+
+@pytest.mark.parametrize("name", SCORED)
+def test_a_decode_step_computes_attention_weights_only_where_its_policy_reads_them(name, monkeypatch):
+    """knorm, keydiff and random score by keys, snapkv and expected_attention keep the tokens they generate: their
+    decode step, eager and at fixed shapes (the compiled step's), computes no attention weights (one fused call over
+    a slot more than they keep, counted in their bytes). h2o, qh2o and tova read the step's weights."""
+    cls = cache_class(name)
+    kwargs = CONFIGS[name][1]
+    computed = []
+
+    def spy(real):
+        def call(*args, **kw):
+            computed.append(real.__name__)
+            return real(*args, **kw)
+
+        return call
+
+    for real in (scored.grouped_attention, scored.static_weighted_decode, scored.prompt_weights):
+        monkeypatch.setattr(scored, real.__name__, spy(real))
+    L, T = 8, 12
+    cache = create_cache(name, _params(L), **kwargs)
+    cache.rotary = RoPE(Config.from_name("tiny")).forward
+    q, k, v = _qkv(T + 2, seed=2)
+    cache(q[:, :, :T], k[:, :, :T], v[:, :, :T], 0)  # a prompt longer than the buffer
+    computed.clear()
+    cache(q[:, :, T : T + 1], k[:, :, T : T + 1], v[:, :, T : T + 1], T)  # an eager step
+    cache.decode_step(q[:, :, T + 1 :], k[:, :, T + 1 :], v[:, :, T + 1 :], torch.tensor(T + 1))  # a fixed-shape one
+    assert bool(computed) == cls.decode_weights, computed
+    if name not in ("qh2o", "expected_attention"):  # a float buffer, no other state: K/V, int64 position, float32 score
+        slots = L + (not cls.decode_weights)
+        assert cache.size_estimate() == 2 * B * G * slots * HS * 4 + B * G * L * (8 + 4)
 
 
 def test_decisions_are_per_sequence_and_head():

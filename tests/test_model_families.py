@@ -129,7 +129,8 @@ def test_each_feature_of_the_family_matters(checkpoint):
 def test_a_hybrid_gives_its_windowed_layers_window_caches_and_the_budget_to_its_global_ones():
     """Windowed layers: a sink-free last_recent of their window (of the sequence, when that is shorter); global layers:
     the cache asked for at the budget asked for. The K/V bytes they hold are the analytic hybrid figure: windows x
-    windowed layers + tokens x global layers (Config.kv_bytes), less than the same shape with every layer global."""
+    windowed layers + tokens x global layers (Config.kv_bytes; snapkv one slot more per layer, for its fused decode
+    step), less than the same shape with every layer global."""
     from model.config import Config
     from model.gpt import GPT
 
@@ -145,6 +146,7 @@ def test_a_hybrid_gives_its_windowed_layers_window_caches_and_the_budget_to_its_
         assert [c.name for c in model.kv_caches] == [w, w, cache, w, w, cache]
         assert all(c.sink_tokens == 0 for c in model.kv_caches if c.name == w)
         payload = sum(c.buf.k.numel() * 4 + c.buf.v.numel() * 4 for c in model.kv_caches)  # float32 K and V
-        assert payload == 2 * B * G * hs * 4 * (4 * local + 2 * budget)
+        fused = cache == "snapkv"  # a slot more per layer for its fused decode step (caches/scored.py)
+        assert payload == 2 * B * G * hs * 4 * (4 * local + 2 * (budget + fused))
     assert config.kv_bytes(B, 40, 4) == 2 * B * G * hs * 4 * (4 * 8 + 2 * 40)
     assert config.kv_bytes(B, 40, 4) < Config.from_name("tiny", n_layer=6).kv_bytes(B, 40, 4)
