@@ -111,13 +111,34 @@ class LastRecentCache(KVCache):
             k_pos = torch.cat([old_pos, sel + p])  # (n_old + len(idx),)
             vis = Visibility(q_start=p + i0, k_pos=k_pos, window=W, sinks=s)
             out[:, :, i0:i1] = self._attend(query[:, :, i0:i1], keys, vals, vis)
-        # Write the survivors: new sinks, then the last W new positions that are not sinks.
+        self._write_survivors(key, value, p)
+        return out
+
+    def _write_survivors(self, key: Tensor, value: Tensor, p: int) -> None:
+        """Of a chunk's keys and values (B, G, T, hs) at positions p.., write those the cache keeps: the new sinks,
+        then the last W new positions that are not sinks."""
+        B, _, T, _ = key.shape
+        s, W = self.sink_tokens, self.window
+        new_sinks = max(0, min(s - p, T))
         keep = list(range(p, p + new_sinks)) + list(range(max(s, p, p + T - W), p + T))
         positions = torch.tensor(keep, device=key.device)
         slots = torch.tensor([self._slot(q) for q in keep], device=key.device)
         self.buf.write_slots(B, slots, key.index_select(2, positions - p), value.index_select(2, positions - p))
         self.pos.index_copy_(0, slots, positions)
-        return out
+
+    def _load(self, prompt) -> None:
+        """A recorded prompt's survivors. The recording attended causally under the layer's own window, which is this
+        cache's own prefill only where the prompt fits (nothing evicted) or where the layer's window is this cache's
+        and there are no sinks (a hybrid model's windowed layer); elsewhere it runs its own."""
+        T = prompt.key.shape[2]
+        if T > self.cache_length and (self.sink_tokens or self.attn_opts.sliding_window != self.window):
+            raise NotImplementedError(
+                f"last_recent with {self.sink_tokens} sinks and {self.window} window slots runs its own prefill of "
+                f"{T} tokens (the layer's own window is {self.attn_opts.sliding_window})"
+            )
+        self.pos.fill_(-1)
+        self.buf.reset()
+        self._write_survivors(prompt.key, prompt.value, 0)
 
     def token_positions(self) -> Tensor:
         n = min(self.next_token_pos or 0, self.cache_length)

@@ -81,6 +81,25 @@ def test_a_ranking_ties_what_a_paired_test_cannot_separate():
     assert (low, high) == pytest.approx(stats.wilson(40, 50))
 
 
+def test_each_model_and_context_is_ranked_apart():
+    """Two models' dense and one cache each, on their own samples: each cache is compared with its own model's dense
+    and best, never with the other model's (whose dense is right everywhere); the table says which model is which."""
+    df = pd.DataFrame(
+        [{**r, "model": "m1"} for r in _records("d1", "dense", set(range(20))) + _records("a1", "a", set(range(25)))]
+        + [{**r, "model": "m2"} for r in _records("d2", "dense", set()) + _records("a2", "a", set(range(30)))]
+    )
+    ranking = stats.rank(df).set_index("config_hash")
+    assert list(ranking.index) == ["d1", "a1", "d2", "a2"]
+    assert ranking.loc["d1", "tied_best"] and ranking.loc["a1", "vs_dense"] == "0-5"  # against m1's dense alone
+    assert ranking.loc["a2", "vs_dense"] == "0-30"  # against m2's dense alone
+    board_rows = pd.DataFrame(
+        {"config_hash": ["d1", "a1", "d2", "a2"], "status": "ok", "model": ["m1", "m1", "m2", "m2"],
+         "cache": ["dense", "a", "dense", "a"], "cache_bytes": 1, "peak_alloc_bytes": 1, "decode_ms_p50": 1.0}
+    )  # fmt: skip
+    board = ranked_leaderboard(board_rows, df)
+    assert "| model | protocol | budget |" in board and "| m2 | aware | all | dense |" in board
+
+
 # ---- records: written, resumed, read ---------------------------------------------------------------------------------
 
 

@@ -105,3 +105,27 @@ def test_the_first_tokens_of_a_recording_are_the_recording_of_those_tokens(tiny)
             expected = a.weights(w_from, opts)  # (B, G, 120): sums of up to 120 x n_head // G weights, each <= 1
             tolerance = bound(expected, terms + attention_terms(c.head_size, 120) + 120 * c.n_head)
             assert_within(part.weights(w_from, opts), expected, tolerance, f"layer {layer} weights from {w_from}")
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("name", ["dense", "snapkv"])
+def test_a_hybrid_s_window_layers_load_the_recording_too(name):
+    """A hybrid (windowed layers of 8 tokens around global ones): its windowed layers' window caches load the
+    recording as the cache under test does in the global layers, each keeping what its own prefill keeps and the
+    logits its own prefill gives."""
+    from model.config import Config
+    from model.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny", n_layer=4, layer_windows=(8, None, 8, None), rope_local_base=1000.0)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))  # (B, T): longer than the windows and the budget
+    system = KvbenchSystem.around(model, None, name, 16, 64)
+    own_kept, own_logits = _run(system, ids, None)
+    shared = protocols.SharedPrompts()
+    _run(KvbenchSystem.around(model, None, "dense", 0, 64), ids, shared)
+    loaded_kept, loaded_logits = _run(system, ids, shared)
+    assert shared.paths == {"shared"}
+    for layer, (a, b) in enumerate(zip(own_kept, loaded_kept)):
+        assert torch.equal(a, b), f"layer {layer} keeps other positions"
+    for a, b in zip(own_logits, loaded_logits):
+        assert_within(b, a, bound(a, model_terms(model.config, 44)), "logits")

@@ -93,6 +93,24 @@ def test_every_expected_answer_fits_its_budget_in_the_real_tokenizer(smollm2, ct
     assert multivalue.max_new_tokens > 32  # the old fixed cap of 32 could not hold its answer
 
 
+def test_a_plain_prompt_ends_the_pass_key_with_its_answer_prefix():
+    """A model without a chat template (a base model) gets the pass-key question as plain text followed by " The pass
+    key is"; a chat model's turn ends with the question, and its answer budget holds what it restates."""
+
+    class ChatTokenizer(CharTokenizer):
+        chat_template = "chat"
+
+        def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+            return "<user>" + messages[0]["content"] + "<end><model>"
+
+    plain, chat = (tasks.build("passkey", tok, 1024, 0, 0) for tok in (TOK, ChatTokenizer()))
+    assert TOK.decode(plain.questions[0]).endswith(tasks.PASSKEY_QUESTION + tasks.PASSKEY_PLAIN_PREFIX)
+    assert TOK.decode(chat.questions[0]).endswith(tasks.PASSKEY_QUESTION + "<end><model>")
+    for sample, said in ((plain, ""), (chat, tasks.PASSKEY_SAID)):
+        longest = max(len(TOK.encode(said + text)) for text in tasks.written(sample.answers[0]))
+        assert sample.max_new_tokens == longest + tasks.ANSWER_MARGIN
+
+
 def test_the_scorer_is_rulers_string_match_all():
     assert tasks.score(" The numbers are 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
     assert tasks.score("1234567 only", ["1234567", "7654321"]) == 0.5

@@ -70,6 +70,9 @@ PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key? Answer with the number only."
 PASSKEY_PREFIX = ""
 PASSKEY_SAID = "The pass key is"
+# A base model's plain completion prompt (no chat template) needs the prefix: without it Gemma 3 270M goes on with the
+# question itself ("What is the pass key? Answer...", 3 samples of 4 at 1k)
+PASSKEY_PLAIN_PREFIX = " The pass key is"
 
 # task -> (haystack, key kind, value kind, target needles per question, values per key, keys asked per question,
 #          distractor needles)
@@ -449,8 +452,8 @@ def _passkey(task, tokenizer, ctx, rng, n_questions, depth, question_tokens) -> 
         needle = [tok(" " + PASSKEY_NEEDLE.format(key=key) + " ")]
         return _insert(pieces, needle, n, depth, rng, _stops(tokenizer))
 
-    question_texts = [(PASSKEY_QUESTION, PASSKEY_PREFIX)] * n_questions
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prefix, said = (PASSKEY_PREFIX, PASSKEY_SAID) if chat else (PASSKEY_PLAIN_PREFIX, "")
+    question_texts = [(PASSKEY_QUESTION, prefix)] * n_questions
     answers = [[key]] * n_questions
-    return _assemble(
-        task, tokenizer, ctx, PASSKEY_INTRO, question_texts, body, answers, [depth], question_tokens, PASSKEY_SAID
-    )
+    return _assemble(task, tokenizer, ctx, PASSKEY_INTRO, question_texts, body, answers, [depth], question_tokens, said)

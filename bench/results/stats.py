@@ -6,8 +6,8 @@ differently more often than chance allows.
   scores are fractional (several expected strings) or tasks differ in size.
 * `sign_test`: the exact two-sided sign test on paired scores (on 0/1 scores it is the exact McNemar test): only the
   samples where the two differ count; under "no difference" each is a fair coin.
-* `rank`: per protocol and budget, the configurations by accuracy, the ones a sign test cannot separate from the best
-  (or from dense) at the 5% level marked as tied with it.
+* `rank`: per model, context, protocol and budget, the configurations by accuracy, the ones a sign test cannot
+  separate from the best (or from dense) at the 5% level marked as tied with it.
 """
 
 from __future__ import annotations
@@ -79,24 +79,29 @@ def accuracy(records: pd.DataFrame) -> tuple[float, float, float, int]:
 
 
 def rank(records: pd.DataFrame) -> pd.DataFrame:
-    """One line per configuration (config_hash) with its accuracy and interval, ordered by protocol, fraction kept
-    (dense first) and accuracy; `best_p`/`tied_best`: the sign test against the most accurate configuration of its
-    protocol and budget; `dense_p`/`vs_dense`: against dense under the same protocol (`wins-losses`)."""
+    """One line per configuration (config_hash) with its accuracy and interval, ordered by model, context, protocol,
+    fraction kept (dense first) and accuracy; `best_p`/`tied_best`: the sign test against the most accurate
+    configuration of its model, context, protocol and budget (the same samples); `dense_p`/`vs_dense`: against dense
+    there (`wins-losses`). Another model or context answers other samples: it is never compared."""
     records = records.copy()
     records["kept"] = [
         1.0 if c == "dense" else b / x for c, b, x in zip(records["cache"], records["cache_budget"], records["ctx"])
     ]
+    records["model"] = records["model"].astype(str) if "model" in records else "-"
     scores = {h: g.set_index(KEY)["score"] for h, g in records.groupby("config_hash")}
     lines = []
-    for (protocol, kept), group in records.groupby(["protocol", "kept"], sort=False):
+    for (model, ctx, protocol, kept), group in records.groupby(["model", "ctx", "protocol", "kept"], sort=False):
         stats = {h: accuracy(g) for h, g in group.groupby("config_hash")}
         best = max(stats, key=lambda h: stats[h][0])
-        dense = records[(records["protocol"] == protocol) & (records["cache"] == "dense")]["config_hash"]
+        setting = (records["model"] == model) & (records["ctx"] == ctx) & (records["protocol"] == protocol)
+        dense = records[setting & (records["cache"] == "dense")]["config_hash"]
         dense = dense.iloc[0] if len(dense) else None
         for h, (mean, low, high, n) in stats.items():
             first = group[group["config_hash"] == h].iloc[0]
             _, _, best_p = paired(scores[h], scores[best])
             line = {
+                "model": model,
+                "ctx": int(ctx),
                 "protocol": protocol,
                 "kept": kept,
                 "config_hash": h,
@@ -117,7 +122,8 @@ def rank(records: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(lines)
     if out.empty:
         return out
-    return out.sort_values(["protocol", "kept", "accuracy"], ascending=[True, False, False], ignore_index=True)
+    order = ["model", "ctx", "protocol", "kept", "accuracy"]
+    return out.sort_values(order, ascending=[True, True, True, False, False], ignore_index=True)
 
 
 def implementations(records: pd.DataFrame) -> pd.DataFrame:

@@ -242,7 +242,9 @@ def ranked_leaderboard(df: pd.DataFrame, records: pd.DataFrame) -> str:
         return ""
     ranking = stats.rank(records)
     cost = ok.set_index("config_hash")
-    header = ["protocol", "budget", "method", "system", "accuracy [95% CI]", "vs best", "vs dense (W-L, p)"]
+    # several models or contexts: each line says which (each is ranked apart: other samples)
+    where = [c for c in ("model", "ctx") if ranking[c].nunique() > 1]
+    header = [*where, "protocol", "budget", "method", "system", "accuracy [95% CI]", "vs best", "vs dense (W-L, p)"]
     header += ["cache bytes", "peak memory", "decode ms/step"]
     lines = []
     for r in ranking.itertuples(index=False):
@@ -253,6 +255,7 @@ def ranked_leaderboard(df: pd.DataFrame, records: pd.DataFrame) -> str:
             vs_dense = f"**{vs_dense}**"
         lines.append(
             [
+                *(ctx_label(r.ctx) if c == "ctx" else r.model for c in where),
                 r.protocol,
                 "all" if r.kept == 1.0 and row["cache"] == "dense" else f"{r.kept:.1%}".replace(".0%", "%"),
                 r.method,
@@ -277,7 +280,7 @@ def ranked_leaderboard(df: pd.DataFrame, records: pd.DataFrame) -> str:
                 continue
             low, high = stats.interval({task: scores})
             cells.append(f"{scores.mean():.2f} [{low:.2f}, {high:.2f}]")
-        detail.append([r.protocol, lines[len(detail)][1], r.method, r.system, *cells])
+        detail.append(lines[len(detail)][: len(where) + 4] + cells)
     n = records.groupby(["config_hash", "task"]).size()
     models = ", ".join(sorted(set(ok["model"].astype(str))))
     ctxs = ", ".join(ctx_label(int(c)) for c in sorted(set(records["ctx"])))
@@ -288,8 +291,9 @@ def ranked_leaderboard(df: pd.DataFrame, records: pd.DataFrame) -> str:
         f"the exact sign test (McNemar on 0/1 scores) on the same answers against the budget's most accurate "
         f"configuration, tied where p >= {stats.ALPHA}; `vs dense`: answers it got better-worse than dense and the "
         "test's p, in bold where the difference is significant."
+        + (" Each model and context is ranked apart (its own samples)." if where else "")
     )
-    per_task = markdown(["protocol", "budget", "method", "system", *tasks], detail)
+    per_task = markdown([*where, "protocol", "budget", "method", "system", *tasks], detail)
     parts = [head, markdown(header, lines), per_task]
     pairs = stats.implementations(records)
     if not pairs.empty:
