@@ -31,6 +31,9 @@ class FrozenPrefixCache(KVCache):
         self.base = base
         self.buf = make_buffer(self.params)  # the appended tokens, at full precision
         self.start = self.next_token_pos = base.next_token_pos
+        # a cache whose heads keep different numbers of tokens (adakv) reads back padded (position -1): masked. The
+        # base is frozen, so this is decided once
+        self.padded = bool((base.token_positions() < 0).any())
         self.batch_size = base.batch_size
         self.attn_opts = base.attn_opts
 
@@ -44,10 +47,8 @@ class FrozenPrefixCache(KVCache):
         old_k, old_v, positions = self.base.kept_kv(B)  # (B, G, n, hs), positions (B, G, n)
         new_k, new_v = self.buf.read(B, end)  # (B, G, end, hs)
         new_pos = torch.arange(self.start, self.start + end, device=key.device)
-        # a cache whose heads keep different numbers of tokens (adakv) reads back padded (position -1): masked
-        padded = bool((positions < 0).any())
         segments = [
-            (old_k, old_v, Visibility(q_start=input_pos, k_pos=positions, all_visible=not padded)),
+            (old_k, old_v, Visibility(q_start=input_pos, k_pos=positions, all_visible=not self.padded)),
             (new_k, new_v, Visibility(q_start=input_pos, k_pos=new_pos, k_start=self.start)),
         ]
         out, _ = grouped_attention(query, segments, self.attn_opts)

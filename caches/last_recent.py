@@ -129,7 +129,8 @@ class LastRecentCache(KVCache):
     def _load(self, prompt) -> None:
         """A recorded prompt's survivors. The recording attended causally under the layer's own window, which is this
         cache's own prefill only where the prompt fits (nothing evicted) or where the layer's window is this cache's
-        and there are no sinks (a hybrid model's windowed layer); elsewhere it runs its own."""
+        and there are no sinks (a hybrid model's windowed layer); elsewhere loading is refused (last_recent under test
+        runs its own prefill)."""
         T = prompt.key.shape[2]
         if T > self.cache_length and (self.sink_tokens or self.attn_opts.sliding_window != self.window):
             raise NotImplementedError(
