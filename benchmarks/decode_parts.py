@@ -88,7 +88,7 @@ def instrument(timer: PartTimer) -> None:
     for name in ("read",):
         timer.wrap(buffers.KVBuffer, name, "kv_read")
     timer.wrap(adakv.AdaKVCache, "_gather", "kv_read")
-    for name in ("write_range", "write_slots", "put", "put_where"):
+    for name in ("write_range", "write_slots", "put", "put_where", "move_slot"):
         timer.wrap(buffers.KVBuffer, name, "kv_write")
     classes = {cache_class(n) for n in ("h2o", "qh2o", "tova", "snapkv", "knorm", "keydiff", "random")}
     classes |= {cache_class("expected_attention"), ScoredCache}

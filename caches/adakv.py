@@ -129,9 +129,10 @@ class AdaKVCache(KVCache):
         valid = j < counts.unsqueeze(-1)  # (B, G, longest)
         at = (starts.unsqueeze(-1) + j).clamp(max=self.slots - 1).flatten(1)  # (B, G * longest)
         index = torch.where(valid, by_owner.gather(1, at).view(B, G, longest), 0)
-        gather = index.unsqueeze(-1).expand(-1, -1, -1, k_flat.shape[-1])  # (B, G, longest, hs)
-        k = k_flat[:, 0].unsqueeze(1).expand(-1, G, -1, -1).gather(2, gather)
-        v = v_flat[:, 0].unsqueeze(1).expand(-1, G, -1, -1).gather(2, gather)
+        # rows of the flat (B * slots, hs) K and V: index_select copies whole rows (several times faster than gather)
+        rows = (index + torch.arange(B, device=owner.device).view(B, 1, 1) * self.slots).flatten()  # (B * G * longest,)
+        k = k_flat.reshape(B * self.slots, -1).index_select(0, rows).view(B, G, longest, -1)  # (B, G, longest, hs)
+        v = v_flat.reshape(B * self.slots, -1).index_select(0, rows).view(B, G, longest, -1)
         pos = torch.where(valid, self.pos[:B].gather(1, index.flatten(1)).view(B, G, longest), -1)
         return k, v, pos, index
 

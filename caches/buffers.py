@@ -89,6 +89,13 @@ class KVBuffer(nn.Module):
             idx = slot.unsqueeze(-1).expand(*slot.shape, x.shape[-1])  # (B, G, 1, X)
             stored.scatter_(2, idx, torch.where(keep.unsqueeze(-1), x, stored.gather(2, idx)))
 
+    def move_slot(self, B: int, src: int, dst: Tensor) -> None:
+        """Slot `src` of every sequence and head copied to slot dst[b, g] (dst (B, G, 1); src itself allowed)."""
+        for name in self.names:
+            stored = getattr(self, name)[:B]  # (B, G, slots, X)
+            row = stored[:, :, src : src + 1].clone()  # (B, G, 1, X): a copy, the scatter may overwrite its source
+            stored.scatter_(2, dst.unsqueeze(-1).expand(-1, -1, -1, stored.shape[-1]), row)
+
     def reset(self) -> None:
         """A new sequence begins (a prefill): a buffer that tracks what it was written forgets it."""
 

@@ -6,7 +6,6 @@ scores the buffer and its own keys together."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from caches.base import register
@@ -21,7 +20,12 @@ class KeyDiffCache(ScoredCache):
         return None
 
     def candidate_scores(self, c: Candidates) -> Tensor:
-        keys = F.normalize(c.keys().float(), dim=-1)  # (B, G, n + T, hs)
-        filled = (c.pos >= 0).unsqueeze(-1)  # empty slots of a fixed-shape step take no part in the anchor
-        anchor = (keys * filled).sum(dim=2, keepdim=True) / filled.sum(dim=2, keepdim=True).clamp_min(1)
-        return -F.cosine_similarity(keys, anchor, dim=-1)  # (B, G, n + T)
+        # cos(k, anchor) does not change with the anchor's length: the sum of the unit keys serves, and no unit copy
+        # of the keys is made (two matrix-vector products over them)
+        keys = c.keys().float()  # (B, G, n + T, hs)
+        inverse_norm = keys.norm(dim=-1).clamp_min(1e-30).reciprocal_()  # (B, G, n + T)
+        if not c.no_empty:  # an empty slot of a fixed-shape step takes no part in the anchor
+            inverse_norm = inverse_norm.masked_fill_(c.pos < 0, 0)
+        anchor = inverse_norm.unsqueeze(-2) @ keys  # (B, G, 1, hs)
+        dots = (keys @ anchor.transpose(-1, -2)).squeeze(-1)  # (B, G, n + T)
+        return dots.mul_(inverse_norm).div_(anchor.norm(dim=-1).clamp_min(1e-30)).neg_()

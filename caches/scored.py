@@ -6,10 +6,10 @@ caches/buffers.py), its position and its score. Every call (prefill, chunk or de
 position p does the same:
 
 1. Attend: the T queries see the tokens in the buffer and the call's own tokens (causally), through the eager
-   grouped path with two key segments, so neither K/V nor the buffer grows (a decode step of a policy that reads
-   no weights then: one fused call, below). The call's own tokens are attended
-   at full precision; tokens read from the buffer are dequantized. The softmax weights the policy asks for come
-   out of the same pass.
+   grouped path with two key segments, so neither K/V nor the buffer grows (a decode step: one fused call where the
+   policy reads no weights, below; where it does, `static_weighted_decode`'s few operations over the filled slots
+   and the token, one softmax). The call's own tokens are attended at full precision; tokens read from the buffer
+   are dequantized. The softmax weights the policy asks for come out of the same pass.
 2. Score: the policy turns the weights into a score for every candidate (buffered and new tokens).
 3. Select: if the candidates do not fit, the lowest-ranked ones are evicted (ties: the older token), protected
    ones last; surviving new tokens are written into the freed slots. Decisions are per sequence and KV head.
@@ -26,9 +26,10 @@ A policy whose decode step needs no attention weights (`decode_weights = False`:
 keys, snapkv and expected_attention keep what they generate) decodes through one fused attention call on a float
 buffer: the buffer has one slot more than the cache keeps, the step's token is written to the first free slot (the
 extra one once the buffer is full), the filled slots are attended as they lie (SDPA, no mask, no weights), and only
-then is the token admitted (evicting, or moving to the slot it takes). The extra slot is counted in the cache's
-bytes. A quantized buffer keeps the grouped path (the step's own token is attended at full precision there), and so
-does a layer under a model-level sliding window (the grouped step attends every kept token, as it always has).
+then is the token admitted: on a full buffer the lowest-ranked of the L + 1 goes and the token's K/V are copied
+into its slot (`_select_in_place`). The extra slot is counted in the cache's bytes. A quantized buffer keeps the
+grouped path (the step's own token is attended at full precision there), and so does a layer under a model-level
+sliding window (the grouped step attends every kept token, as it always has).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch import Tensor
 from caches.base import KVCache, KVCacheParams
 from caches.buffers import buffer_nbytes, make_buffer
 from caches.prompt import Prompt, prompt_weights
-from model.attention import Visibility, grouped_attention
+from model.attention import Visibility, grouped_attention, record
 from model.decode_attention import static_weighted_decode
 
 INF = float("inf")
@@ -64,6 +65,8 @@ class Candidates:
     new_v: Tensor
     old_pos: Tensor  # (B, G, n) token positions of the buffered slots
     new_pos: Tensor  # (B, G, T) (an expanded view)
+    no_empty: bool = False  # every candidate is a token (no empty slot of a fixed-shape step, no padding)
+    joined_k: Tensor | None = None  # (B, G, n + T, hs): the keys as they already lie side by side (the fused step's)
 
     @property
     def pos(self) -> Tensor:
@@ -71,7 +74,9 @@ class Candidates:
         return torch.cat([self.old_pos, self.new_pos], dim=-1)
 
     def keys(self) -> Tensor:
-        """(B, G, n + T, hs): every candidate's key (a copy)."""
+        """(B, G, n + T, hs): every candidate's key (a copy, unless they already lie side by side)."""
+        if self.joined_k is not None:
+            return self.joined_k
         return torch.cat([self.old_k, self.new_k.to(self.old_k.dtype)], dim=2)
 
     def values(self) -> Tensor:
@@ -164,8 +169,17 @@ class ScoredCache(KVCache):
             self.buf.write_range(B, n, key, value)
             k, v = self.buf.read(B, n + 1)  # (B, G, n + 1, hs)
             out = self._attend(query, k, v, Visibility(q_start=p, all_visible=True))
-            self._admit(key, value, p, None, None, *((k[:, :, :n], v[:, :, :n]) if n else ()))
+            self._admit(key, value, p, None, None, *((k[:, :, :n], v[:, :, :n]) if n else ()), in_buffer=True)
             return out
+        plain = self.attn_opts.softcap is None and self.attn_opts.sliding_window is None
+        if T == 1 and n and w_from is not None and plain:
+            # a step whose policy reads its weights: the filled prefix and the token, one softmax, at full precision
+            # for the token (`grouped_attention`'s result, in fewer operations)
+            old_k, old_v = self.buf.read(B, n)  # (B, G, n, hs)
+            out, weights = static_weighted_decode(query, old_k, old_v, None, key, value, self.attn_opts)
+            record("eager")
+            self._admit(key, value, p, weights[..., :n], weights[..., n:], old_k, old_v)
+            return out.view(B, 1, -1, query.shape[-1]).transpose(1, 2)  # (B, n_head, 1, hs), as the other paths
         new_pos = torch.arange(p, p + T, device=key.device) if T > 1 else None  # a decode step needs no mask
         segments = []
         if n:
@@ -187,24 +201,32 @@ class ScoredCache(KVCache):
         w_new: Tensor | None,
         old_k: Tensor | None = None,
         old_v: Tensor | None = None,
+        in_buffer: bool = False,
     ) -> None:
         """Score the buffered tokens and the call's T new ones (at positions p..), given the weights they received
-        (w_old (B, G, n), w_new (B, G, T), None where the policy asks for none), and keep the best that fit."""
+        (w_old (B, G, n), w_new (B, G, T), None where the policy asks for none), and keep the best that fit.
+        in_buffer: the fused step's one token, already written to slot n."""
         B, G, T, _ = key.shape
         n, L = self.n_filled, self.cache_length
         if old_k is None:  # an empty buffer
             old_k, old_v = key[:, :, :0], value[:, :, :0]  # (B, G, 0, hs)
         old_pos, new_pos = self.pos[:B, :, :n], torch.arange(p, p + T, device=key.device).expand(B, G, T)
-        call = Candidates(self.score[:B, :, :n], w_old, w_new, T, old_k, key, old_v, value, old_pos, new_pos)
+        joined_k = self.buf.read(B, n + T)[0] if in_buffer else None  # (B, G, n + T, hs), a view
+        call = Candidates(
+            self.score[:B, :, :n], w_old, w_new, T, old_k, key, old_v, value, old_pos, new_pos, True, joined_k
+        )
         cand_score = self.candidate_scores(call)  # (B, G, n + T)
         new_err = self.buf.error(key, value) if self.uses_quant_error else None  # (B, G, T)
         if n + T <= L:
-            self.buf.write_range(B, n, key, value)
+            if not in_buffer:
+                self.buf.write_range(B, n, key, value)
             self.pos[:B, :, n : n + T] = new_pos
             self.score[:B, :, : n + T] = cand_score
             if new_err is not None:
                 self.qerr[:B, :, n : n + T] = new_err
             self.n_filled = n + T
+        elif in_buffer:
+            self._select_in_place(p, cand_score)
         elif T == 1:
             self._select_one(key, value, p, cand_score, new_err)
         else:
@@ -240,6 +262,26 @@ class ScoredCache(KVCache):
         for store, new in updates:
             view = store[:B]
             view.scatter_(2, slot, torch.where(keep_new, new, view.gather(2, slot)))
+
+    def _select_in_place(self, p: int, cand_score: Tensor) -> None:
+        """A fused eager step on a full buffer, the step's token at position p already in the extra slot L:
+        `_select_one`'s rule (the lowest rank goes, ties to the older; no slot is empty) over the L + 1 candidates,
+        and the token's K/V, position and score copied into the dropped one's slot (onto itself when it is the one
+        dropped). The same decision with fewer operations: nothing is gathered back where the token does not stay.
+        cand_score (B, G, L + 1)."""
+        B, G = cand_score.shape[:2]
+        L = self.cache_length
+        new_pos = torch.full((B, G, 1), p, device=cand_score.device)
+        cand_pos = torch.cat([self.pos[:B], new_pos], dim=-1)  # (B, G, L + 1)
+        rank = self.rank(cand_score, cand_pos, None, p + 1)
+        prot = self.protected(cand_pos, p + 1, 1)
+        if prot is not None:
+            rank = rank.masked_fill(prot, INF)
+        lowest = rank == rank.amin(dim=-1, keepdim=True)  # (B, G, L + 1)
+        drop = cand_pos.masked_fill(~lowest, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # (B, G, 1)
+        self.pos[:B] = cand_pos.scatter_(2, drop, new_pos)[..., :L]
+        self.score[:B] = cand_score.scatter(2, drop, cand_score[..., L:].clone())[..., :L]
+        self.buf.move_slot(B, L, drop)
 
     def decode_step(self, query: Tensor, key: Tensor, value: Tensor, pos: Tensor) -> Tensor:
         """`_step` of one token at fixed shapes, for the compiled decode step (position `pos` on the device, no

@@ -62,7 +62,7 @@ def static_weighted_decode(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    filled: Tensor,
+    filled: Tensor | None,
     new_key: Tensor,
     new_value: Tensor,
     opts: AttentionOptions,
@@ -71,7 +71,8 @@ def static_weighted_decode(
     at empty slots) and over the step's own token, which is not in the buffer yet, with one softmax over both; the
     same operations as `grouped_attention` with two segments, at fixed shapes.
 
-    query (B, n_head, 1, hs); key, value (B, G, L, hs); filled (B, G, L) bool; new_key, new_value (B, G, 1, hs).
+    query (B, n_head, 1, hs); key, value (B, G, L, hs); filled (B, G, L) bool, or None where every slot is filled (the
+    eager step over a buffer's filled prefix); new_key, new_value (B, G, 1, hs).
     Returns (output (B, 1, n_head * hs), float32 softmax weights (B, G, L + 1) summed over each group's query heads,
     0 at empty slots, the step's token last).
     """
@@ -80,7 +81,8 @@ def static_weighted_decode(
     scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(hs)
     q = query.view(B, G, H // G, hs)  # (B, G, q_per_kv, hs): head h is row h % q_per_kv of group h // q_per_kv
     old = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)  # (B, G, q_per_kv, L)
-    old = old.masked_fill(~filled.unsqueeze(2), float("-inf"))
+    if filled is not None:
+        old = old.masked_fill(~filled.unsqueeze(2), float("-inf"))
     new = torch.matmul(q, new_key.transpose(-1, -2)).mul_(scale)  # (B, G, q_per_kv, 1)
     probs = torch.softmax(torch.cat([old, new], dim=-1).float(), dim=-1)  # (B, G, q_per_kv, L + 1)
     weights = probs.sum(dim=2)  # (B, G, L + 1)

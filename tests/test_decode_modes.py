@@ -78,9 +78,10 @@ def test_append_keeps_the_compressed_prompt_and_every_decoded_token(tiny):
             decoded = torch.arange(P, P + STEPS).expand(1, tiny.config.n_query_groups, STEPS)
             for before, now in zip(after_prompt, kept[mode]):
                 assert torch.equal(now, torch.cat([before, decoded], dim=-1))
-            c = tiny.config  # K and V, float32, for every slot `open` left after the prompt, in every layer
-            tail = c.n_layer * 2 * c.n_query_groups * STEPS * c.head_size * 4
-            assert system.cache_bytes() == prompt_bytes + tail
+            c = tiny.config  # K and V, float32, of one slot in every layer
+            slot = c.n_layer * 2 * c.n_query_groups * c.head_size * 4
+            # the prompt's buffer (16 slots and the evicting step's spare one) grown to 16 + STEPS, in place
+            assert system.cache_bytes() == prompt_bytes + (16 + STEPS - 17) * slot
         else:
             assert all(now.shape[-1] == 16 for now in kept[mode])
     # a new prompt starts from the prompt's own caches again, not the appending ones
@@ -118,9 +119,9 @@ def test_the_mode_is_the_systems_own_unless_asked_and_hashes_apart_only_where_it
 
 def test_a_job_in_each_mode_is_a_row_that_says_which_ran():
     """The timed path (a warm-up, two rounds of prefill and decode, the tracked pass) in both modes: `append` holds
-    the decoded tokens on top of the prompt's budget (the bytes of their K/V slots), `evict` the budget alone, and
-    neither the warm-up's nor an earlier round's appended tokens are held through a prefill: its exact tracked peak
-    is evict's. compile=true is refused in `append`, and so is the multiturn protocol."""
+    the decoded tokens on top of the prompt's budget (the bytes of their K/V slots), `evict` the budget and a spare
+    slot, and neither the warm-up's nor an earlier round's appended tokens are held through a prefill: its exact
+    tracked peak is evict's. compile=true is refused in `append`, and so is the multiturn protocol."""
     import torch as torch_
 
     from bench.harness.job import run_job
@@ -131,8 +132,9 @@ def test_a_job_in_each_mode_is_a_row_that_says_which_ran():
     assert all(r["status"] == "ok" for r in rows.values()), [r.get("error") for r in rows.values()]
     assert (rows["evict"]["decode"], rows["append"]["decode"]) == ("evict", "append")
     shape = Config.from_name(_spec(*small).model)  # tiny, the CPU's default
-    tail = shape.n_layer * 2 * shape.n_query_groups * 4 * shape.head_size * 4  # 4 decoded tokens, K and V, float32
-    assert rows["append"]["cache_bytes"] == rows["evict"]["cache_bytes"] + tail
+    slot = shape.n_layer * 2 * shape.n_query_groups * shape.head_size * 4  # K and V, float32, in every layer
+    # the budget's buffer and its spare slot (evict), grown to the budget and the 4 decoded tokens (append)
+    assert rows["append"]["cache_bytes"] == rows["evict"]["cache_bytes"] + 3 * slot
     assert rows["append"]["peak_alloc_prefill_bytes"] == rows["evict"]["peak_alloc_prefill_bytes"]
     refused = run_job(_spec(*small, "cache.decode=append", "compile=true"), "test", "compiled", progress=False)
     assert refused["status"] == "unsupported" and "cache.decode=append decodes eagerly" in refused["error"]
@@ -141,31 +143,57 @@ def test_a_job_in_each_mode_is_a_row_that_says_which_ran():
     assert "eval.protocol=multiturn keeps evicting" in cls.refuse(multiturn, torch_.device("cpu"))
 
 
-def test_appended_tokens_attend_only_what_each_head_keeps():
-    """adakv keeps another number of tokens per KV head, read back padded (position -1). What is appended after it
-    (the agnostic protocol's question, cache.decode=append's answer) attends, per head, that head's kept tokens and
-    the new ones causally, never a padding slot: against a naive per-head softmax over the kept tokens alone."""
+@pytest.mark.parametrize("name", ["adakv", "knorm", "last_recent", "dense"])
+def test_appended_tokens_attend_only_what_each_head_keeps(name, monkeypatch):
+    """What is appended after a compressed cache (the agnostic protocol's question, cache.decode=append's answer)
+    attends, per head, that head's kept tokens and the new ones causally: a question of Q tokens, then two decode
+    steps, against a naive per-head softmax over the kept tokens alone. adakv keeps another number of tokens per KV
+    head, read back padded (position -1), never attended, through two segments; the others keep theirs in slots
+    0 .. n-1 of a float buffer, and the new tokens go after them in that buffer, attended in one call."""
     from caches import KVCacheParams, create_cache
+    from model import attention as attention_module
 
     B, G, H, hs, L, T, Q = 2, 2, 4, 16, 8, 40, 3
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, n, T + Q, hs, generator=gen) for n in (H, G, G))
+    q, k, v = (torch.randn(B, n, T + Q + 2, hs, generator=gen) for n in (H, G, G))
     k[:, 0] *= 4  # head 0's attention is focused, head 1's spread: Ada-KV gives them different shares
-    base = create_cache("adakv", KVCacheParams(B, G, H, hs, L, torch.device("cpu"), torch.float32), window=4)
+    knobs = {"adakv": {"window": 4}, "last_recent": {"sink_tokens": 2}}.get(name, {})
+    length = T if name == "dense" else L
+    base = create_cache(name, KVCacheParams(B, G, H, hs, length, torch.device("cpu"), torch.float32), **knobs)
     base(q[:, :, :T], k[:, :, :T], v[:, :, :T], 0)
-    assert (base.head_lengths() != L).any()  # the heads really keep different numbers: padding is read back
-    kept_k, kept_v, kept_pos = base.kept_kv(B)
-    got = FrozenPrefixCache(base, Q)(q[:, :, T:], k[:, :, T:], v[:, :, T:], T)  # (B, Q, H * hs)
-    expected = torch.empty(B, Q, H, hs)
+    if name == "adakv":
+        assert (base.head_lengths() != L).any()  # the heads really keep different numbers: padding is read back
+    kept_k, kept_v, kept_pos = (x.clone() for x in base.kept_kv(B))
+    calls = []
+    real_grouped = attention_module.grouped_attention
+    monkeypatch.setattr("caches.frozen.grouped_attention", lambda *a, **kw: calls.append(1) or real_grouped(*a, **kw))
+    frozen = FrozenPrefixCache(base, Q + 2)
+    assert frozen.contiguous == (name != "adakv")
+    got = [frozen(q[:, :, T : T + Q], k[:, :, T : T + Q], v[:, :, T : T + Q], T)]  # (B, Q, H * hs)
+    got += [frozen(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], t) for t in (T + Q, T + Q + 1)]
+    got = torch.cat(got, dim=1)  # (B, Q + 2, H * hs)
+    assert len(calls) == (3 if name == "adakv" else 0)
+    # bytes: the base's buffer grown in place to hold the new tokens after its own; or the new tokens' buffer and
+    # adakv's heads read once, padded to the longest (K, V float32 and int64 positions)
+    n = kept_pos.shape[-1]
+    if name == "adakv":
+        held = B * G * (Q + 2) * hs * 4 * 2 + B * G * n * (hs * 4 * 2 + 8)
+        assert frozen.size_estimate() == base.size_estimate() + held
+    else:
+        assert frozen.size_estimate() == base.size_estimate()
+        assert base.buf.k.shape[2] == max(n + Q + 2, length + (name == "knorm"))  # knorm's spare slot
+    assert torch.equal(base.kept_kv(B)[2], kept_pos)  # the base keeps what it kept
+    N = Q + 2
+    expected = torch.empty(B, N, H, hs)
     for b in range(B):
         for h in range(H):
             g = h // (H // G)
             real = kept_pos[b, g] >= 0
-            keys = torch.cat([kept_k[b, g, real], k[b, g, T:]])  # (kept + Q, hs)
+            keys = torch.cat([kept_k[b, g, real], k[b, g, T:]])  # (kept + N, hs)
             values = torch.cat([kept_v[b, g, real], v[b, g, T:]])
-            scores = q[b, h, T:] @ keys.T / hs**0.5  # (Q, kept + Q)
+            scores = q[b, h, T:] @ keys.T / hs**0.5  # (N, kept + N)
             n = int(real.sum())
-            scores[:, n:] = scores[:, n:].masked_fill(torch.ones(Q, Q, dtype=torch.bool).triu(1), float("-inf"))
+            scores[:, n:] = scores[:, n:].masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
             expected[b, :, h] = torch.softmax(scores, dim=-1) @ values
-    expected = expected.reshape(B, Q, H * hs)
-    assert_within(got, expected, bound(expected, attention_terms(hs, L * G + Q)))
+    expected = expected.reshape(B, N, H * hs)
+    assert_within(got, expected, bound(expected, attention_terms(hs, length * G + N)))

@@ -15,7 +15,7 @@ from bench.config.spec import CacheSpec
 from bench.systems.base import System, swapped
 from caches import cache_class
 from caches.base import KVCache
-from caches.frozen import FrozenPrefixCache
+from caches.frozen import FrozenPrefixCache, drop_room
 from caches.prompt import Prompt, PromptRecorder
 from model.attention import UnsupportedBackend
 from model.compiled_decode import CompiledDecode
@@ -167,6 +167,8 @@ class KvbenchSystem(System):
         """The prompt's caches back in the model, for the next prompt (which resets them)."""
         if self.prompt_caches is not None:
             self.model.assign_kv_caches(self.prompt_caches)
+            for cache in self.prompt_caches:
+                drop_room(cache)  # the room the decoded tokens took, given back before the next prefill
             self.prompt_caches = None
 
     # ---- the task suite's path ---------------------------------------------------------------------------------
