@@ -82,6 +82,11 @@ class KVBuffer(nn.Module):
         for name, x in encoded.items():
             getattr(self, name)[b, g, slot] = x[0, 0]
 
+    def write_at(self, B: int, slot: Tensor, key: Tensor, value: Tensor) -> None:
+        """Token (b, g, t) goes to slot slot[b, g, t] of head g; slot (B, G, T), key and value (B, G, T, hs)."""
+        for name, x in self.encode(key, value).items():  # x (B, G, T, X)
+            getattr(self, name)[:B].scatter_(2, slot.unsqueeze(-1).expand(*slot.shape, x.shape[-1]), x)
+
     def put_where(self, B: int, slot: Tensor, keep: Tensor, key: Tensor, value: Tensor) -> None:
         """Token (b, g) of a one-token call goes to slot[b, g] where keep[b, g]; slot, keep (B, G, 1)."""
         for name, x in self.encode(key, value).items():  # x (B, G, 1, X)

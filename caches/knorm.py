@@ -14,6 +14,7 @@ from caches.scored import Candidates, ScoredCache
 @register("knorm")
 class KnormCache(ScoredCache):
     decode_weights = False  # a decode step needs no attention weights: it decodes through one fused call
+    decode_keeps_scores = True
 
     def weights_from(self, T: int) -> None:
         return None  # no attention weights: the keys decide

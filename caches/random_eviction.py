@@ -25,6 +25,7 @@ def uniform_hash(seed: int, b: Tensor, g: Tensor, pos: Tensor) -> Tensor:
 @register("random")
 class RandomCache(ScoredCache):
     decode_weights = False  # a decode step needs no attention weights: it decodes through one fused call
+    decode_keeps_scores = True
 
     def __init__(self, params: KVCacheParams, seed: int = 0, buffer: str = "float", group_size: int = 32) -> None:
         super().__init__(params, buffer, group_size)

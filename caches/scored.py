@@ -92,6 +92,8 @@ class ScoredCache(KVCache):
     default_buffer = "float"
     shares_prefill = True
     decode_weights: ClassVar[bool] = True  # a decode step's policy reads the step's attention weights
+    # a decode step leaves the buffered tokens' scores as they are, its token's score from the token alone
+    decode_keeps_scores: ClassVar[bool] = False
     idempotent_decode = False  # a step scores and evicts
 
     def __init__(self, params: KVCacheParams, buffer: str = "float", group_size: int = 32) -> None:

@@ -20,6 +20,7 @@ from caches.scored import INF, Candidates, ScoredCache
 @register("snapkv")
 class SnapKVCache(ScoredCache):
     decode_weights = False  # a decode step keeps its token whatever the weights: one fused call
+    decode_keeps_scores = True
 
     def __init__(
         self,

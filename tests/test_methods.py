@@ -2,7 +2,6 @@
 against its naive reference, KIVI's buffer against a plain quantizer, and the bytes each holds against an analytic
 count (PyramidKV's and Ada-KV's totals, KIVI's ratio to a 16-bit cache)."""
 
-import math
 from fractions import Fraction
 
 import pytest
@@ -54,6 +53,25 @@ def test_adakv_matches_its_naive_reference(scorer, knobs, prefill):
                 assert [p for p in positions[b, g].tolist() if p >= 0] == ref.kept(b, g), (start, b, g)
     lengths = cache.head_lengths()
     assert (lengths.sum(dim=1) == G * L).all()
+
+
+@pytest.mark.parametrize("scorer", ["snapkv", "h2o", "keydiff"])
+def test_adakv_decode_step_on_a_full_layer_copies_no_kept_token(scorer, monkeypatch):
+    """A full layer's decode step attends its flat buffer as it lies: no per-head gather (a copy of every kept token,
+    each step), each head's token written to one of the layer's G spare slots, and the G that go leave their slots
+    spare for the next step."""
+    L = 6
+    cache = create_cache("adakv", KVCacheParams(B, G, H, HS, L, CPU, torch.float32), scorer=scorer)
+    q, k, v = _qkv(19 + 4, seed=3)
+    cache(q[:, :, :19], k[:, :, :19], v[:, :, :19], 0)
+    gathers = []
+    monkeypatch.setattr(cache, "_gather", lambda b: gathers.append(b))
+    for t in range(19, 23):
+        cache(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], t)
+        assert gathers == [] and ((cache.owner < 0).sum(dim=1) == G).all() and (cache.pos >= 0).sum() == B * G * L
+    monkeypatch.undo()
+    assert (cache.head_lengths().sum(dim=1) == G * L).all()
+    assert torch.equal(cache.head_lengths(), cache.lengths)
 
 
 @pytest.mark.parametrize("scorer", ["knorm", "keydiff", "random"])
@@ -148,7 +166,8 @@ def test_kivi_bytes_at_32k_against_a_16_bit_cache(buffer, most):
 def test_pyramid_and_adakv_hold_exactly_their_total(tiny):
     """PyramidKV's layers share n_layer x budget slots (the first layers more); Ada-KV's layer holds G x budget in
     one flat buffer, whatever the heads' shares (PyramidKV's K/V buffer one slot more per layer, for its fused decode
-    step). Counted from the buffers and from the formulas."""
+    step; Ada-KV's G slots more per sequence, one per head's decoded token, and per head a free slot and a count).
+    Counted from the buffers and from the formulas."""
     counts = layer_budgets("pyramid", 400, 16, window=8)
     assert sum(counts) == 16 * 400 and counts == sorted(counts, reverse=True) and counts[0] > 2 * counts[-1]
     assert layer_budgets("pyramid", 100, 16, window=32) == [100] * 16  # the pyramid would pass below the window
@@ -163,11 +182,13 @@ def test_pyramid_and_adakv_hold_exactly_their_total(tiny):
     model.set_kv_caches(2, "adakv", 400)
     cache = model.kv_caches[0]
     per_slot = 2 * model.config.head_size * 4 + 8 + 8 + 4  # K and V, owner, position, score
+    G = model.config.n_query_groups
     assert (
         cache.size_estimate()
-        == 2 * model.config.n_query_groups * 400 * per_slot
-        == math.prod([2, model.config.n_query_groups, 400, per_slot])
+        == 2 * (G * 400 + G) * per_slot + 2 * G * 16
+        == type(cache).size_estimate_apriori(cache.params)
     )
+    assert sum(c.size_estimate() for c in model.kv_caches) == 4 * 2 * G * (400 * per_slot + per_slot + 16)
 
 
 @pytest.mark.parametrize("cache", ["dense", "h2o"])
