@@ -77,10 +77,8 @@ class AdaKVCache(KVCache):
             self.register_buffer(
                 name, torch.full((B, self.room), fill, dtype=dtype, device=params.device), persistent=False
             )
-        # a full layer's G empty slots per sequence, where the next decode step writes its tokens, and how many each
-        # head holds (kept by the decode step, which reads them instead of counting)
-        for name in ("free", "lengths"):
-            self.register_buffer(name, torch.zeros(B, G, dtype=torch.long, device=params.device), persistent=False)
+        # a full layer's G empty slots per sequence, where the next decode step writes its tokens
+        self.register_buffer("free", torch.zeros(B, G, dtype=torch.long, device=params.device), persistent=False)
         self.free_known = False
         self.n_kept = 0  # tokens the layer holds, the same for every sequence (a Python int: no host sync)
 
@@ -179,7 +177,6 @@ class AdaKVCache(KVCache):
         heads = torch.arange(G, device=dev)
         if not self.free_known:  # a full layer has exactly G empty slots per sequence
             self.free[:B] = torch.topk((self.owner[:B] < 0).to(torch.float32), G, dim=1).indices
-            self.lengths[:B] = (self.owner[:B].unsqueeze(1) == heads.view(1, G, 1)).sum(dim=-1)
             self.free_known = True
         free = self.free[:B]  # (B, G)
         self.buf.write_at(B, free.unsqueeze(1), key.view(B, 1, G, hs), value.view(B, 1, G, hs))  # head g's: free[b, g]
@@ -187,7 +184,6 @@ class AdaKVCache(KVCache):
         own = self.owner[:B].clone() if rescores else None  # (B, S), -1 at the free slots: the tokens come as new
         owner = self.owner[:B].scatter_(1, free, heads.expand(B, G))  # (B, S): every slot owned, the tokens' too
         slot_pos = self.pos[:B].scatter_(1, free, p)  # (B, S)
-        lengths = self.lengths[:B].add_(1)  # (B, G)
         other = owner.unsqueeze(1) != heads.view(1, G, 1)  # (B, G, S): slot s is not head g's
 
         k_flat, v_flat = self.buf.read(B, S)  # (B, 1, S, hs)
@@ -213,23 +209,20 @@ class AdaKVCache(KVCache):
         protect = self.policy.protected(slot_pos, p + 1, 1)
         # `_keep`'s order among equal ranks: the older first, then the later in (head, column) order, which for one
         # position (held once per head) is the later head
-        tie = slot_pos * G + (G - 1 - owner)  # (B, S)
+        tie = slot_pos * G - owner  # (B, S)
         drop = lowest(rank if protect is None else rank.masked_fill(protect, float("inf")), tie, G)  # (B, G)
-        dropped = torch.zeros_like(lengths).scatter_add_(1, owner.gather(1, drop), torch.ones_like(drop))  # (B, G)
         floor = int(self.alpha * self.cache_length)
-        if floor and self._in_floor(rank, slot_pos, owner, protect, drop, lengths - dropped, floor):
+        if floor and self._in_floor(rank, slot_pos, owner, other, protect, drop, floor):
             # each head's own top `floor` set aside first (ties: the newer)
             per_head = rank.neg().unsqueeze(1).expand(B, G, S).masked_fill(other, float("inf"))  # the highest first
             top = lowest(per_head, (p - slot_pos).unsqueeze(1).expand(B, G, S), min(floor, S))  # (B, G, floor)
             top = torch.zeros_like(other).scatter_(-1, top, True).masked_fill_(other, False).any(dim=1)  # (B, S)
             protect = top if protect is None else protect | top
             drop = lowest(rank.masked_fill(protect, float("inf")), tie, G)
-            dropped = torch.zeros_like(lengths).scatter_add_(1, owner.gather(1, drop), torch.ones_like(drop))
         owner.scatter_(1, drop, -1)
         slot_pos.scatter_(1, drop, -1)
         scores.scatter_(1, drop, 0.0)
         free.copy_(drop)
-        lengths.sub_(dropped)
         return out.unsqueeze(2)  # (B, n_head, 1, hs)
 
     def _rescored(
@@ -264,15 +257,16 @@ class AdaKVCache(KVCache):
 
     @staticmethod
     def _in_floor(
-        rank: Tensor, pos: Tensor, owner: Tensor, protect: Tensor | None, drop: Tensor, staying: Tensor, floor: int
+        rank: Tensor, pos: Tensor, owner: Tensor, other: Tensor, protect: Tensor | None, drop: Tensor, floor: int
     ) -> bool:
         """Whether a slot of `drop` (B, n) is among its head's top `floor` by rank (ties: the newer), that is, fewer
-        than `floor` of its head's slots rank above it (rank, pos, owner (B, S)). Where none is, the floor changes
-        nothing: the set-aside tokens are not the ones that go. First the quick answer: a head's unprotected slots
-        that stay all rank above its dropped ones, and most heads keep `floor` of them (staying (B, G): the slots
-        each head keeps)."""
-        protected = 0 if protect is None else torch.zeros_like(staying).scatter_add_(1, owner, protect.long())
-        if not bool((staying - protected < floor).any()):
+        than `floor` of its head's slots rank above it (rank, pos, owner (B, S); other (B, G, S): not head g's).
+        Where none is, the floor changes nothing: the set-aside tokens are not the ones that go. First the quick
+        answer: a head's unprotected slots that stay all rank above its dropped ones, and a head with `floor` + n +
+        (the layer's protected slots) keeps `floor` of them, which most heads do."""
+        n = drop.shape[1]
+        margin = n if protect is None else protect.sum(dim=-1, keepdim=True) + n  # (B, 1)
+        if not bool((other.shape[-1] - other.sum(dim=-1) - margin < floor).any()):
             return False
         r, p, g = (x.gather(1, drop).unsqueeze(-1) for x in (rank, pos, owner))  # (B, n, 1) each
         above = (rank.unsqueeze(1) > r) | ((rank.unsqueeze(1) == r) & (pos.unsqueeze(1) > p))  # (B, n, S)
@@ -346,13 +340,15 @@ class AdaKVCache(KVCache):
         B, G, L = params.batch_size, params.n_query_groups, params.cache_length
         room = G * L + G * (buffer == "float")  # the decode step's G extra slots on a float buffer
         flat = KVCacheParams(B, 1, params.n_head, params.head_size, room, params.device, params.dtype)
-        return buffer_nbytes(flat, buffer, group_size) + B * room * (8 + 8 + 4) + B * G * 16  # owner, pos, score; free
+        return buffer_nbytes(flat, buffer, group_size) + B * room * (8 + 8 + 4) + B * G * 8  # owner, pos, score; free
 
 
 def lowest(rank: Tensor, tie: Tensor, n: int) -> Tensor:
     """Indices (..., n) of the n lowest ranks along the last dimension, equal ranks taken by the lowest `tie` (int64,
-    >= 0, distinct where it must decide): the set a stable sort by (rank, tie) puts first, from two top-k's, no sort
+    distinct where it must decide): the set a stable sort by (rank, tie) puts first, from two top-k's, no sort
     (equal ranks are common: SnapKV's pooled scores)."""
     edge = rank.topk(n, dim=-1, largest=False).values[..., -1:]  # the n-th lowest rank
-    key = tie.masked_fill(rank > edge, torch.iinfo(torch.long).max).masked_fill_(rank < edge, -1)
+    key = tie.masked_fill(rank > edge, torch.iinfo(torch.long).max).masked_fill_(
+        rank < edge, torch.iinfo(torch.long).min
+    )
     return key.topk(n, dim=-1, largest=False).indices
