@@ -88,7 +88,8 @@ def instrument(timer: PartTimer) -> None:
     for name in ("read",):
         timer.wrap(buffers.KVBuffer, name, "kv_read")
     timer.wrap(adakv.AdaKVCache, "_gather", "kv_read")
-    for name in ("write_range", "write_slots", "put", "put_where", "move_slot"):
+    timer.wrap(adakv.AdaKVCache, "_attend_flat", "attention")
+    for name in ("write_range", "write_slots", "put", "put_where", "move_slot", "write_at"):
         timer.wrap(buffers.KVBuffer, name, "kv_write")
     classes = {cache_class(n) for n in ("h2o", "qh2o", "tova", "snapkv", "knorm", "keydiff", "random")}
     classes |= {cache_class("expected_attention"), ScoredCache}
@@ -97,7 +98,7 @@ def instrument(timer: PartTimer) -> None:
             timer.wrap(cls, "candidate_scores", "scoring")
     for name in ("_select_one", "_select", "_admit"):
         timer.wrap(ScoredCache, name, "eviction")
-    for name in ("_select", "_keep"):
+    for name in ("_select", "_keep", "_drop"):
         timer.wrap(adakv.AdaKVCache, name, "eviction")
 
 

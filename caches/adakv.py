@@ -172,7 +172,7 @@ class AdaKVCache(KVCache):
         scores the candidates and ranks them flat; the G lowest of the layer go and their slots are the next step's
         free ones. Owners, positions and scores are updated in place."""
         B, G, _, hs = key.shape
-        H, S = query.shape[1], self.room
+        S = self.room
         dev = key.device
         heads = torch.arange(G, device=dev)
         if not self.free_known:  # a full layer has exactly G empty slots per sequence
@@ -187,13 +187,7 @@ class AdaKVCache(KVCache):
         other = owner.unsqueeze(1) != heads.view(1, G, 1)  # (B, G, S): slot s is not head g's
 
         k_flat, v_flat = self.buf.read(B, S)  # (B, 1, S, hs)
-        scale = self.attn_opts.scale if self.attn_opts.scale is not None else hs**-0.5
-        q = query.reshape(B, H, hs) * scale  # (B, n_head, hs): one query per head, query head h of KV head h // R
-        logits = torch.matmul(q, k_flat[:, 0].transpose(1, 2))  # (B, n_head, S)
-        logits.view(B, G, H // G, S).masked_fill_(other.unsqueeze(2), float("-inf"))  # (B, G, R, S)
-        probs = torch.softmax(logits.float(), dim=-1)  # (B, n_head, S), 0 off each head's own slots
-        out = torch.matmul(probs.to(query.dtype), v_flat[:, 0])  # (B, n_head, hs)
-        record("eager")
+        out, probs = self._attend_flat(query, k_flat, v_flat, other)
 
         new_pos = torch.full((B, G, 1), p, device=dev)
         if rescores:
@@ -204,26 +198,47 @@ class AdaKVCache(KVCache):
             call = Candidates(score1, None, None, 1, k1, key, v1, value, pos1, new_pos)
             scores = self.score[:B].scatter_(1, free, self.policy.candidate_scores(call)[..., 1])  # (B, S)
 
-        # ranked flat: a policy's rank and protection are per candidate; the floor is per head
-        rank = self.policy.rank(scores, slot_pos, None, p + 1)  # (B, S)
-        protect = self.policy.protected(slot_pos, p + 1, 1)
-        # `_keep`'s order among equal ranks: the older first, then the later in (head, column) order, which for one
-        # position (held once per head) is the later head
-        tie = slot_pos * G - owner  # (B, S)
-        drop = lowest(rank if protect is None else rank.masked_fill(protect, float("inf")), tie, G)  # (B, G)
-        floor = int(self.alpha * self.cache_length)
-        if floor and self._in_floor(rank, slot_pos, owner, other, protect, drop, floor):
-            # each head's own top `floor` set aside first (ties: the newer)
-            per_head = rank.neg().unsqueeze(1).expand(B, G, S).masked_fill(other, float("inf"))  # the highest first
-            top = lowest(per_head, (p - slot_pos).unsqueeze(1).expand(B, G, S), min(floor, S))  # (B, G, floor)
-            top = torch.zeros_like(other).scatter_(-1, top, True).masked_fill_(other, False).any(dim=1)  # (B, S)
-            protect = top if protect is None else protect | top
-            drop = lowest(rank.masked_fill(protect, float("inf")), tie, G)
+        drop = self._drop(scores, slot_pos, owner, other, p)  # (B, G)
         owner.scatter_(1, drop, -1)
         slot_pos.scatter_(1, drop, -1)
         scores.scatter_(1, drop, 0.0)
         free.copy_(drop)
         return out.unsqueeze(2)  # (B, n_head, 1, hs)
+
+    def _attend_flat(self, query: Tensor, k_flat: Tensor, v_flat: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+        """One query per head (query (B, n_head, 1, hs)) over every slot of the flat buffer (k_flat, v_flat (B, 1, S,
+        hs)), the slots of other heads masked (other (B, G, S)): (output (B, n_head, hs), float32 softmax weights (B,
+        n_head, S), 0 off each head's own slots)."""
+        B, H, _, hs = query.shape
+        G, S = other.shape[1:]
+        scale = self.attn_opts.scale if self.attn_opts.scale is not None else hs**-0.5
+        q = query.reshape(B, H, hs) * scale  # (B, n_head, hs): query head h belongs to KV head h // (n_head / G)
+        logits = torch.matmul(q, k_flat[:, 0].transpose(1, 2))  # (B, n_head, S)
+        logits.view(B, G, H // G, S).masked_fill_(other.unsqueeze(2), float("-inf"))  # (B, G, R, S)
+        probs = torch.softmax(logits.float(), dim=-1)  # (B, n_head, S)
+        record("eager")
+        return torch.matmul(probs.to(query.dtype), v_flat[:, 0]), probs  # (B, n_head, hs)
+
+    def _drop(self, scores: Tensor, pos: Tensor, owner: Tensor, other: Tensor, p: int) -> Tensor:
+        """The G slots (B, G) that go from a full layer's flat candidates (scores, pos, owner (B, S); other (B, G, S):
+        not head g's): the lowest ranks, the policy's protected ones and each head's floor set aside."""
+        G, S = other.shape[1:]
+        rank = self.policy.rank(scores, pos, None, p + 1)  # (B, S): a policy's rank and protection are per candidate
+        protect = self.policy.protected(pos, p + 1, 1)
+        # `_keep`'s order among equal ranks: the older first, then the later in (head, column) order, which for one
+        # position (held once per head) is the later head
+        tie = pos * G - owner  # (B, S)
+        drop = lowest(rank if protect is None else rank.masked_fill(protect, float("inf")), tie, G)  # (B, G)
+        floor = int(self.alpha * self.cache_length)
+        if floor and self._in_floor(rank, pos, owner, other, protect, drop, floor):
+            # each head's own top `floor` set aside first (ties: the newer)
+            B = rank.shape[0]
+            per_head = rank.neg().unsqueeze(1).expand(B, G, S).masked_fill(other, float("inf"))  # the highest first
+            top = lowest(per_head, (p - pos).unsqueeze(1).expand(B, G, S), min(floor, S))  # (B, G, floor)
+            top = torch.zeros_like(other).scatter_(-1, top, True).masked_fill_(other, False).any(dim=1)  # (B, S)
+            protect = top if protect is None else protect | top
+            drop = lowest(rank.masked_fill(protect, float("inf")), tie, G)
+        return drop
 
     def _rescored(
         self,

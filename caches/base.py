@@ -85,6 +85,14 @@ class KVCache(nn.Module):
         return self.keeps_window and not self.buf.quantized
 
     @property
+    def causal_prefix(self) -> int:
+        """How many first positions of a prompt this cache's own prefill attends as plain causal attention, whatever
+        comes after them, so that a recorded prompt's first positions (caches/prompt.py) loaded into it stand for
+        them: 0 unless the cache says (last_recent: its sinks and window, which every query before them sees whole).
+        A cache that a recorded prompt loads whole (`shares_prefill`) needs none."""
+        return 0
+
+    @property
     def max_prefill_length(self) -> int | None:
         """Longest prefill accepted (None: no limit)."""
         return None

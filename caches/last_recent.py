@@ -48,6 +48,13 @@ class LastRecentCache(KVCache):
             "pos", torch.full((params.cache_length,), -1, device=params.device, dtype=torch.long), persistent=False
         )
 
+    @property
+    def causal_prefix(self) -> int:
+        """Query q < cache_length sees every position before it (its window reaches back past the sinks), so the
+        first cache_length positions of its own prefill are plain causal attention; under a model-level window
+        (a hybrid's windowed layer) none are claimed."""
+        return self.cache_length if self.attn_opts.sliding_window is None else 0
+
     def _slot(self, position: int) -> int:
         s = self.sink_tokens
         return position if position < s else s + (position - s) % self.window

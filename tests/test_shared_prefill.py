@@ -24,12 +24,12 @@ def test_every_score_based_cache_and_dense_can_be_loaded():
 
 
 @torch.inference_mode()
-def _run(system, ids: torch.Tensor, shared: protocols.SharedPrompts | None) -> tuple[list, list]:
-    """Fresh caches, the prompt (own prefill, or loaded), then three decode steps: (kept positions per layer, the
-    logits after the prompt and after each step)."""
+def _run(system, ids: torch.Tensor, shared: protocols.SharedPrompts | None, context: int | None = None) -> tuple:
+    """Fresh caches, the prompt (own prefill, or loaded; its first `context` tokens the context), then three decode
+    steps: (kept positions per layer, the logits after the prompt and after each step)."""
     B, T = ids.shape
     system.open(B, T + 4)
-    logits = [shared.start(system, ids) if shared else system.forward(ids, 0)]
+    logits = [shared.start(system, ids, context=context) if shared else system.forward(ids, 0)]
     kept = [c.token_positions().clone() for c in system.model.kv_caches]
     for i in range(3):
         logits.append(system.forward(logits[-1].argmax(-1, keepdim=True), T + i))
@@ -63,6 +63,51 @@ def test_a_cache_whose_prefill_differs_runs_its_own(tiny):
     _run(KvbenchSystem.around(tiny, None, "last_recent", 32, 256), ids, shared)
     _run(KvbenchSystem.around(tiny, None, "h2o", 32, 64), ids, shared)  # a prompt in two calls
     assert shared.paths == {"own"} and not shared.recorded
+
+
+@pytest.mark.numeric
+def test_a_window_cache_resumes_its_own_prefill_past_what_a_recording_holds(tiny, monkeypatch):
+    """last_recent keeping 32 tokens, a 100-token context and a 20-token question (batch 2): each of the first 32
+    positions of its own prefill sees every position before it, so they are loaded from the recording of context and
+    question that another cache made, and only the context's other 68 are prefilled. The kept positions, and the
+    logits after the question and after three decode steps, are those of its whole own prefill; with the recording's
+    keys perturbed they are not."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 120))  # (B, T)
+    system = KvbenchSystem.around(tiny, None, "last_recent", 32, 256)
+    alone = protocols.SharedPrompts()
+    own_kept, own_logits = _run(system, ids, alone, context=100)
+
+    def resumed(recording_hook=None) -> tuple:
+        shared = protocols.SharedPrompts()
+        if recording_hook:
+            monkeypatch.setattr(PromptRecorder, "_prefill", recording_hook)
+        _run(KvbenchSystem.around(tiny, None, "dense", 0, 256), ids, shared)  # records context and question
+        monkeypatch.undo()
+        shared.paths = set()  # which prefills the cache under test ran (the dense one's recording was "shared")
+        calls = []
+        real = system.forward
+        monkeypatch.setattr(system, "forward", lambda x, pos: calls.append((x.shape[1], pos)) or real(x, pos))
+        kept, logits = _run(system, ids, shared, context=100)
+        monkeypatch.undo()
+        assert shared.paths == {"resumed"} and calls[:2] == [(68, 32), (20, 100)]  # the context past 32, the question
+        return kept, logits
+
+    kept, logits = resumed()
+    assert alone.paths == {"own"}
+    for layer, (a, b) in enumerate(zip(own_kept, kept)):
+        assert torch.equal(a, b), f"layer {layer} keeps other positions"
+    for a, b in zip(own_logits, logits):
+        assert_within(b, a, bound(a, model_terms(tiny.config, 124)), "logits")
+    real = PromptRecorder._prefill
+
+    def perturbed(self, query, key, value):
+        out = real(self, query, key, value)
+        self.prompt.key = key.flip(2)  # the keys in reverse order
+        return out
+
+    _, broken = resumed(perturbed)
+    assert float((broken[0] - own_logits[0]).abs().max()) > bound(own_logits[0], model_terms(tiny.config, 124))
 
 
 def test_a_broken_load_is_caught(tiny, monkeypatch):

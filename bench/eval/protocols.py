@@ -48,11 +48,14 @@ class SharedPrompts:
     * A cache that runs its own prefill ("own"), and leaves the same state whether a prompt comes in one call or
       several (`snapshot`: dense, last_recent's window): its prefill of the context is copied, and serves both the
       agnostic protocol's context and the aware protocol's context and question (the question then one more call).
+      Where its own prefill attends its first positions as plain causal attention (`causal_prefix`: last_recent's
+      first cache_length) and a recording holds them, they are loaded from it and only the rest is prefilled
+      ("resumed").
     """
 
     def __init__(self) -> None:
         self.recorded: dict[tuple, tuple[Tensor, Tensor, list]] = {}  # key -> (ids, last logits, prompts)
-        self.contexts: list[tuple[Tensor, object]] = []  # (context ids, the caches' state after them)
+        self.contexts: list[tuple[Tensor, object, str]] = []  # (context ids, the caches' state after them, path)
         self.paths: set[str] = set()
 
     def start(self, system, ids: Tensor, logits: bool = True, context: int | None = None) -> Tensor | None:
@@ -60,9 +63,9 @@ class SharedPrompts:
         (default all); returns the last position's logits (None where `logits` is False: then a longer recording
         that begins with ids may serve)."""
         if not system.shares_prompt(ids.shape[1]):
-            self.paths.add("own")
             n = ids.shape[1] if context is None else context
             if not system.chunks_as_one() or (n == ids.shape[1] and logits):
+                self.paths.add("own")
                 return system.forward(ids, 0)
             return self._own(system, ids, n)
         self.paths.add("shared")
@@ -83,13 +86,29 @@ class SharedPrompts:
         state after the context copied, or taken from a copy kept. Returns the last logits (None: ids are the
         context alone)."""
         head = ids[:, :n]
-        for seen, state in self.contexts:
+        found = None
+        for seen, state, path in self.contexts:
             if seen.shape == head.shape and torch.equal(seen, head) and system.restore(state):
+                found = path
                 break
-        else:
-            system.forward(head, 0)
-            self.contexts.append((head, system.snapshot()))
+        if found is None:
+            found = self._prefill(system, head)
+            self.contexts.append((head, system.snapshot(), found))
+        self.paths.add(found)
         return system.forward(ids[:, n:], n) if n < ids.shape[1] else None
+
+    def _prefill(self, system, head: Tensor) -> str:
+        """The caches' own prefill of head (B, n), its first `causal_prefix` positions loaded from a recording that
+        begins with them where there is one ("resumed": the rest prefilled from there), else whole ("own")."""
+        m = min(system.causal_prefix(), head.shape[1])
+        for longer, _, prompts in self.recorded.values() if m else ():
+            if longer.shape[1] >= m and torch.equal(longer[:, :m], head[:, :m]):
+                system.load([p.prefix(m) for p in prompts])
+                if m < head.shape[1]:
+                    system.forward(head[:, m:], m)
+                return "resumed"
+        system.forward(head, 0)
+        return "own"
 
 
 @torch.inference_mode()

@@ -37,7 +37,7 @@ class Quality:
     task_protocol: str | None = None
     task_samples: int | None = None  # samples per task
     task_questions: int | None = None  # questions per sample
-    task_prefill: str | None = None  # shared | own: which prefill the answers ran
+    task_prefill: str | None = None  # shared | resumed | own: which prefill the answers ran
     accuracies: dict = field(default_factory=dict)  # task -> accuracy (columns acc_<task>)
 
     def columns(self) -> dict:
@@ -159,7 +159,9 @@ def suite(system, ctx: int, knobs, runs: list[Answering]) -> int:
         if not todo:
             continue
         answered: dict[int, list[dict]] = {id(run): [] for run in todo}
-        todo.sort(key=lambda run: run.protocol != "aware")  # an aware prompt's recording serves agnostic as its prefix
+        # the recorded prompts first (an aware prompt's recording serves agnostic as its prefix), then the caches that
+        # prefill their own (their first positions may be loaded from a recording: protocols.SharedPrompts)
+        todo.sort(key=lambda run: (not loads_recording(run), run.protocol != "aware"))
         seed = knobs.seed
         every = tasks.build_all(task, system.tokenizer, ctx, seed, knobs.samples, knobs.questions)
         starts = range(0, knobs.samples, knobs.batch)
@@ -185,6 +187,14 @@ def suite(system, ctx: int, knobs, runs: list[Answering]) -> int:
             if run.folder is not None:
                 saved.write(run.folder, task, run.records[task])
     return generated
+
+
+def loads_recording(run: Answering) -> bool:
+    """Whether a run's cache takes a recorded prompt whole (another library's policy does; the caches that do not
+    prefill their own)."""
+    from caches import cache_class, cache_names
+
+    return run.cache.name not in cache_names() or cache_class(run.cache.name).shares_prefill
 
 
 def _records(run: Answering, sample, index: int, seed: int, ctx: int, replies, paths: set[str]) -> list[dict]:
@@ -295,7 +305,7 @@ def answer_together(jobs: list[tuple[str, str, object]]) -> None:
             answered = suite(system, first.ctx, first.eval, runs)
             seconds = time.perf_counter() - t0
             print(f"[shared prefill] {seconds:.0f} s for {answered} answers", flush=True)
-            for path in ("shared", "own"):
+            for path in ("shared", "resumed", "own"):
                 done = [run for run in runs if run.paths == {path}]
                 n, spent = sum(run.answered for run in done), sum(run.seconds for run in done)
                 if n:

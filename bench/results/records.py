@@ -7,7 +7,8 @@ A task's file is written whole and atomically once its samples are answered, so 
 task without one; the row's accuracies are means of these scores. Columns (RECORD): the sample (task, index, seed,
 context length, haystack, where each target needle sits), the question, what was expected, what was generated, its
 score, the tokens it took against the answer budget, the protocol and which prefill ran ("shared": recorded once and
-loaded, "own": the cache's own). `load` joins them with the rows' configuration, so that a user can list what a cache
+loaded, "resumed": the cache's own past the first positions a recording holds, which attend alike, "own": the cache's
+own). `load` joins them with the rows' configuration, so that a user can list what a cache
 got wrong:
 
     records = load("results/leaderboard")

@@ -184,7 +184,7 @@ class QualityColumns:
     task_protocol: str | None = None  # aware | agnostic | multiturn
     task_samples: int | None = None  # samples per task
     task_questions: int | None = None  # questions per sample
-    task_prefill: str | None = None  # shared (one recorded prefill loaded into every cache) | own | shared+own
+    task_prefill: str | None = None  # shared (one recording loaded into every cache) | resumed | own, or joined by +
 
 
 PARTS = (Identity, Configuration, Outcome, Placement, Timing, Bytes, Memory, Roofline, Contention, SystemColumns)

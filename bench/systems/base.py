@@ -149,6 +149,11 @@ class System:
         in one: then a copy of them after a context (`snapshot`) serves every prompt that begins with it."""
         return False
 
+    def causal_prefix(self) -> int:
+        """How many first positions of a prompt the caches `open` made attend as plain causal attention in their own
+        prefill, whatever follows: a recorded prompt's first positions, loaded (`load`), stand for them (0: none)."""
+        return 0
+
     def snapshot(self) -> object:
         """A copy of the caches' state (for caches that `chunks_as_one`)."""
         raise NotImplementedError

@@ -227,6 +227,10 @@ class KvbenchSystem(System):
     def chunks_as_one(self) -> bool:
         return all(c.chunks_as_one for c in self.model.kv_caches)
 
+    def causal_prefix(self) -> int:
+        self._thaw()
+        return min(c.causal_prefix for c in self.model.kv_caches)
+
     def snapshot(self) -> tuple[CacheSpec, list[KVCache]]:
         self._thaw()
         return self.cache, [self._copy(c) for c in self.model.kv_caches]
