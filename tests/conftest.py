@@ -30,3 +30,20 @@ def smollm2():
     from model.load import load_pretrained
 
     return load_pretrained("smollm2-135m")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The machine under the numbers, last in the output (where a CI log's tail shows it): a bound that fails on one
+    CPU and not another is read against this line."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "unknown")
+    capability = torch.backends.cpu.get_cpu_capability()
+    terminalreporter.write_line(
+        f"machine: {model}; torch {torch.__version__}, CPU capability {capability}, {torch.get_num_threads()} threads"
+    )
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
