@@ -20,7 +20,7 @@ and the call's new tokens with one softmax (model/attention.py, grouped_attentio
 laid out by head, at most G times the longest head's share. A decode step on a full layer (float buffer) copies
 nothing: the buffer has G slots more than the layer keeps, each head's token is written to one of them, and every
 query head attends the whole flat buffer with the slots of other heads masked (two matrix products and a softmax,
-the weights per slot out of the same pass); the G lowest-ranked candidates then go (a top-k, no sort), and their
+the weights per slot out of the same pass); the G lowest-ranked candidates then go (two top-k's, no sort), and their
 slots take the next step's tokens. Eager only: the selection has data-dependent shapes.
 """
 
