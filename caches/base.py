@@ -203,10 +203,6 @@ class KVCache(nn.Module):
         hs), key and value (B, n_query_groups, 1, hs); returns (B, 1, n_head * hs)."""
         raise NotImplementedError(f"cache {self.name!r} has no compiled decode step")
 
-    def before_decode_step(self) -> None:
-        """Host-side work a `decode_step` needs after eager calls (state its graph keeps up to date but eager calls
-        do not), run by the compiled step outside its graph before every step: cheap when there is none."""
-
     def decoded(self, input_pos: int) -> None:
         """The bookkeeping `forward` does after a call, for a `decode_step` at `input_pos` (which, run inside a
         captured graph, cannot touch Python state): called by the compiled step after every step."""

@@ -243,19 +243,10 @@ class ScoredCache(KVCache):
         below everything, so on a buffer still filling the token takes the first empty one; on a full buffer it is
         `_select`'s rule, with reductions instead of sorts and masked scatters instead of data-dependent indexing
         (fixed shapes, no host synchronisation). cand_score (B, G, L + 1); new_err (B, G, 1) or None."""
-        cand_pos = self._candidate_positions(key.shape[0], pos)  # (B, G, L + 1)
-        drop = self._one_to_drop(cand_pos, cand_score, new_err, pos)
-        self._put_one(key, value, drop, cand_pos, cand_score, new_err)
-
-    def _candidate_positions(self, B: int, pos: int | Tensor) -> Tensor:
-        """(B, G, L + 1): every slot's token position, then the step's."""
-        G = self.pos.shape[1]
-        new_pos = pos.expand(B, G, 1) if isinstance(pos, Tensor) else torch.full((B, G, 1), pos, device=self.pos.device)
-        return torch.cat([self.pos[:B], new_pos], dim=-1)
-
-    def _one_to_drop(self, cand_pos: Tensor, cand_score: Tensor, new_err: Tensor | None, pos: int | Tensor) -> Tensor:
-        """(B, G, 1): the index among the L + 1 candidates of the one that goes (`_select_one`'s rule)."""
-        B = cand_pos.shape[0]
+        B, G = key.shape[:2]
+        L = self.cache_length
+        new_pos = pos.expand(B, G, 1) if isinstance(pos, Tensor) else torch.full((B, G, 1), pos, device=key.device)
+        cand_pos = torch.cat([self.pos[:B], new_pos], dim=-1)  # (B, G, L + 1)
         cand_err = None if new_err is None else torch.cat([self.qerr[:B], new_err], dim=-1)
         rank = self.rank(cand_score, cand_pos, cand_err, pos + 1)
         prot = self.protected(cand_pos, pos + 1, 1)
@@ -263,13 +254,7 @@ class ScoredCache(KVCache):
             rank = rank.masked_fill(prot, INF)
         rank = rank.masked_fill(cand_pos < 0, -INF)  # an empty slot is taken before anything is evicted
         lowest = rank == rank.amin(dim=-1, keepdim=True)  # (B, G, L + 1)
-        return torch.where(lowest, cand_pos, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # the oldest
-
-    def _put_one(
-        self, key: Tensor, value: Tensor, drop: Tensor, cand_pos: Tensor, cand_score: Tensor, new_err: Tensor | None
-    ) -> None:
-        """The step's token into the dropped candidate's slot, unless it is the one dropped (drop == L)."""
-        B, L = key.shape[0], self.cache_length
+        drop = torch.where(lowest, cand_pos, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # the oldest
         keep_new = drop != L  # (B, G, 1): the new token survives and takes the dropped token's (or empty) slot
         slot = drop.clamp(max=L - 1)
         self.score[:B] = cand_score[..., :L]

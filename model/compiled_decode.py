@@ -192,7 +192,6 @@ class CompiledDecode(nn.Module):
         caches = self.model.kv_caches
         for cache in caches:
             cache.check_position(idx.shape[0], 1, input_pos)
-            cache.before_decode_step()
         if self._pos_on_device != input_pos:
             self.pos.fill_(input_pos)
         if self.plan.graphs == "manual":

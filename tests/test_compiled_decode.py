@@ -34,7 +34,7 @@ SCORED = {  # a buffer of 48 is full from the prompt on; one of 120 fills during
     "tova_filling": ("tova", 120, {}),
     "snapkv_filling": ("snapkv", 120, {"window": 8}),
     "knorm": ("knorm", 48, {}),  # the policies that read no weights at decode: one fused SDPA call
-    "keydiff": ("keydiff", 48, {}),  # the compiled step keeps its anchor (caches/keydiff.py)
+    "keydiff": ("keydiff", 48, {}),
     "keydiff_filling": ("keydiff", 120, {}),
     "random": ("random", 48, {}),
     "snapkv": ("snapkv", 48, {"window": 8}),
@@ -132,8 +132,8 @@ def test_the_score_based_step_keeps_what_the_eager_step_keeps(model, prompt, cas
 @pytest.mark.parametrize("case", ["h2o_filling", "tova", "snapkv", "keydiff"])
 def test_the_score_based_step_compiles_to_one_graph_with_the_eager_tokens(model, prompt, case):
     """Compiled whole (fullgraph: no data-dependent shape, no host synchronisation, what CUDA graphs need), one
-    graph for the filling steps and the evicting ones alike; snapkv's step is the fused one (SDPA, no weights), and
-    keydiff's also keeps its anchor from step to step (caches/keydiff.py).
+    graph for the filling steps and the evicting ones alike; snapkv's and keydiff's steps are the fused one (SDPA, no
+    weights), keydiff's scoring every slot afresh each step.
     (Not knorm here: a token decoded twice has two keys of one norm, RoPE rotating without scaling, and which of
     them goes is then a matter of rounding, which compiling changes.)"""
     kept_eager, kept_compiled = [], []
