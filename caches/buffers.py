@@ -88,11 +88,16 @@ class KVBuffer(nn.Module):
             getattr(self, name)[:B].scatter_(2, slot.unsqueeze(-1).expand(*slot.shape, x.shape[-1]), x)
 
     def put_where(self, B: int, slot: Tensor, keep: Tensor, key: Tensor, value: Tensor) -> None:
-        """Token (b, g) of a one-token call goes to slot[b, g] where keep[b, g]; slot, keep (B, G, 1)."""
+        """Token (b, g) of a one-token call goes to slot[b, g] where keep[b, g]; slot, keep (B, G, 1).
+
+        An indexed write, not a scatter: a compiled step does it in place, where a scatter into the buffer would be
+        compiled as a copy of the whole buffer, scattered into and copied back."""
+        G = slot.shape[1]
+        b = torch.arange(B, device=slot.device).view(B, 1, 1)  # (B, 1, 1)
+        g = torch.arange(G, device=slot.device).view(1, G, 1)  # (1, G, 1)
         for name, x in self.encode(key, value).items():  # x (B, G, 1, X)
-            stored = getattr(self, name)[:B]
-            idx = slot.unsqueeze(-1).expand(*slot.shape, x.shape[-1])  # (B, G, 1, X)
-            stored.scatter_(2, idx, torch.where(keep.unsqueeze(-1), x, stored.gather(2, idx)))
+            stored = getattr(self, name)
+            stored.index_put_((b, g, slot), torch.where(keep.unsqueeze(-1), x, stored[b, g, slot]))
 
     def move_slot(self, B: int, src: int, dst: Tensor) -> None:
         """Slot `src` of every sequence and head copied to slot dst[b, g] (dst (B, G, 1); src itself allowed)."""

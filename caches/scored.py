@@ -293,18 +293,24 @@ class ScoredCache(KVCache):
         L = self.cache_length
         if self.fused_decode:
             # the filled slots are a prefix (the prompt's tokens, then one a step): the step's token goes after them,
-            # to slot min(pos, L), and the first min(pos, L) + 1 slots are attended (`_step`'s fused call)
+            # to slot min(pos, L), and the first min(pos, L) + 1 slots are attended (`_step`'s fused call). The token
+            # also goes to the extra slot L (the same slot on a full buffer; never attended on a filling one), so the
+            # L + 1 candidates' keys lie side by side in the buffer and a policy reads them without a copy.
             slot = pos.clamp(max=L).view(1)  # (1,)
-            self.buf.write_slots(B, slot, key, value)
+            both = torch.cat([slot, slot.new_full((1,), L)])  # (2,)
+            self.buf.write_slots(B, both, key.expand(-1, -1, 2, -1), value.expand(-1, -1, 2, -1))  # (B, G, 2, hs)
             out = self.buf.attend_all(query, B, slot + 1, self.attn_opts)  # (B, 1, n_head * hs)
-            old_k, old_v = self.buf.read(B, L)  # (B, G, L, hs)
+            joined_k, joined_v = self.buf.read(B, L + 1)  # (B, G, L + 1, hs)
+            old_k, old_v = joined_k[:, :, :L], joined_v[:, :, :L]
             w_old = w_new = None
         else:
+            joined_k = None
             old_k, old_v = self.buf.read(B, L)  # (B, G, L, hs), dequantized from a quantized buffer
             filled = self.pos[:B] >= 0  # (B, G, L)
             out, weights = static_weighted_decode(query, old_k, old_v, filled, key, value, self.attn_opts)
             w_old, w_new = weights[..., :L], weights[..., L:]
-        call = Candidates(self.score[:B], w_old, w_new, 1, old_k, key, old_v, value, self.pos[:B], pos.expand(B, G, 1))
+        old_pos, new_pos = self.pos[:B], pos.expand(B, G, 1)
+        call = Candidates(self.score[:B], w_old, w_new, 1, old_k, key, old_v, value, old_pos, new_pos, False, joined_k)
         cand_score = self.candidate_scores(call)  # (B, G, L + 1)
         new_err = self.buf.error(key, value) if self.uses_quant_error else None  # (B, G, 1)
         self._select_one(key, value, pos, cand_score, new_err)

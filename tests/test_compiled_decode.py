@@ -4,14 +4,19 @@ runs inductor without CUDA graphs; both SDPA forms (sdpa_gqa is what CUDA runs) 
 score-based caches' step (caches/scored.py, decode_step) keeps the tokens the eager step keeps, while the buffer
 fills and once it evicts."""
 
+import math
+import re
+
 import pytest
 import torch
 import torch._dynamo
 from bounds import assert_within, bound, level, model_terms
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 from traced import call_targets, traced_step
 
 from caches import cache_class
+from caches.base import KVCacheParams, create_cache
 from model.attention import UnsupportedBackend
 from model.compiled_decode import CompiledDecode, DecodePlan, plan
 from model.config import Config
@@ -144,6 +149,36 @@ def test_the_score_based_step_compiles_to_one_graph_with_the_eager_tokens(model,
     assert torch.equal(compiled_tokens, eager_tokens)
     assert_within(compiled_logits, eager_logits, reorder(model, eager_logits, case))
     assert all(torch.equal(a, b) for a, b in zip(kept_eager, kept_compiled, strict=True))
+
+
+@pytest.mark.parametrize("cache", ["h2o", "keydiff", "knorm"])
+@torch.inference_mode()
+def test_a_compiled_evicting_step_writes_its_buffer_in_place(cache):
+    """Inductor's code for a full buffer's step (the weighted form, h2o; the fused one, keydiff and knorm) allocates
+    nothing the size of the K/V buffer: the evicted slot is overwritten where it lies and a policy reads the keys
+    where they lie. A scatter into the buffer compiles to a copy of it, scattered into and copied back, and a
+    concatenation of the keys to another copy, every layer and step: a cost in the buffer's size, not the token's."""
+    B, G, H, hs, L = 1, 2, 4, 16, 256
+    params = KVCacheParams(B, G, H, hs, L, torch.device("cpu"), torch.float32)
+    kv = create_cache(cache, params)
+    kv.attn_opts.decode_form = "sdpa"
+    gen = torch.Generator().manual_seed(0)
+    T = L + 8  # the prompt overfills the buffer: every step evicts
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    kv(rand(B, H, T, hs), rand(B, G, T, hs), rand(B, G, T, hs), 0)
+    torch._dynamo.reset()
+    step = torch.compile(kv.decode_step, fullgraph=True, dynamic=False)
+    _, code = run_and_get_code(step, rand(B, H, 1, hs), rand(B, G, 1, hs), rand(B, G, 1, hs), torch.tensor(T))
+    allocated = [
+        math.prod(int(d) for d in shape.split(",") if d.strip())
+        for src in code
+        for shape in re.findall(r"empty_strided_cpu\(\(([\d, ]*)\)", src)
+    ]
+    assert allocated, "no allocation found in inductor's code: the pattern no longer matches it"
+    assert max(allocated) < kv.buf.k.numel() // 4
 
 
 @torch.inference_mode()
