@@ -2,11 +2,15 @@
 
     python benchmarks/profile_decode.py                               # CUDA: llama-3.2-1b bf16, dense, 32k x 4
     python benchmarks/profile_decode.py --model tiny --ctx 1024 --batch 2   # CPU (no graphs, CPU ops only)
+    python benchmarks/profile_decode.py --model smollm2-135m --ctx 2k --batch 1 --cache keydiff --budget 0.25
 
 After a chunked prefill and the warm-up that compiles (and on CUDA records the CUDA graphs), it times the step
 three ways: each step synchronised (what the harness reports), `--steps` steps back to back with one
 synchronisation (the device-bound rate: the difference is host time the device waits for), and under
-torch.profiler, whose kernels are summed per name. Prints JSON lines: one summary, then the top kernels.
+torch.profiler, whose kernels are summed per name. On the CPU inductor's own kernels are named in the profile
+(`graph_0_cpp_fused_...`: the elementwise work, the cache's writes, scoring and selection; inductor may fuse the same
+work of every layer into one kernel); `aten::mm` is the weights, the SDPA op the attention. Prints JSON lines: one
+summary, then the top kernels.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from collections import defaultdict
 
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
 from bench.config.spec import DTYPES, parse_ctx
@@ -95,15 +100,17 @@ def main() -> None:
         help="the SDPA kernel (prefill, and the compiled step's sdpa forms)",
     )
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(DTYPES))
+    ap.add_argument("--budget", type=float, default=0.25, help="the fraction of ctx a cache other than dense keeps")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
+    torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's CPU kernels by name in the profile
     dtype = DTYPES[args.dtype]
     model = random_model(args.model, dtype, device)
     cfg = model.config
     length = args.ctx + 3 * args.steps + 16
-    model.set_kv_caches(args.batch, args.cache, length if args.cache == "dense" else args.ctx // 4)
+    model.set_kv_caches(args.batch, args.cache, length if args.cache == "dense" else int(args.ctx * args.budget))
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.ctx), device=device)  # (B, ctx)
     model.set_attention_backend(args.sdpa)
     decoder = CompiledDecode(model)
